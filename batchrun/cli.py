@@ -1,0 +1,125 @@
+"""`batchrun run | plan | status | demo-data`. Exit codes: 0 done, 1 job failed, 2 bad job file or input, 3 locked."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from batchrun.errors import BatchrunError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="batchrun", description="Distributed batch inference for LLMs on Ray.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, helptext in [("run", "run a job"), ("plan", "show shards, rows, resources and the resolved spec")]:
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("job", help="job file (YAML)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key, e.g. --set output.dir=/tmp/x (repeatable)")
+    run = sub.choices["run"]
+    run.add_argument("--overwrite", action="store_true", help="discard the outputs of a different earlier job")
+    run.add_argument("--break-lock", action="store_true", help="take over the output dir from a run that is gone")
+    run.add_argument("--no-progress", action="store_true")
+    st = sub.add_parser("status", help="progress of a job from its output dir, during or after a run")
+    st.add_argument("out_dir")
+    st.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"run": cmd_run, "plan": cmd_plan, "status": cmd_status}[args.cmd](args)
+    except BatchrunError as e:
+        print(f"batchrun: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("batchrun: interrupted; committed shards are kept, re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+def cmd_plan(args) -> int:
+    from batchrun.runner import JobRunner
+    from batchrun.spec import load_spec
+
+    spec = load_spec(args.job, args.overrides)
+    runner = JobRunner(spec, show_progress=False)
+    plan = runner.prepare()
+    rows = [s.num_rows for s in plan.shards]
+    print(json.dumps({
+        "input": plan.summary(),
+        "shards": {"count": len(plan.shards), "rows_per_shard": spec.rows_per_shard,
+                   "smallest": min(rows), "largest": max(rows)},
+        "resources": spec.resources.model_dump(),
+        "spec": spec.model_dump(),
+    }, indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from batchrun.runner import JobRunner
+    from batchrun.spec import load_spec
+
+    spec = load_spec(args.job, args.overrides)
+    result = JobRunner(spec, overwrite=args.overwrite, break_lock=args.break_lock,
+                       show_progress=not args.no_progress).run()
+    print_summary(result.summary)
+    return 0
+
+
+def print_summary(s: dict, samples: int = 3) -> None:
+    import pyarrow.dataset as ds
+
+    run = s["this_run"]
+    print(f"\nbatchrun: {s['status']}: {s['rows']} rows in {s['shards_committed']}/{s['shards']} shards "
+          f"({s['shards_skipped']} already committed), {s['error_rows']} error rows")
+    print(f"  this run: {run['rows']} rows, {run['generated_tokens']} generated tokens in {run['wall_s']:.1f}s "
+          f"= {run['rows_per_s']:,.1f} rows/s, {run['generated_tokens_per_s']:,.1f} tok/s")
+    for wid, w in sorted(s["workers"].items()):
+        print(f"  {wid} on {w['node']}: {len(w['shards'])} shards, {w['rows']} rows, {w['generated_tokens']} tokens")
+    print(f"  output: {s['output_dir']} (summary: _summary.json)")
+    table = ds.dataset(s["output_dir"], format="parquet").head(samples)
+    for row in table.to_pylist():
+        print("  " + json.dumps(row, default=str)[:200])
+
+
+def cmd_status(args) -> int:
+    from batchrun.sink import OutputDir
+
+    out = OutputDir(args.out_dir)
+    entries = out.entries()
+    job = json.loads((out.meta / "job.json").read_text()) if (out.meta / "job.json").exists() else {}
+    lock = json.loads((out.meta / "lock.json").read_text()) if (out.meta / "lock.json").exists() else None
+    committed = [e for e in entries.values() if e.state == "committed"]
+    quarantined = {e.shard_id: e.error for e in entries.values() if e.state == "quarantined"}
+    total_rows = sum(job.get("components", {}).get("input_files", {}).get("rows", []))
+    rows = sum(e.rows for e in committed)
+    times = [e.committed_at for e in committed]
+    rate = rows / (max(times) - min(e.started_at for e in committed)) if len(times) > 1 else 0.0
+    status = {
+        "output_dir": str(out.root),
+        "running": lock is not None,
+        "lock": lock,
+        "shards_committed": len(committed),
+        "shards_quarantined": quarantined,
+        "rows_committed": rows,
+        "rows_total": total_rows,
+        "rows_per_s": round(rate, 2),
+        "eta_s": round((total_rows - rows) / rate, 1) if rate and lock else None,
+        "generated_tokens": sum(e.generated_tokens for e in committed),
+        "error_rows": sum(e.error_rows for e in committed),
+        "checked_at": time.time(),
+    }
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+    else:
+        state = "running" if lock else "not running"
+        print(f"{out.root}: {state}; {len(committed)} shards committed, {len(quarantined)} quarantined; "
+              f"rows {rows}/{total_rows}; {rate:,.1f} rows/s" + (f"; ETA {status['eta_s']}s" if status["eta_s"] else ""))
+        for sid, err in sorted(quarantined.items()):
+            print(f"  quarantined shard {sid}: {err}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

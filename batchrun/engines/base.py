@@ -1,0 +1,70 @@
+"""The engine contract: submit without blocking, take completions in the order they finish, close frees everything.
+
+Every third-party inference API lives behind this interface, inside its own adapter file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    max_tokens: int  # always set: an engine's own default would make outputs depend on the engine
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # per request, so a row samples the same way whatever it is batched with
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    request_id: str  # "shard:row": how a completion finds its row again, whatever order it finishes in
+    prompt: str  # the rendered prompt text
+    prompt_token_ids: list[int] | None  # set when the worker tokenized (engines with a tokenizer); echo: None
+    sampling: Sampling
+
+
+@dataclass(slots=True)
+class Completion:
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"  # stop | length | error
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    logprobs: list[float] | None = None
+    error: str | None = None  # set for a failure of this request alone; the job goes on
+
+
+class Engine(ABC):
+    """One inference engine replica, owned by one worker actor."""
+
+    #: requests the worker keeps submitted at once; adapters may lower it to what their batch can hold
+    max_in_flight: int = 64
+    #: the model's context in tokens (prompt + generated), or None when unbounded (echo)
+    context_length: int | None = None
+
+    def encode(self, texts: list[str]) -> list[list[int]] | None:
+        """Token ids of each prompt, or None if the engine takes text. Called off the engine's critical path."""
+        return None
+
+    @abstractmethod
+    def submit(self, request: Request) -> None:
+        """Queue one request; never waits for it to finish."""
+
+    @abstractmethod
+    def poll(self, timeout: float) -> list[Completion]:
+        """Completions finished since the last call, waiting at most `timeout` seconds for the first."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the device memory and every child process. Safe to call twice."""
+
+
+def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """Cut the text at the earliest stop string; the stop text itself is excluded."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

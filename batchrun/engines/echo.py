@@ -1,0 +1,41 @@
+"""The echo engine: no model, deterministic synthetic completions at (almost) zero cost.
+
+Use it to dry-run a job's input -> output path on a cluster before spending GPU hours, and to measure the runner.
+A completion is the prompt's first `max_tokens` whitespace-separated words; "tokens" are words.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from batchrun.engines.base import Completion, Engine, Request
+
+
+class EchoEngine(Engine):
+    def __init__(self, max_in_flight: int = 1024, **options):
+        self.max_in_flight = max_in_flight
+        self.delay_s = float(options.get("delay_s", 0.0))  # simulated per-request latency, for benchmarks
+        self._done: collections.deque[Completion] = collections.deque()
+
+    def submit(self, request: Request) -> None:
+        words = request.prompt.split()
+        out = words[: request.sampling.max_tokens]
+        self._done.append(
+            Completion(
+                request_id=request.request_id,
+                text=" ".join(out),
+                finish_reason="length" if len(words) > len(out) else "stop",
+                num_prompt_tokens=len(words),
+                num_generated_tokens=len(out),
+            )
+        )
+
+    def poll(self, timeout: float) -> list[Completion]:
+        if self.delay_s and self._done:
+            time.sleep(self.delay_s)
+        done, self._done = list(self._done), collections.deque()
+        return done
+
+    def close(self) -> None:
+        self._done.clear()

@@ -1,0 +1,78 @@
+"""The shard plan: contiguous row ranges over the input's units (files or datasets), in a fixed order.
+
+The same input and spec always give the same plan, because units are sorted by name and shards are cut at fixed
+row counts. A re-run therefore finds its committed shards by id, and a shard's rows never change between attempts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from batchrun.spec import JobSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Fragment:
+    unit: int  # index into Plan.units
+    start: int  # first row within the unit
+    stop: int  # one past the last row within the unit
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    shard_id: int
+    row_start: int  # global index of its first row: generated ids are row_start + offset
+    num_rows: int
+    fragments: tuple[Fragment, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.shard_id:06d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    units: tuple[str, ...]  # files (parquet, jsonl) or one dataset; read by the source
+    unit_rows: tuple[int, ...]
+    shards: tuple[Shard, ...]
+    columns: tuple[str, ...]  # the input's columns, for checks and messages
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.unit_rows)
+
+    def summary(self) -> dict:
+        return {
+            "units": len(self.units),
+            "rows": self.total_rows,
+            "shards": len(self.shards),
+            "columns": list(self.columns),
+        }
+
+
+def cut_shards(unit_rows: tuple[int, ...], rows_per_shard: int) -> tuple[Shard, ...]:
+    """Cut the concatenated units into shards of rows_per_shard rows (the last may be short)."""
+    shards, frags, shard_start, filled = [], [], 0, 0
+    global_row = 0
+    for unit, n in enumerate(unit_rows):
+        pos = 0
+        while pos < n:
+            take = min(n - pos, rows_per_shard - filled)
+            frags.append(Fragment(unit, pos, pos + take))
+            pos += take
+            filled += take
+            global_row += take
+            if filled == rows_per_shard:
+                shards.append(Shard(len(shards), shard_start, filled, tuple(frags)))
+                frags, shard_start, filled = [], global_row, 0
+    if filled:
+        shards.append(Shard(len(shards), shard_start, filled, tuple(frags)))
+    return tuple(shards)
+
+
+def make_plan(spec: JobSpec) -> Plan:
+    from batchrun.sources import open_source
+
+    source = open_source(spec.input)
+    units, unit_rows, columns = source.describe()
+    return Plan(tuple(units), tuple(unit_rows), cut_shards(tuple(unit_rows), spec.rows_per_shard), tuple(columns))

@@ -1,0 +1,43 @@
+"""Driver progress: a tqdm bar on a terminal; plain periodic lines otherwise (readable under `ray job logs -f`)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, total: int, enabled: bool = True, interval_s: float = 10.0):
+        self.total, self.enabled, self.interval_s = total, enabled, interval_s
+        self.tty = sys.stderr.isatty()
+        self.start = time.time()
+        self.last_line = 0.0
+        self.bar = None
+        if enabled and self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="row", dynamic_ncols=True, smoothing=0.1)
+        self.done = 0
+
+    def update(self, snap: dict) -> None:
+        if not self.enabled:
+            return
+        rows = snap["rows_done"]
+        gen = sum(w.get("generated_tokens", 0) for w in snap["workers"].values())
+        elapsed = max(time.time() - self.start, 1e-9)
+        info = (f"shards {snap['shards_done']}/{snap['shards_total']} running {snap['shards_running']} "
+                f"quarantined {snap['shards_quarantined']} | {gen / elapsed:,.0f} gen tok/s")
+        if self.bar is not None:
+            self.bar.update(rows - self.done)
+            self.bar.set_postfix_str(info, refresh=False)
+        elif time.time() - self.last_line >= self.interval_s or rows == self.total:
+            rate = (rows - snap.get("rows_skipped", 0)) / elapsed
+            eta = (self.total - rows) / rate if rate > 0 else float("nan")
+            print(f"[batchrun] rows {rows}/{self.total} ({rows / max(self.total, 1):.0%}) "
+                  f"{rate:,.0f} rows/s ETA {eta:,.0f}s | {info}", file=sys.stderr, flush=True)
+            self.last_line = time.time()
+        self.done = rows
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,95 @@
+"""Prompts from rows: a text column or a sandboxed Jinja2 template over columns; length checks against the context.
+
+A row that cannot give a prompt becomes an error row with a message; it never stops the shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.types as pat
+from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from batchrun.errors import SpecError
+from batchrun.spec import InputSpec
+
+# The sandbox: templates can read the row, not call arbitrary methods or reach Python internals.
+_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Prompts:
+    texts: list[str | None]  # None where the row has an error
+    errors: list[str | None]  # the reason, for error rows
+
+
+class PromptBuilder:
+    def __init__(self, spec: InputSpec):
+        self.column = spec.prompt_source or None
+        self.template = None
+        self.variables: list[str] = [self.column] if self.column else []
+        if spec.prompt_template is not None:
+            try:
+                parsed = _ENV.parse(spec.prompt_template)
+                self.template = _ENV.from_string(spec.prompt_template)
+            except TemplateSyntaxError as e:
+                raise SpecError(f"key 'input.prompt_template': invalid Jinja2 template: {e.message} (line {e.lineno})")
+            self.variables = sorted(meta.find_undeclared_variables(parsed))
+
+    def check_columns(self, columns: list[str]) -> None:
+        missing = [v for v in self.variables if v not in columns]
+        if missing and self.column:
+            raise SpecError(f"key 'input.prompt_column': column {self.column!r} not in the input (columns: {', '.join(columns)})")
+        if missing:
+            raise SpecError(
+                f"key 'input.prompt_template': template uses {', '.join(map(repr, missing))}, "
+                f"not in the input (columns: {', '.join(columns)})"
+            )
+
+    def build(self, table: pa.Table) -> Prompts:
+        if self.template is None:
+            return self._from_column(table.column(self.column))
+        return self._from_template(table)
+
+    def _from_column(self, col: pa.ChunkedArray) -> Prompts:
+        values = col.to_pylist()
+        if pat.is_string(col.type) or pat.is_large_string(col.type):
+            errors = [None if v is not None else f"prompt column {self.column!r} is null in this row" for v in values]
+            return Prompts(values, errors)
+        texts, errors = [], []
+        for v in values:  # mixed or non-string column (JSON input): only str values are prompts
+            ok = isinstance(v, str)
+            texts.append(v if ok else None)
+            errors.append(None if ok else f"prompt column {self.column!r} is not text in this row (got {type(v).__name__})")
+        return Prompts(texts, errors)
+
+    def _from_template(self, table: pa.Table) -> Prompts:
+        texts, errors = [], []
+        for row in table.select(self.variables).to_pylist():
+            missing = [k for k in self.variables if row.get(k) is None]
+            if missing:
+                texts.append(None)
+                errors.append(f"template variable {', '.join(map(repr, missing))} is missing (null) in this row")
+                continue
+            try:
+                texts.append(self.template.render(**row))
+                errors.append(None)
+            except (UndefinedError, SecurityError, TypeError, ValueError) as e:
+                texts.append(None)
+                errors.append(f"template failed for this row: {e}")
+        return Prompts(texts, errors)
+
+
+def fit_to_context(ids: list[int], max_tokens: int, context: int | None, policy: str) -> tuple[list[int] | None, str | None]:
+    """Apply the truncation policy. Returns (token ids, None) or (None, error message)."""
+    if context is None or len(ids) + max_tokens <= context:
+        return ids, None
+    room = context - max_tokens
+    if policy == "error" or room <= 0:
+        return None, (
+            f"prompt has {len(ids)} tokens; with max_tokens={max_tokens} it exceeds the model's context of "
+            f"{context} tokens (input.truncation: {policy})"
+        )
+    return (ids[-room:] if policy == "left" else ids[:room]), None

@@ -1,0 +1,167 @@
+"""The shard queue: hands out shards on request (pull), with leases renewed by worker heartbeats.
+
+It runs as one Ray actor, so every state change is serialized: this is what makes a commit happen once. Its state is
+rebuilt from the output manifest at start, never held only in memory: if the driver dies, a re-run knows what is done.
+
+Why leases: a worker that dies or is cut off stops heartbeating, its lease expires and the shard is handed out
+again; the driver also releases a dead worker's shards at once when Ray reports the death, so the lease timeout only
+matters for workers that hang or are partitioned.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchrun.plan import Shard
+from batchrun.sink import ManifestEntry, OutputDir
+
+WAIT, DONE = "wait", "done"
+
+
+@dataclass(slots=True)
+class Lease:
+    worker: str
+    attempt: int
+    started_at: float
+    expires_at: float
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    worker: str
+    node: str = ""
+    pid: int = 0
+    last_heartbeat: float = field(default_factory=time.time)
+    stats: dict = field(default_factory=dict)  # rows, tokens, in_flight, since_progress_s, ...
+
+
+class ShardQueue:
+    def __init__(self, out_dir: str, shards: list[Shard], run_id: str, max_attempts: int, lease_timeout_s: float,
+                 compression: str = "zstd"):
+        self.out = OutputDir(out_dir)
+        self.run_id = run_id
+        self.max_attempts = max_attempts
+        self.lease_timeout_s = lease_timeout_s
+        self.shards = {s.shard_id: s for s in shards}
+        done = {sid for sid, e in self.out.entries().items() if e.state == "committed"}
+        self.pending = collections.deque(s.shard_id for s in shards if s.shard_id not in done)
+        self.done: set[int] = done & set(self.shards)
+        self.skipped = len(self.done)  # committed by earlier runs: never sent to an engine again
+        self.leases: dict[int, Lease] = {}
+        self.attempts: collections.Counter[int] = collections.Counter()  # hand-outs in this run
+        self.failures: dict[int, list[str]] = collections.defaultdict(list)
+        self.quarantined: dict[int, str] = {}
+        self.workers: dict[str, WorkerInfo] = {}
+        self.duplicates = 0  # commits that arrived for an already-committed shard (stale workers)
+        self.started_at = time.time()
+        for sid in self.pending:  # a re-run retries what an earlier run quarantined
+            self.out.drop_entry(sid)
+
+    # ------------------------------------------------------------ worker side
+
+    def lease(self, worker: str) -> Shard | str:
+        self._expire()
+        if not self.pending:
+            return DONE if not self.leases else WAIT
+        sid = self.pending.popleft()
+        self.attempts[sid] += 1
+        now = time.time()
+        self.leases[sid] = Lease(worker, self.attempts[sid], now, now + self.lease_timeout_s)
+        return self.shards[sid]
+
+    def attempt_of(self, shard_id: int) -> int:
+        return self.attempts[shard_id]
+
+    def heartbeat(self, worker: str, node: str, pid: int, stats: dict) -> None:
+        info = self.workers.setdefault(worker, WorkerInfo(worker))
+        info.node, info.pid, info.stats, info.last_heartbeat = node, pid, stats, time.time()
+        expires = time.time() + self.lease_timeout_s
+        for lease in self.leases.values():
+            if lease.worker == worker:
+                lease.expires_at = expires
+
+    def commit(self, tmp_path: str, entry: ManifestEntry) -> bool:
+        """Publish a finished shard. Returns False (and drops the temp file) if it was already committed."""
+        sid = entry.shard_id
+        tmp = Path(tmp_path)
+        if sid in self.done:
+            tmp.unlink(missing_ok=True)
+            self.duplicates += 1
+            return False
+        lease = self.leases.get(sid)
+        entry.started_at = lease.started_at if lease else entry.started_at
+        entry.run_id = self.run_id
+        committed = self.out.commit(tmp, entry)
+        self.duplicates += not committed
+        self.done.add(sid)
+        self.leases.pop(sid, None)
+        self.quarantined.pop(sid, None)
+        if sid in self.pending:  # a stale worker finished a shard that had been handed back: no need to redo it
+            self.pending.remove(sid)
+        return committed
+
+    def fail(self, shard_id: int, worker: str, error: str) -> None:
+        """The shard's attempt failed (read error, engine crash while holding it, lost lease)."""
+        lease = self.leases.get(shard_id)
+        if lease is None or lease.worker != worker or shard_id in self.done:
+            return
+        del self.leases[shard_id]
+        self.failures[shard_id].append(f"attempt {lease.attempt} on {worker}: {error}")
+        if len(self.failures[shard_id]) >= self.max_attempts:
+            self.quarantined[shard_id] = error
+            self.out.write_entry(ManifestEntry(shard_id, "quarantined", attempt=lease.attempt, worker=worker,
+                                               run_id=self.run_id, started_at=lease.started_at,
+                                               committed_at=time.time(), error=error))
+        else:
+            self.pending.appendleft(shard_id)  # retry soon, so one bad shard surfaces early
+
+    def release_worker(self, worker: str, error: str) -> list[int]:
+        """A worker died: every shard it held fails this attempt and goes back to the queue."""
+        held = [sid for sid, lease in self.leases.items() if lease.worker == worker]
+        for sid in held:
+            self.fail(sid, worker, error)
+        if worker in self.workers:
+            self.workers[worker].stats["in_flight"] = 0
+            self.workers[worker].stats["dead"] = True
+        return held
+
+    # ------------------------------------------------------------ driver side
+
+    def _expire(self) -> None:
+        now = time.time()
+        for sid, lease in list(self.leases.items()):
+            if lease.expires_at < now:
+                self.fail(sid, lease.worker, f"lease expired (no heartbeat for {self.lease_timeout_s:.0f}s)")
+
+    def finished(self) -> bool:
+        self._expire()
+        return not self.pending and not self.leases
+
+    def progress(self) -> dict:
+        self._expire()
+        rows_done = sum(self.shards[s].num_rows for s in self.done)
+        return {
+            "shards_total": len(self.shards),
+            "shards_done": len(self.done),
+            "shards_skipped": self.skipped,
+            "shards_running": len(self.leases),
+            "shards_pending": len(self.pending),
+            "shards_quarantined": len(self.quarantined),
+            "shard_failures": sum(len(v) for v in self.failures.values()),
+            "rows_total": sum(s.num_rows for s in self.shards.values()),
+            "rows_done": rows_done,
+            "duplicates": self.duplicates,
+            "workers": {w: {"node": i.node, "pid": i.pid, "heartbeat_age_s": time.time() - i.last_heartbeat,
+                            **i.stats} for w, i in self.workers.items()},
+            "leases": {sid: lease.worker for sid, lease in self.leases.items()},
+        }
+
+    def report(self) -> dict:
+        return {
+            "quarantined": {sid: {"error": err, "attempts": self.failures.get(sid, [])}
+                            for sid, err in sorted(self.quarantined.items())},
+            "failures": {sid: v for sid, v in self.failures.items()},
+        }

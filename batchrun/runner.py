@@ -1,0 +1,293 @@
+"""The driver: plan, lock the output dir, start the queue and the workers, watch them, write the summary.
+
+It holds no row data: only shard descriptors and counters. It is also the entrypoint under `ray job submit`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from batchrun.errors import JobFailed, SpecError
+from batchrun.plan import Plan, make_plan
+from batchrun.progress import Progress
+from batchrun.prompts import PromptBuilder
+from batchrun.queue import ShardQueue
+from batchrun.sink import OutputDir
+from batchrun.spec import JobSpec
+from batchrun.worker import Worker
+
+log = logging.getLogger("batchrun")
+
+
+def check_input(spec: JobSpec, plan: Plan) -> None:
+    """Every column the job reads must exist; the input must have rows. Fails before any work starts."""
+    if plan.total_rows == 0:
+        raise SpecError(f"key 'input.path': the input {spec.input.path} has no rows")
+    columns = list(plan.columns)
+    PromptBuilder(spec.input).check_columns(columns)
+    for key, col in [("input.id_column", spec.input.id_column)] + [
+        ("input.passthrough_columns", c) for c in spec.input.passthrough_columns
+    ]:
+        if col and col not in columns:
+            raise SpecError(f"key '{key}': column {col!r} not in the input (columns: {', '.join(columns)})")
+
+
+def check_engine(spec: JobSpec) -> None:
+    if spec.engine.name in ("hf", "trtllm") and "://" not in spec.engine.model:
+        if not os.path.isdir(spec.engine.model):
+            raise SpecError(f"key 'engine.model': {spec.engine.model} is not a directory (expected a local model dir)")
+
+
+def model_signature(spec: JobSpec) -> dict:
+    """What identifies the weights without hashing gigabytes: file names, sizes and the config's text."""
+    path = spec.engine.model
+    if not path or not os.path.isdir(path):
+        return {}
+    files = {f: os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path))
+             if f.endswith((".json", ".safetensors", ".bin", ".engine", ".model"))}
+    return {"files": files}
+
+
+def input_signature(plan: Plan) -> dict:
+    return {"units": list(plan.units), "rows": list(plan.unit_rows)}
+
+
+@dataclass
+class JobResult:
+    out_dir: str
+    summary: dict = field(default_factory=dict)
+
+
+class JobRunner:
+    def __init__(self, spec: JobSpec, *, overwrite: bool = False, break_lock: bool = False, show_progress: bool = True):
+        self.spec = spec
+        self.overwrite = overwrite
+        self.break_lock = break_lock
+        self.show_progress = show_progress
+        self.run_id = uuid.uuid4().hex[:12]
+        self.out = OutputDir(spec.output.dir)
+
+    # ------------------------------------------------------------ preparation (no Ray, no work)
+
+    def prepare(self) -> Plan:
+        check_engine(self.spec)
+        plan = make_plan(self.spec)
+        check_input(self.spec, plan)
+        return plan
+
+    def components(self, plan: Plan) -> dict:
+        return dict(self.spec.output_affecting(), input_files=input_signature(plan), model_files=model_signature(self.spec))
+
+    # ------------------------------------------------------------ the run
+
+    def run(self) -> JobResult:
+        plan = self.prepare()
+        self.out.ensure()
+        self.out.acquire_lock(self.run_id, self.break_lock)
+        try:
+            self.out.check_fingerprint(self.components(plan), self.overwrite)
+            self.out.reconcile()
+            self.out.clean_tmp()
+            return self._run(plan)
+        finally:
+            self.out.release_lock(self.run_id)
+
+    def _run(self, plan: Plan) -> JobResult:
+        import ray
+
+        init_ray()
+        started = time.time()
+        spec, faults = self.spec, self.spec.faults
+        # The queue needs no CPU of its own: it only moves small descriptors. It dies with the driver (not detached),
+        # and so do the workers: leftovers of a killed driver cannot keep committing (see README, failure model).
+        queue = ray.remote(ShardQueue).options(num_cpus=0, max_concurrency=1).remote(
+            str(self.out.root), list(plan.shards), self.run_id, faults.max_attempts, faults.lease_timeout_s,
+            spec.output.compression,
+        )
+        pool = WorkerPool(spec, plan, queue)
+        progress = Progress(total=plan.total_rows, enabled=self.show_progress)
+        try:
+            todo = ray.get(queue.progress.remote())
+            if todo["shards_pending"]:
+                pool.start(min(spec.resources.num_workers, todo["shards_pending"]))
+            while not ray.get(queue.finished.remote()):
+                pool.watch()
+                snap = ray.get(queue.progress.remote())
+                progress.update(snap)
+                self._check_stall(snap, pool)
+            snap = ray.get(queue.progress.remote())
+            report = ray.get(queue.report.remote())
+            progress.update(snap)
+        finally:
+            progress.close()
+            pool.shutdown()
+            ray.kill(queue)
+        summary = self.write_summary(snap, report, started, pool)
+        if report["quarantined"]:
+            lines = [f"  shard {sid}: {q['error']}" for sid, q in report["quarantined"].items()]
+            raise JobFailed(
+                f"{len(report['quarantined'])} shard(s) quarantined after {faults.max_attempts} failed attempts; "
+                "the other shards are committed. Re-run the same command to retry them.\n" + "\n".join(lines)
+            )
+        return JobResult(str(self.out.root), summary)
+
+    def _check_stall(self, snap: dict, pool: WorkerPool) -> None:
+        faults = self.spec.faults
+        for wid, w in snap["workers"].items():
+            if w.get("dead") or wid not in pool.live:
+                continue
+            if w.get("in_flight", 0) and w.get("since_progress_s", 0) > faults.stall_timeout_s:
+                held = [sid for sid, owner in snap["leases"].items() if owner == wid]
+                raise JobFailed(
+                    f"stalled: worker {wid} on {w['node']} has had {w['in_flight']} requests in flight and no "
+                    f"completion for {w['since_progress_s']:.0f}s (faults.stall_timeout_s={faults.stall_timeout_s:g}); "
+                    f"shards {held} are uncommitted. Committed shards are kept: re-run to resume."
+                )
+            if w.get("heartbeat_age_s", 0) > max(faults.stall_timeout_s, faults.lease_timeout_s):
+                pool.replace(wid, f"no heartbeat for {w['heartbeat_age_s']:.0f}s")
+
+    def write_summary(self, snap: dict, report: dict, started: float, pool: WorkerPool) -> dict:
+        entries = [e for e in self.out.entries().values() if e.state == "committed"]
+        wall = time.time() - started
+        this_run = [e for e in entries if e.run_id == self.run_id]
+        gen = sum(e.generated_tokens for e in this_run)
+        rows_run = sum(e.rows for e in this_run)
+        per_worker: dict[str, dict] = {}
+        for e in this_run:
+            w = per_worker.setdefault(e.worker, {"node": e.node, "shards": [], "rows": 0, "generated_tokens": 0})
+            w["shards"].append(e.shard_id)
+            w["rows"] += e.rows
+            w["generated_tokens"] += e.generated_tokens
+        summary = {
+            "status": "quarantined" if report["quarantined"] else "succeeded",
+            "run_id": self.run_id,
+            "output_dir": str(self.out.root),
+            "rows": sum(e.rows for e in entries),
+            "error_rows": sum(e.error_rows for e in entries),
+            "shards": snap["shards_total"],
+            "shards_committed": snap["shards_done"],
+            "shards_skipped": snap["shards_skipped"],
+            "shards_quarantined": report["quarantined"],
+            "shard_failures": snap["shard_failures"],
+            "worker_restarts": pool.restarts,
+            "prompt_tokens": sum(e.prompt_tokens for e in entries),
+            "generated_tokens": sum(e.generated_tokens for e in entries),
+            "this_run": {"rows": rows_run, "generated_tokens": gen, "wall_s": round(wall, 3),
+                         "rows_per_s": round(rows_run / wall, 2) if wall else 0.0,
+                         "generated_tokens_per_s": round(gen / wall, 2) if wall else 0.0},
+            "workers": per_worker,
+        }
+        (self.out.root / "_summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+class WorkerPool:
+    """Starts worker actors, restarts dead ones within the budget, and hands a dead worker's shards back."""
+
+    def __init__(self, spec: JobSpec, plan: Plan, queue):
+        import ray
+
+        res = spec.resources
+        self.actor_cls = ray.remote(Worker).options(
+            num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_restarts=0,
+        )
+        self.spec, self.plan, self.queue = spec, plan, queue
+        self.spec_json = spec.model_dump_json()
+        self.live: dict[str, tuple] = {}  # worker id -> (actor, run ref, started_at)
+        self.loading: dict = {}  # start ref -> worker id
+        self.restarts = 0
+        self.generation = 0
+        self.last_error = ""
+
+    def start(self, n: int) -> None:
+        for _ in range(n):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self.generation += 1
+        wid = f"w{self.generation:03d}"
+        actor = self.actor_cls.remote(wid, self.spec_json, self.plan.units, self.queue)
+        start_ref = actor.start.remote()
+        run_ref = actor.run.remote()  # queued behind start: actor calls run in submission order
+        self.live[wid] = (actor, run_ref, time.time(), start_ref)
+
+    def watch(self, timeout: float = 0.5) -> None:
+        import ray
+
+        refs = {entry[1]: wid for wid, entry in self.live.items()}
+        if not refs:
+            if ray.get(self.queue.finished.remote()):
+                return
+            raise JobFailed(f"no worker is alive and none can start (restart budget spent): {self.last_error}")
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
+        for ref in ready:
+            wid = refs[ref]
+            try:
+                ray.get(ref)
+                self._retire(wid)
+            except Exception as e:  # the actor died (killed, OOM, node lost) or the engine raised
+                self.replace(wid, _short_error(e))
+        now = time.time()
+        for wid, (actor, run_ref, started_at, start_ref) in list(self.live.items()):
+            if now - started_at > self.spec.faults.startup_timeout_s:
+                ready, _ = ray.wait([start_ref], timeout=0)
+                if not ready:
+                    self.replace(wid, f"engine did not load within {self.spec.faults.startup_timeout_s:g}s")
+
+    def replace(self, wid: str, error: str) -> None:
+        import ray
+
+        log.warning("worker %s failed: %s", wid, error)
+        self.last_error = f"worker {wid}: {error}"
+        entry = self.live.pop(wid, None)
+        if entry:
+            ray.kill(entry[0], no_restart=True)
+        ray.get(self.queue.release_worker.remote(wid, error))
+        progress = ray.get(self.queue.progress.remote())
+        if not progress["shards_pending"] and not progress["shards_running"]:
+            return
+        if self.restarts >= self.spec.faults.max_worker_restarts:
+            if not self.live:
+                raise JobFailed(
+                    f"no worker is alive and the restart budget ({self.spec.faults.max_worker_restarts}) is spent; "
+                    f"last error: {self.last_error}"
+                )
+            return
+        self.restarts += 1
+        self._spawn()
+
+    def _retire(self, wid: str) -> None:
+        import ray
+
+        actor = self.live.pop(wid)[0]
+        try:
+            ray.get(actor.close.remote(), timeout=60)
+        except Exception:
+            pass
+        ray.kill(actor, no_restart=True)
+
+    def shutdown(self) -> None:
+        for wid in list(self.live):
+            self._retire(wid)
+
+
+def _short_error(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    tail = [line for line in text if line.strip()][-1:] or [type(e).__name__]
+    return f"{type(e).__name__}: {tail[0][:500]}"
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING,
+             include_dashboard=False if address is None else None)

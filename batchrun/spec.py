@@ -1,0 +1,223 @@
+"""The job spec: pydantic models for the job file, YAML loading, `--set` overrides, and the fingerprint.
+
+Pydantic lives only at this edge. Everything past `load_spec` reads the validated, frozen models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from batchrun.errors import SpecError
+
+BUILTIN_ENGINES = ("hf", "trtllm", "echo")
+# An engine name may also be an explicit `module:Class` hook: the only way a job file names code.
+HOOK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineSpec(_Section):
+    name: str = "hf"  # hf | trtllm | echo | module:Class
+    model: str | None = None  # a local HF model dir (trtllm: also a built engine dir); echo: omit it
+    tokenizer: str | None = None  # defaults to `model`
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    trust_remote_code: bool = False  # off unless asked for: loading a model never runs its repo's code otherwise
+    max_in_flight: int = Field(64, ge=1)  # requests a worker keeps submitted to its engine at once
+    options: dict[str, Any] = Field(default_factory=dict)  # engine-specific settings, passed to the adapter
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineSpec:
+        if self.name not in BUILTIN_ENGINES and not HOOK_RE.match(self.name):
+            raise ValueError(f"engine.name must be one of {', '.join(BUILTIN_ENGINES)} or 'module:Class'; got {self.name!r}")
+        if self.name in ("hf", "trtllm") and not self.model:
+            raise ValueError(f"engine.model is required for engine {self.name!r} (a local model directory)")
+        return self
+
+
+class InputSpec(_Section):
+    path: str  # file, dir or glob; a `save_to_disk` dir or a builder name (parquet/json/csv) for format hf
+    format: Literal["parquet", "hf", "jsonl", "openai-batch"] = "parquet"
+    prompt_column: str | None = None  # defaults to "prompt" unless prompt_template is set
+    prompt_template: str | None = None  # a Jinja2 template over the row's columns, rendered in a sandbox
+    id_column: str | None = None  # absent: a stable `row_index` (position in the plan) is generated
+    passthrough_columns: list[str] = Field(default_factory=list)  # input columns copied to the output
+    data_files: str | list[str] | None = None  # format hf with a builder name: the files to load
+    split: str = "train"  # format hf: the split to read
+    truncation: Literal["error", "left", "right"] = "error"  # prompt longer than the context: error row or cut
+
+    @model_validator(mode="after")
+    def _check(self) -> InputSpec:
+        if self.prompt_column and self.prompt_template:
+            raise ValueError("set input.prompt_column or input.prompt_template, not both")
+        return self
+
+    @property
+    def prompt_source(self) -> str:
+        return self.prompt_column or ("" if self.prompt_template else "prompt")
+
+
+class SamplingSpec(_Section):
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)  # generation ends at the first of these; the text excludes it
+
+
+class OutputSpec(_Section):
+    dir: str
+    rows_per_file: int | None = Field(None, ge=1)  # caps rows per Parquet file (a file never spans two shards)
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+
+class ResourcesSpec(_Section):
+    num_workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class ShardsSpec(_Section):
+    rows_per_shard: int = Field(1000, ge=1)
+
+
+class FaultsSpec(_Section):
+    max_attempts: int = Field(4, ge=1)  # a shard failing this many times is quarantined
+    max_worker_restarts: int = Field(16, ge=0)  # replacement workers the job may start in all
+    lease_timeout_s: float = Field(120.0, gt=0)  # a lease not renewed by a heartbeat for this long is handed out again
+    heartbeat_s: float = Field(2.0, gt=0)
+    stall_timeout_s: float = Field(600.0, gt=0)  # no completion while requests are in flight: the job fails
+    startup_timeout_s: float = Field(900.0, gt=0)  # a worker must have its engine loaded within this
+
+
+class JobSpec(_Section):
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    input: InputSpec
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    output: OutputSpec
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    shards: ShardsSpec = Field(default_factory=ShardsSpec)
+    faults: FaultsSpec = Field(default_factory=FaultsSpec)
+
+    @property
+    def rows_per_shard(self) -> int:
+        """The shard is the unit of commit, so a file cap is also a shard cap."""
+        cap = self.output.rows_per_file
+        return min(self.shards.rows_per_shard, cap) if cap else self.shards.rows_per_shard
+
+    def output_affecting(self) -> dict[str, Any]:
+        """The parts of the spec that change what lands in the output (resources and output.dir do not)."""
+        engine = self.engine.model_dump(exclude={"max_in_flight"})
+        return {
+            "engine": engine,
+            "input": self.input.model_dump(),
+            "sampling": self.sampling.model_dump(),
+            "rows_per_shard": self.rows_per_shard,
+            "output": self.output.model_dump(exclude={"dir"}),
+        }
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override and validate a job file. Every mistake is one SpecError naming the key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"job file {path}: cannot read it ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)  # safe_load: YAML tags never construct Python objects
+    except yaml.YAMLError as e:
+        raise SpecError(f"job file {path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"job file {path}: expected a mapping of sections at the top, got {type(raw).__name__}")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_spec(raw, source=str(path))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`a.b.c=value`: the value is parsed as YAML, so numbers, booleans and lists keep their types."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set output.dir=/tmp/out")
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {item!r}: key '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def validate_spec(raw: dict, source: str = "job file") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_describe(e, source)) from None
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        given = item.get("input")
+        if item["type"] == "extra_forbidden":
+            section = _section_for(item["loc"][:-1])
+            allowed = ", ".join(section.model_fields) if section else ""
+            lines.append(f"{source}: unknown key '{key}'; allowed here: {allowed}")
+        elif item["type"] == "missing":
+            lines.append(f"{source}: key '{key}' is required")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: key '{key}': {msg} (given: {given!r})")
+    return "\n".join(lines)
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+# ---------------------------------------------------------------- fingerprint
+
+
+def fingerprint(components: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(components, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def diff_components(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, for a message that says what changed."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += diff_components(a, b, name + ".")
+        elif a != b:
+            changed.append(f"{name}: {a!r} -> {b!r}")
+    return changed

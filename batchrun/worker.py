@@ -1,0 +1,274 @@
+"""The worker: one Ray actor per engine replica. Pull a shard, build prompts, keep the engine's window full, commit.
+
+Three threads, so the engine never waits on I/O:
+- the main loop submits requests and collects completions (the only thread that touches the engine);
+- the prefetcher leases and reads the next shard while the current one is in flight, so there is no idle gap at a
+  shard boundary (reading, prompt rendering and tokenization all happen here, off the engine's critical path);
+- the writer turns a finished shard into a Parquet part and asks the queue to commit it.
+A heartbeat thread renews the worker's leases and reports its counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as stdqueue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from batchrun.engines import Completion, Request, create_engine, sampling_from_spec
+from batchrun.plan import Shard
+from batchrun.prompts import PromptBuilder, fit_to_context
+from batchrun.queue import DONE, WAIT
+from batchrun.sink import ManifestEntry, OutputDir, ids_digest
+from batchrun.sources import open_source
+from batchrun.spec import JobSpec
+
+log = logging.getLogger("batchrun.worker")
+ROW_INDEX = "row_index"  # the generated id column when the input names none
+
+OUTPUT_SCHEMA = [
+    ("generated_text", pa.string()),
+    ("finish_reason", pa.string()),
+    ("num_prompt_tokens", pa.int32()),
+    ("num_generated_tokens", pa.int32()),
+    ("error", pa.string()),
+]
+
+
+@dataclass
+class ShardTask:
+    """One leased shard between reading and commit. Results are slotted by row offset: exactly one per row."""
+
+    shard: Shard
+    attempt: int
+    keep: pa.Table  # id + passthrough columns, in input order
+    requests: list[Request]  # rows that reached the engine, in submission order
+    text: list[str | None]
+    finish: list[str | None]
+    prompt_tokens: list[int]
+    gen_tokens: list[int]
+    error: list[str | None]
+    remaining: int
+    started_at: float = field(default_factory=time.time)
+
+    def fill(self, offset: int, c: Completion) -> None:
+        if self.finish[offset] is not None:
+            raise RuntimeError(f"shard {self.shard.shard_id} row {offset}: a second completion arrived")
+        self.text[offset] = c.text if c.error is None else None
+        self.finish[offset] = c.finish_reason if c.error is None else "error"
+        self.prompt_tokens[offset] = c.num_prompt_tokens
+        self.gen_tokens[offset] = c.num_generated_tokens
+        self.error[offset] = c.error
+        self.remaining -= 1
+
+    def table(self) -> pa.Table:
+        assert self.remaining == 0 and all(f is not None for f in self.finish), "shard written before every row finished"
+        cols = [self.text, self.finish, self.prompt_tokens, self.gen_tokens, self.error]
+        out = self.keep
+        for (name, typ), values in zip(OUTPUT_SCHEMA, cols):
+            out = out.append_column(pa.field(name, typ), pa.array(values, type=typ))
+        return out
+
+
+class Worker:
+    """Wrapped by ray.remote in the driver (so this module imports without starting Ray)."""
+
+    def __init__(self, worker_id: str, spec_json: str, units: tuple[str, ...], shard_queue):
+        self.worker_id = worker_id
+        self.spec = JobSpec.model_validate_json(spec_json)
+        self.units = units
+        self.queue = shard_queue
+        self.node = socket.gethostname()
+        self.source = open_source(self.spec.input)
+        self.prompts = PromptBuilder(self.spec.input)
+        self.out = OutputDir(self.spec.output.dir)
+        self.sampling = sampling_from_spec(self.spec.sampling)
+        self.id_column = self.spec.input.id_column
+        passthrough = [c for c in self.spec.input.passthrough_columns if c != self.id_column]
+        self.read_columns = list(dict.fromkeys(([self.id_column] if self.id_column else []) + passthrough
+                                               + self.prompts.variables))
+        self.keep_columns = ([self.id_column] if self.id_column else []) + passthrough
+        self.engine = None
+        self.stats = {"rows": 0, "shards": 0, "generated_tokens": 0, "prompt_tokens": 0, "in_flight": 0,
+                      "since_progress_s": 0.0, "busy_s": 0.0}
+        self._last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> dict:
+        """Load the engine. A failure here surfaces to the driver as this call's error."""
+        if self.spec.resources.cpus_per_worker and not self.spec.resources.gpus_per_worker:
+            import torch
+
+            torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_worker)))
+        self.engine = create_engine(self.spec.engine, self.spec.sampling)
+        self._beat()
+        return {"worker": self.worker_id, "node": self.node, "pid": os.getpid()}
+
+    def run(self) -> dict:
+        ready: stdqueue.Queue = stdqueue.Queue(maxsize=1)  # one prepared shard ahead of the engine
+        finished: stdqueue.Queue = stdqueue.Queue()
+        threads = [
+            threading.Thread(target=self._guard, args=(self._prefetch, ready), daemon=True, name="prefetch"),
+            threading.Thread(target=self._guard, args=(self._write, finished), daemon=True, name="writer"),
+            threading.Thread(target=self._guard, args=(self._heartbeat,), daemon=True, name="heartbeat"),
+        ]
+        for t in threads:
+            t.start()
+        try:
+            self._generate(ready, finished)
+        finally:
+            finished.put(None)
+            threads[1].join()
+            self._stop.set()
+        if self._error is not None:
+            raise self._error
+        self._beat()
+        return dict(self.stats, worker=self.worker_id, node=self.node)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def _guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # surface a helper thread's failure through the main loop
+            self._error = self._error or e
+            self._stop.set()
+
+    # ------------------------------------------------------------ main loop: the engine's window
+
+    def _generate(self, ready: stdqueue.Queue, finished: stdqueue.Queue) -> None:
+        engine, window = self.engine, self.engine.max_in_flight
+        by_shard: dict[int, ShardTask] = {}
+        current: ShardTask | None = None
+        cursor, in_flight, exhausted = 0, 0, False
+        while not self._stop.is_set():
+            while in_flight < window and not exhausted:
+                if current is None or cursor == len(current.requests):
+                    try:  # block only when the engine has nothing to do
+                        current = ready.get(timeout=0.2) if in_flight == 0 else ready.get_nowait()
+                    except stdqueue.Empty:
+                        current = None
+                        break
+                    if current is None:  # the prefetcher's end marker
+                        exhausted = True
+                        break
+                    cursor = 0
+                    by_shard[current.shard.shard_id] = current
+                    if current.remaining == 0:  # every row was an error row
+                        finished.put(by_shard.pop(current.shard.shard_id))
+                    continue
+                engine.submit(current.requests[cursor])
+                cursor += 1
+                in_flight += 1
+            if exhausted and in_flight == 0:
+                return
+            if in_flight == 0:
+                continue
+            done = engine.poll(timeout=0.05)
+            if done:
+                self._last_progress = time.monotonic()
+            in_flight -= len(done)
+            self.stats["in_flight"] = in_flight
+            for c in done:
+                sid, offset = map(int, c.request_id.split(":"))
+                task = by_shard[sid]
+                task.fill(offset, c)
+                self.stats["generated_tokens"] += c.num_generated_tokens
+                self.stats["prompt_tokens"] += c.num_prompt_tokens
+                if task.remaining == 0:
+                    finished.put(by_shard.pop(sid))
+
+    # ------------------------------------------------------------ prefetcher: lease, read, render, tokenize
+
+    def _prefetch(self, ready: stdqueue.Queue) -> None:
+        import ray
+
+        while not self._stop.is_set():
+            shard = ray.get(self.queue.lease.remote(self.worker_id))
+            if shard == DONE:
+                ready.put(None)
+                return
+            if shard == WAIT:  # other workers hold the rest; one may die and hand its shards back
+                time.sleep(0.5)
+                continue
+            attempt = ray.get(self.queue.attempt_of.remote(shard.shard_id))
+            try:
+                task = self._prepare(shard, attempt)
+            except Exception as e:  # unreadable shard: this attempt fails, the queue retries or quarantines it
+                log.exception("shard %s: cannot prepare", shard.shard_id)
+                ray.get(self.queue.fail.remote(shard.shard_id, self.worker_id, f"{type(e).__name__}: {e}"))
+                continue
+            while not self._stop.is_set():
+                try:
+                    ready.put(task, timeout=0.5)
+                    break
+                except stdqueue.Full:
+                    continue
+
+    def _prepare(self, shard: Shard, attempt: int) -> ShardTask:
+        table = self.source.read(self.units, shard.fragments, self.read_columns)
+        if table.num_rows != shard.num_rows:
+            raise RuntimeError(f"read {table.num_rows} rows, the plan says {shard.num_rows}: did the input change?")
+        keep = table.select(self.keep_columns)
+        if not self.id_column:
+            keep = keep.add_column(0, ROW_INDEX, pa.array(range(shard.row_start, shard.row_start + shard.num_rows),
+                                                          pa.int64()))
+        prompts = self.prompts.build(table)
+        n = shard.num_rows
+        task = ShardTask(shard, attempt, keep, [], [None] * n, [None] * n, [0] * n, [0] * n, [None] * n, n)
+        ok = [i for i, t in enumerate(prompts.texts) if t is not None]
+        token_ids = self.engine.encode([prompts.texts[i] for i in ok]) if ok else []
+        context = self.engine.context_length
+        for j, i in enumerate(ok):
+            ids = token_ids[j] if token_ids is not None else None
+            if ids is not None:
+                ids, err = fit_to_context(ids, self.sampling.max_tokens, context, self.spec.input.truncation)
+                if err:
+                    task.fill(i, Completion(f"{shard.shard_id}:{i}", finish_reason="error", error=err,
+                                            num_prompt_tokens=len(token_ids[j])))
+                    continue
+            task.requests.append(Request(f"{shard.shard_id}:{i}", prompts.texts[i], ids, self.sampling))
+        for i, err in enumerate(prompts.errors):
+            if err is not None:
+                task.fill(i, Completion(f"{shard.shard_id}:{i}", finish_reason="error", error=err))
+        return task
+
+    # ------------------------------------------------------------ writer: Parquet part, atomic commit
+
+    def _write(self, finished: stdqueue.Queue) -> None:
+        import ray
+
+        while (task := finished.get()) is not None:
+            table = task.table()
+            id_col = table.column(self.id_column or ROW_INDEX)
+            entry = ManifestEntry(
+                shard_id=task.shard.shard_id, state="committed", rows=table.num_rows, ids_digest=ids_digest(id_col),
+                attempt=task.attempt, worker=self.worker_id, node=self.node, started_at=task.started_at,
+                committed_at=time.time(), generated_tokens=sum(task.gen_tokens), prompt_tokens=sum(task.prompt_tokens),
+                error_rows=sum(e is not None for e in task.error),
+            )
+            tmp = self.out.write_temp(table, entry, self.spec.output.compression)
+            ray.get(self.queue.commit.remote(str(tmp), entry))
+            self.stats["rows"] += table.num_rows
+            self.stats["shards"] += 1
+
+    # ------------------------------------------------------------ heartbeat
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.spec.faults.heartbeat_s):
+            self._beat()
+
+    def _beat(self) -> None:
+        self.stats["since_progress_s"] = time.monotonic() - self._last_progress if self.stats["in_flight"] else 0.0
+        self.queue.heartbeat.remote(self.worker_id, self.node, os.getpid(), dict(self.stats))
