@@ -30,9 +30,10 @@ def check_input(spec: JobSpec, plan: Plan) -> None:
         raise SpecError(f"key 'input.path': the input {spec.input.path} has no rows")
     columns = list(plan.columns)
     PromptBuilder(spec.input).check_columns(columns)
-    for key, col in [("input.id_column", spec.input.id_column)] + [
-        ("input.passthrough_columns", c) for c in spec.input.passthrough_columns
-    ]:
+    named = [("input.id_column", spec.input.id_column)]
+    named += [("input.passthrough_columns", c) for c in spec.input.passthrough_columns]
+    named += [(f"sampling.per_row.{k}", c) for k, c in spec.sampling.per_row.items()]
+    for key, col in named:
         if col and col not in columns:
             raise SpecError(f"key '{key}': column {col!r} not in the input (columns: {', '.join(columns)})")
 

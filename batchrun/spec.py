@@ -74,6 +74,7 @@ class SamplingSpec(_Section):
     top_k: int = Field(0, ge=0)  # 0 = off
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)  # generation ends at the first of these; the text excludes it
+    per_row: dict[Literal["max_tokens"], str] = Field(default_factory=dict)  # sampling key -> input column
 
 
 class OutputSpec(_Section):
@@ -143,7 +144,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     except yaml.YAMLError as e:
         raise SpecError(f"job file {path}: not valid YAML: {e}") from None
     if raw is None:
-        raw = {}
+        raise SpecError(f"job file {path} is empty: expected the sections engine, input, sampling, output, ...")
     if not isinstance(raw, dict):
         raise SpecError(f"job file {path}: expected a mapping of sections at the top, got {type(raw).__name__}")
     for item in overrides or []:

@@ -10,6 +10,7 @@ A heartbeat thread renews the worker's leases and reports its counters.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue as stdqueue
@@ -90,8 +91,9 @@ class Worker:
         self.sampling = sampling_from_spec(self.spec.sampling)
         self.id_column = self.spec.input.id_column
         passthrough = [c for c in self.spec.input.passthrough_columns if c != self.id_column]
+        self.per_row = dict(self.spec.sampling.per_row)  # sampling key -> column
         self.read_columns = list(dict.fromkeys(([self.id_column] if self.id_column else []) + passthrough
-                                               + self.prompts.variables))
+                                               + self.prompts.variables + list(self.per_row.values())))
         self.keep_columns = ([self.id_column] if self.id_column else []) + passthrough
         self.engine = None
         self.stats = {"rows": 0, "shards": 0, "generated_tokens": 0, "prompt_tokens": 0, "in_flight": 0,
@@ -227,22 +229,41 @@ class Worker:
         prompts = self.prompts.build(table)
         n = shard.num_rows
         task = ShardTask(shard, attempt, keep, [], [None] * n, [None] * n, [0] * n, [0] * n, [None] * n, n)
-        ok = [i for i, t in enumerate(prompts.texts) if t is not None]
+        samplings, errors = self._row_sampling(table), list(prompts.errors)
+        for i, s in enumerate(samplings):
+            if isinstance(s, str) and errors[i] is None:
+                errors[i] = s
+        ok = [i for i, t in enumerate(prompts.texts) if t is not None and errors[i] is None]
         token_ids = self.engine.encode([prompts.texts[i] for i in ok]) if ok else []
         context = self.engine.context_length
         for j, i in enumerate(ok):
-            ids = token_ids[j] if token_ids is not None else None
+            sampling, ids = samplings[i], token_ids[j] if token_ids is not None else None
             if ids is not None:
-                ids, err = fit_to_context(ids, self.sampling.max_tokens, context, self.spec.input.truncation)
-                if err:
-                    task.fill(i, Completion(f"{shard.shard_id}:{i}", finish_reason="error", error=err,
-                                            num_prompt_tokens=len(token_ids[j])))
+                ids, errors[i] = fit_to_context(ids, sampling.max_tokens, context, self.spec.input.truncation)
+                if errors[i] is None and not ids:
+                    errors[i] = "prompt is empty (0 tokens)"
+                if errors[i] is not None:
+                    task.prompt_tokens[i] = len(token_ids[j])
                     continue
-            task.requests.append(Request(f"{shard.shard_id}:{i}", prompts.texts[i], ids, self.sampling))
-        for i, err in enumerate(prompts.errors):
+            task.requests.append(Request(f"{shard.shard_id}:{i}", prompts.texts[i], ids, sampling))
+        for i, err in enumerate(errors):
             if err is not None:
-                task.fill(i, Completion(f"{shard.shard_id}:{i}", finish_reason="error", error=err))
+                task.fill(i, Completion(f"{shard.shard_id}:{i}", finish_reason="error", error=err,
+                                        num_prompt_tokens=task.prompt_tokens[i]))
         return task
+
+    def _row_sampling(self, table: pa.Table) -> list:
+        """Per-row sampling: the job's settings, overridden by the columns named in sampling.per_row.
+        A row whose override is unusable gets the error message instead, and becomes an error row."""
+        if not self.per_row:
+            return [self.sampling] * table.num_rows
+        column = self.per_row["max_tokens"]
+        out = []
+        for v in table.column(column).to_pylist():
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            out.append(dataclasses.replace(self.sampling, max_tokens=v) if ok else
+                       f"column {column!r} (sampling.per_row.max_tokens): expected an integer >= 1, got {v!r}")
+        return out
 
     # ------------------------------------------------------------ writer: Parquet part, atomic commit
 

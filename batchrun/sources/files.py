@@ -15,7 +15,7 @@ def _hidden(path: str) -> bool:
 def list_files(path: str, suffixes: tuple[str, ...]) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     fs, root = fsspec.core.url_to_fs(path)
     if any(ch in root for ch in "*?["):
-        files = sorted(f for f in fs.glob(root) if fs.isfile(f))
+        files = sorted(f for f in fs.glob(root) if fs.isfile(f) and not _hidden(f.rsplit("/", 1)[-1]))
     elif fs.isdir(root):
         found = fs.find(root)
         files = sorted(f for f in found if f.endswith(suffixes) and not _hidden(f[len(root.rstrip("/")) :]))

@@ -1,0 +1,64 @@
+"""Shared fixtures: one real local Ray cluster per test session, the demo model built once, job helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ROOT / "build" / "demo-model"
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    from batchrun.demo import build_model
+
+    return build_model(DEMO_MODEL, quiet=True)  # reuses the one `make demo` built, if current
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster shared by the whole session. Subprocess drivers join it through RAY_ADDRESS."""
+    import ray
+
+    # Logical CPUs: actors here are mostly idle waiting on each other; 2 real cores run them fine.
+    ctx = ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                   runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    address = ctx.address_info["gcs_address"]
+    old = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address
+    yield address
+    if old is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    ray.shutdown()
+
+
+def write_parquet(path: Path, table: pa.Table, row_group_size: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def write_job(path: Path, **sections) -> Path:
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+def read_output(out_dir) -> pa.Table:
+    import pyarrow.dataset as ds
+
+    return ds.dataset(str(out_dir), format="parquet").to_table()
+
+
+def cli_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,91 @@
+"""Bad job files and bad input: one clear message naming the key/file/column, exit code 2, no visible output.
+
+All of these fail before Ray starts, so they need no cluster.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from batchrun.cli import main
+from tests.conftest import write_parquet
+
+
+@pytest.fixture
+def base(tmp_path):
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": [1, 2, 3], "prompt": ["a b", "c", "d e f"]}))
+    return {
+        "engine": {"name": "echo"},
+        "input": {"path": str(tmp_path / "in.parquet"), "prompt_column": "prompt", "id_column": "id"},
+        "output": {"dir": str(tmp_path / "out")},
+        "resources": {"num_workers": 1},
+    }
+
+
+def set_key(job, dotted, value):
+    node = job
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+
+
+def run_cli(tmp_path, job_text, capsys, extra=()):
+    job = tmp_path / "job.yaml"
+    job.write_text(job_text)
+    code = main(["run", str(job), "--no-progress", *extra])
+    return code, capsys.readouterr().err
+
+
+CASES = {
+    # name: (how to break the job, words the message must contain)
+    "bad yaml": (lambda j, t: "engine: [unclosed\n  x: :", ["not valid YAML"]),
+    "unknown key": (lambda j, t: set_key(j, "sampling.max_tokenz", 5), ["unknown key 'sampling.max_tokenz'", "max_tokens"]),
+    "unknown section": (lambda j, t: set_key(j, "enigne.name", "hf"), ["unknown key 'enigne'"]),
+    "wrong type": (lambda j, t: set_key(j, "sampling.temperature", "hot"), ["sampling.temperature", "'hot'"]),
+    "bad engine name": (lambda j, t: set_key(j, "engine.name", "vllm"), ["engine", "hf, trtllm, echo", "vllm"]),
+    "missing input path key": (lambda j, t: j["input"].pop("path"), ["input.path", "required"]),
+    "missing input file": (lambda j, t: set_key(j, "input.path", str(t / "nope.parquet")), ["input.path", "does not exist"]),
+    "missing prompt column": (lambda j, t: set_key(j, "input.prompt_column", "text"), ["input.prompt_column", "'text'", "id, prompt"]),
+    "missing id column": (lambda j, t: set_key(j, "input.id_column", "uid"), ["input.id_column", "'uid'"]),
+    "missing passthrough column": (lambda j, t: set_key(j, "input.passthrough_columns", ["meta"]), ["passthrough_columns", "'meta'"]),
+    "template over missing column": (lambda j, t: (j["input"].pop("prompt_column"), set_key(j, "input.prompt_template", "Q: {{ question }}")), ["prompt_template", "'question'"]),
+    "bad template syntax": (lambda j, t: (j["input"].pop("prompt_column"), set_key(j, "input.prompt_template", "{{ prompt ")), ["prompt_template", "Jinja2"]),
+    "empty input": (lambda j, t: (write_parquet(t / "empty.parquet", pa.table({"id": pa.array([], pa.int64()), "prompt": pa.array([], pa.string())})), set_key(j, "input.path", str(t / "empty.parquet"))), ["no rows"]),
+    "unreadable parquet": (lambda j, t: ((t / "bad.parquet").write_bytes(b"PAR1 garbage"), set_key(j, "input.path", str(t / "bad.parquet"))), ["bad.parquet", "not a readable Parquet file"]),
+    "output is a file": (lambda j, t: ((t / "afile").write_text("x"), set_key(j, "output.dir", str(t / "afile"))), ["output.dir", "is a file"]),
+    "zero workers": (lambda j, t: set_key(j, "resources.num_workers", 0), ["resources.num_workers", "greater than or equal to 1", "0"]),
+    "negative max_tokens": (lambda j, t: set_key(j, "sampling.max_tokens", -5), ["sampling.max_tokens", "-5"]),
+    "hf without model": (lambda j, t: set_key(j, "engine.name", "hf"), ["engine.model is required"]),
+    "model dir missing": (lambda j, t: (set_key(j, "engine.name", "hf"), set_key(j, "engine.model", str(t / "m"))), ["engine.model", "not a directory"]),
+    "top_p out of range": (lambda j, t: set_key(j, "sampling.top_p", 1.5), ["sampling.top_p", "1.5"]),
+    "per-row column missing": (lambda j, t: set_key(j, "sampling.per_row", {"max_tokens": "budget"}), ["sampling.per_row.max_tokens", "'budget'"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_refused_before_work(name, base, tmp_path, capsys):
+    breaker, words = CASES[name]
+    result = breaker(base, tmp_path)
+    text = result if name == "bad yaml" else yaml.safe_dump(base)
+    code, err = run_cli(tmp_path, text, capsys)
+    assert code == 2, err
+    assert err.startswith("batchrun: error:") and err.count("batchrun: error:") == 1
+    for w in words:
+        assert w in err, f"{w!r} not in message: {err}"
+    out = tmp_path / "out"
+    assert not list(out.glob("*.parquet")) if out.is_dir() else True
+
+
+def test_set_override_reaches_any_key_and_is_validated(base, tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(base))
+    assert main(["plan", str(job), "--set", "shards.rows_per_shard=2", "--set", "resources.num_workers=3"]) == 0
+    shown = capsys.readouterr().out
+    assert '"count": 2' in shown and '"num_workers": 3' in shown
+    assert main(["plan", str(job), "--set", "sampling.max_tokens=-1"]) == 2
+    assert "sampling.max_tokens" in capsys.readouterr().err
+    assert main(["plan", str(job), "--set", "nokey"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

@@ -1,0 +1,135 @@
+"""End to end on a real local Ray cluster: the HF engine on the demo model, and the echo engine on larger input."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+
+import pyarrow as pa
+import pytest
+
+from batchrun.runner import JobRunner
+from batchrun.spec import validate_spec
+from tests.conftest import PYTHON, ROOT, cli_env, read_output, write_parquet
+
+pytestmark = pytest.mark.slow
+
+
+def varied_prompts(n: int, seed: int = 3) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if i % 3 == 0:
+            out.append(f"{rng.randrange(100)}+{rng.randrange(100)}=")
+        else:
+            k = rng.randrange(1, 60)
+            out.append("".join(rng.choice("0123456789+-= abcxyz") for _ in range(k)))
+    return out
+
+
+def test_hf_runner_equals_generate_per_prompt(tmp_path, ray_cluster, demo_model):
+    """In-flight batching across 2 workers and many shards must give exactly the greedy tokens of generate()."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = varied_prompts(72)
+    budgets = [1 + (i * 7) % 12 for i in range(len(prompts))]
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": [f"r{i}" for i in range(72)], "prompt": prompts,
+                                                     "budget": budgets}), row_group_size=16)
+    spec = validate_spec({
+        "engine": {"name": "hf", "model": str(demo_model), "dtype": "float32", "max_in_flight": 16},
+        "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id", "passthrough_columns": ["budget"]},
+        "sampling": {"max_tokens": 8, "per_row": {"max_tokens": "budget"}},
+        "output": {"dir": str(tmp_path / "out")},
+        "resources": {"num_workers": 2},
+        "shards": {"rows_per_shard": 10},
+    })
+    summary = JobRunner(spec, show_progress=False).run().summary
+    assert summary["rows"] == 72 and summary["error_rows"] == 0
+    assert len(summary["workers"]) == 2
+
+    got = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for i, (p, budget) in enumerate(zip(prompts, budgets)):
+            ids = tok(p, add_special_tokens=False, return_tensors="pt").input_ids
+            gen = model.generate(ids, max_new_tokens=budget, do_sample=False)[0, ids.shape[1]:].tolist()
+            ended = gen[-1] == tok.eos_token_id
+            gen = gen[:-1] if ended else gen
+            row = got[f"r{i}"]
+            assert row["generated_text"] == tok.decode(gen, skip_special_tokens=True), (p, budget)
+            assert row["num_generated_tokens"] == len(gen)
+            assert row["num_prompt_tokens"] == ids.shape[1]
+            assert row["finish_reason"] == ("stop" if ended else "length")
+            assert row["budget"] == budget
+
+
+def test_echo_every_row_exactly_once_with_passthrough(tmp_path, ray_cluster):
+    n_files, per_file = 3, [1700, 1, 2299]
+    start = 0
+    expected = {}
+    for f in range(n_files):
+        n = per_file[f]
+        ids = [f"id-{start + i}" for i in range(n)]
+        t = pa.table({
+            "uid": ids,
+            "text": [" ".join(["w"] * (1 + (start + i) % 9)) for i in range(n)],
+            "score": pa.array([(start + i) / 7 for i in range(n)], pa.float64()),
+            "tags": pa.array([[str(i % 3)] * (i % 3) for i in range(n)], pa.list_(pa.string())),
+        })
+        write_parquet(tmp_path / "in" / f"part{f}.parquet", t, row_group_size=250)
+        expected.update({r["uid"]: r for r in t.to_pylist()})
+        start += n
+    spec = validate_spec({
+        "engine": {"name": "echo", "max_in_flight": 128},
+        "input": {"path": str(tmp_path / "in"), "prompt_column": "text", "id_column": "uid",
+                  "passthrough_columns": ["score", "tags"]},
+        "sampling": {"max_tokens": 4},
+        "output": {"dir": str(tmp_path / "out")},
+        "resources": {"num_workers": 2},
+        "shards": {"rows_per_shard": 333},
+    })
+    JobRunner(spec, show_progress=False).run()
+    out = read_output(tmp_path / "out")
+    assert out.num_rows == len(expected)
+    rows = out.to_pylist()
+    assert sorted(r["uid"] for r in rows) == sorted(expected)
+    for r in rows:
+        src = expected[r["uid"]]
+        assert r["score"] == src["score"] and r["tags"] == src["tags"]
+        words = src["text"].split()
+        assert r["generated_text"] == " ".join(words[:4])
+        assert r["finish_reason"] == ("length" if len(words) > 4 else "stop") and r["error"] is None
+    # also readable by HF datasets, which skips the internal _batchrun/ files
+    import datasets
+
+    hf = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "*.parquet"), split="train")
+    assert hf.num_rows == len(expected)
+
+
+def test_generated_row_index_when_no_id_column(tmp_path, ray_cluster):
+    write_parquet(tmp_path / "in.parquet", pa.table({"prompt": [f"p{i} x" for i in range(50)]}))
+    spec = validate_spec({"engine": {"name": "echo"}, "input": {"path": str(tmp_path / "in.parquet")},
+                          "output": {"dir": str(tmp_path / "out")}, "shards": {"rows_per_shard": 7}})
+    JobRunner(spec, show_progress=False).run()
+    out = read_output(tmp_path / "out").sort_by("row_index").to_pylist()
+    assert [r["row_index"] for r in out] == list(range(50))
+    assert [r["generated_text"] for r in out] == [f"p{i} x" for i in range(50)]
+
+
+def test_demo_job_cli(tmp_path, ray_cluster, demo_model):
+    """The README's demo job through the CLI: exit 0, a summary, and right answers from the demo model."""
+    from batchrun.demo import write_prompts
+
+    data = write_prompts(tmp_path / "prompts.parquet", n=96)
+    proc = subprocess.run(
+        [PYTHON, "-m", "batchrun.cli", "run", str(ROOT / "jobs" / "demo.yaml"), "--set", f"output.dir={tmp_path / 'out'}",
+         "--set", f"input.path={data}", "--set", f"engine.model={demo_model}"],
+        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "succeeded: 96 rows" in proc.stdout
+    out = read_output(tmp_path / "out").to_pylist()
+    right = sum(r["generated_text"] == r["answer"] for r in out)
+    assert right / len(out) > 0.9

@@ -1,0 +1,78 @@
+"""Shard planning and shard reads: no Ray."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from batchrun.plan import cut_shards, make_plan
+from batchrun.sources import open_source
+from batchrun.spec import validate_spec
+from tests.conftest import write_parquet
+
+
+def spec_for(path, rows_per_shard, **input_extra):
+    return validate_spec({"engine": {"name": "echo"}, "input": {"path": str(path), **input_extra},
+                          "output": {"dir": "/tmp/unused"}, "shards": {"rows_per_shard": rows_per_shard}})
+
+
+@pytest.mark.parametrize("unit_rows,per", [((10,), 3), ((5, 0, 7, 1), 4), ((100,), 100), ((3, 3), 1), ((0, 9), 20)])
+def test_shards_cover_every_row_once_in_order(unit_rows, per):
+    shards = cut_shards(unit_rows, per)
+    covered = [(f.unit, r) for s in shards for f in s.fragments for r in range(f.start, f.stop)]
+    assert covered == [(u, r) for u, n in enumerate(unit_rows) for r in range(n)]
+    assert all(s.num_rows == per for s in shards[:-1]) and 0 < shards[-1].num_rows <= per
+    assert [s.row_start for s in shards] == [sum(x.num_rows for x in shards[:i]) for i in range(len(shards))]
+
+
+def make_input(tmp_path, files=3, rows=(37, 50, 13)):
+    n = 0
+    for i in range(files):
+        ids = list(range(n, n + rows[i]))
+        n += rows[i]
+        write_parquet(tmp_path / "in" / f"f{i}.parquet",
+                      pa.table({"id": ids, "prompt": [f"p {j}" for j in ids]}), row_group_size=7)
+    (tmp_path / "in" / "_ignored.parquet").write_bytes(b"not parquet: internal files are skipped")
+    return tmp_path / "in"
+
+
+def test_plan_is_deterministic_and_reads_exact_rows(tmp_path):
+    src = make_input(tmp_path)
+    a, b = make_plan(spec_for(src, 11)), make_plan(spec_for(src, 11))
+    assert a == b
+    assert a.total_rows == 100 and len(a.shards) == 10
+    source = open_source(spec_for(src, 11).input)
+    got = []
+    for shard in a.shards:
+        t = source.read(a.units, shard.fragments, ["id", "prompt"])
+        assert t.num_rows == shard.num_rows
+        got += t.column("id").to_pylist()
+    assert got == list(range(100))
+
+
+def test_plan_same_for_glob_and_dir(tmp_path):
+    src = make_input(tmp_path)
+    assert make_plan(spec_for(src, 9)).shards == make_plan(spec_for(f"{src}/*.parquet", 9)).shards
+
+
+def test_rows_per_file_caps_the_shard(tmp_path):
+    src = make_input(tmp_path)
+    spec = validate_spec({"engine": {"name": "echo"}, "input": {"path": str(src)},
+                          "output": {"dir": "/tmp/x", "rows_per_file": 5}, "shards": {"rows_per_shard": 50}})
+    assert max(s.num_rows for s in make_plan(spec).shards) == 5
+
+
+def test_hf_save_to_disk_and_builder(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"id": list(range(30)), "prompt": [f"q{i}" for i in range(30)]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    write_parquet(tmp_path / "pq" / "a.parquet", ds.data.table)
+    for inp in ({"path": str(tmp_path / "saved"), "format": "hf"},
+                {"path": "parquet", "format": "hf", "data_files": str(tmp_path / "pq" / "a.parquet")}):
+        spec = validate_spec({"engine": {"name": "echo"}, "input": inp, "output": {"dir": "/tmp/x"},
+                              "shards": {"rows_per_shard": 8}})
+        plan = make_plan(spec)
+        source = open_source(spec.input)
+        ids = [i for s in plan.shards for i in source.read(plan.units, s.fragments, ["id"]).column("id").to_pylist()]
+        assert ids == list(range(30))
