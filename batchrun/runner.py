@@ -273,8 +273,12 @@ class WorkerPool:
         ray.kill(actor, no_restart=True)
 
     def shutdown(self) -> None:
-        for wid in list(self.live):
-            self._retire(wid)
+        """Workers still live here are mid-run (the job failed or was interrupted): kill them, do not wait."""
+        import ray
+
+        for wid, entry in list(self.live.items()):
+            ray.kill(entry[0], no_restart=True)
+            del self.live[wid]
 
 
 def _short_error(e: Exception) -> str:

@@ -41,4 +41,12 @@ class JsonlSource(Source):
         rows = [self._parse(unit, line, fragment.start + i + 1) for i, line in enumerate(lines)]
         if len(rows) != fragment.stop - fragment.start:
             raise SpecError(f"input file {unit} changed while the job ran: expected {fragment.stop} rows")
-        return pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
+        return pa.table({c: _column([r.get(c) for r in rows]) for c in columns})
+
+
+def _column(values: list) -> pa.Array:
+    """JSON has no column types: a column mixing types keeps its strings and holds other values as JSON text."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
