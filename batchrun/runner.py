@@ -19,7 +19,7 @@ from batchrun.prompts import PromptBuilder
 from batchrun.queue import ShardQueue
 from batchrun.sink import OutputDir
 from batchrun.spec import JobSpec
-from batchrun.worker import Worker
+from batchrun.worker import Worker, peak_rss_mb
 
 log = logging.getLogger("batchrun")
 
@@ -182,6 +182,8 @@ class JobRunner:
                          "rows_per_s": round(rows_run / wall, 2) if wall else 0.0,
                          "generated_tokens_per_s": round(gen / wall, 2) if wall else 0.0},
             "workers": per_worker,
+            "driver_peak_rss_mb": peak_rss_mb(),
+            "worker_peak_rss_mb": {w: i.get("peak_rss_mb") for w, i in snap["workers"].items()},
         }
         (self.out.root / "_summary.json").write_text(json.dumps(summary, indent=2))
         return summary

@@ -76,6 +76,12 @@ class ShardTask:
         return out
 
 
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
 class Worker:
     """Wrapped by ray.remote in the driver (so this module imports without starting Ray)."""
 
@@ -291,5 +297,6 @@ class Worker:
             self._beat()
 
     def _beat(self) -> None:
+        self.stats["peak_rss_mb"] = peak_rss_mb()
         self.stats["since_progress_s"] = time.monotonic() - self._last_progress if self.stats["in_flight"] else 0.0
         self.queue.heartbeat.remote(self.worker_id, self.node, os.getpid(), dict(self.stats))
