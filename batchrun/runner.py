@@ -206,6 +206,8 @@ class WorkerPool:
         self.restarts = 0
         self.generation = 0
         self.last_error = ""
+        self.loaded_any = False  # has any worker ever loaded its engine?
+        self.load_failures = 0
 
     def start(self, n: int) -> None:
         for _ in range(n):
@@ -234,13 +236,11 @@ class WorkerPool:
                 ray.get(ref)
                 self._retire(wid)
             except Exception as e:  # the actor died (killed, OOM, node lost) or the engine raised
-                self.replace(wid, _short_error(e))
+                self.replace(wid, self._load_error(self.live[wid][3]) or _short_error(e))
         now = time.time()
         for wid, (actor, run_ref, started_at, start_ref) in list(self.live.items()):
-            if now - started_at > self.spec.faults.startup_timeout_s:
-                ready, _ = ray.wait([start_ref], timeout=0)
-                if not ready:
-                    self.replace(wid, f"engine did not load within {self.spec.faults.startup_timeout_s:g}s")
+            if now - started_at > self.spec.faults.startup_timeout_s and not self._loaded(start_ref):
+                self.replace(wid, f"engine did not load within {self.spec.faults.startup_timeout_s:g}s")
 
     def replace(self, wid: str, error: str) -> None:
         import ray
@@ -249,7 +249,13 @@ class WorkerPool:
         self.last_error = f"worker {wid}: {error}"
         entry = self.live.pop(wid, None)
         if entry:
+            if not self._loaded(entry[3]):
+                self.load_failures += 1
             ray.kill(entry[0], no_restart=True)
+        if not self.loaded_any and self.load_failures >= 3:
+            # A model that cannot load will not load on the next worker either: fail now, not after the budget.
+            raise JobFailed(f"the engine failed to load on {self.load_failures} workers in a row; last error: "
+                            f"{self.last_error}")
         ray.get(self.queue.release_worker.remote(wid, error))
         progress = ray.get(self.queue.progress.remote())
         if not progress["shards_pending"] and not progress["shards_running"]:
@@ -263,6 +269,32 @@ class WorkerPool:
             return
         self.restarts += 1
         self._spawn()
+
+    @staticmethod
+    def _load_error(start_ref) -> str | None:
+        """The engine's load error, which the failed run() call behind it would otherwise hide."""
+        import ray
+
+        if not ray.wait([start_ref], timeout=0)[0]:
+            return None
+        try:
+            ray.get(start_ref)
+        except Exception as e:
+            return f"engine load failed: {_short_error(e)}"
+        return None
+
+    def _loaded(self, start_ref) -> bool:
+        import ray
+
+        ready, _ = ray.wait([start_ref], timeout=0)
+        if not ready:
+            return False
+        try:
+            ray.get(start_ref)
+        except Exception:
+            return False
+        self.loaded_any = True
+        return True
 
     def _retire(self, wid: str) -> None:
         import ray

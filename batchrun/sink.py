@@ -83,19 +83,17 @@ class OutputDir:
         """Refuse a re-run whose outputs would differ from what is committed; --overwrite starts over."""
         job = self.meta / "job.json"
         new = {"fingerprint": fingerprint(components), "components": components}
-        if job.exists():
+        if overwrite:
+            self.clear()
+        elif job.exists():
             old = json.loads(job.read_text())
             if old["fingerprint"] != new["fingerprint"]:
-                if not overwrite:
-                    changes = diff_components(old["components"], components)
-                    raise SpecError(
-                        f"output dir {self.root} holds a job whose outputs would differ from this one:\n  "
-                        + "\n  ".join(changes)
-                        + "\nUse --overwrite to discard its outputs, or choose a new output.dir."
-                    )
-                self.clear()
-        elif overwrite:
-            self.clear()
+                changes = diff_components(old["components"], components)
+                raise SpecError(
+                    f"output dir {self.root} holds a job whose outputs would differ from this one:\n  "
+                    + "\n  ".join(changes)
+                    + "\nUse --overwrite to discard its outputs, or choose a new output.dir."
+                )
         elif any(self.parts()):
             raise SpecError(f"output dir {self.root} holds Parquet parts from another tool or an unknown job; "
                             "use --overwrite or a new output.dir")

@@ -112,15 +112,18 @@ class Worker:
 
     def start(self) -> dict:
         """Load the engine. A failure here surfaces to the driver as this call's error."""
-        if self.spec.resources.cpus_per_worker and not self.spec.resources.gpus_per_worker:
+        if self.spec.engine.name == "hf" and not self.spec.resources.gpus_per_worker:
             import torch
 
+            # Ray sets OMP_NUM_THREADS=1 in workers; a CPU engine should use the CPUs its actor reserved.
             torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_worker)))
         self.engine = create_engine(self.spec.engine, self.spec.sampling)
         self._beat()
         return {"worker": self.worker_id, "node": self.node, "pid": os.getpid()}
 
     def run(self) -> dict:
+        if self.engine is None:
+            raise RuntimeError("run() called before the engine loaded")
         ready: stdqueue.Queue = stdqueue.Queue(maxsize=1)  # one prepared shard ahead of the engine
         finished: stdqueue.Queue = stdqueue.Queue()
         threads = [

@@ -68,3 +68,10 @@ class FlakyRequestEcho(EchoEngine):
             self._done.append(Completion(request.request_id, finish_reason="error", error="engine rejected request"))
             return
         super().submit(request)
+
+
+class BrokenLoad:
+    """An engine whose load always fails, like a bad checkpoint or a CUDA init error."""
+
+    def __init__(self, **kw):
+        raise OSError("cannot load weights: checkpoint is corrupt")

@@ -285,3 +285,12 @@ def test_concurrent_run_refused_and_stale_lock_broken(tmp_path, ray_cluster):
                                 "run_id": "dead"}))
     JobRunner(validate_spec(raw), show_progress=False).run()
     assert read_output(tmp_path / "out").num_rows == 2 and not lock.exists()
+
+
+def test_engine_load_failure_fails_fast_with_the_error(tmp_path, ray_cluster):
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": [1, 2], "prompt": ["a", "b"]}))
+    raw = job(tmp_path, {"path": str(tmp_path / "in.parquet")}, {"name": "tests.engines:BrokenLoad"})
+    t0 = time.time()
+    with pytest.raises(JobFailed, match="failed to load on 3 workers.*checkpoint is corrupt"):
+        JobRunner(validate_spec(raw), show_progress=False).run()
+    assert time.time() - t0 < 60

@@ -1,0 +1,153 @@
+"""Spawning an engine's tensor-parallel ranks with mpi4py from inside a Ray actor (or a container).
+
+mpi4py's MPIPoolExecutor calls MPI_Comm_spawn from a manager thread. Inside a Ray actor that has several traps, each
+handled here:
+- Open MPI counts one slot per core and refuses to spawn more ranks than slots ("There are not enough slots available
+  in the system to satisfy the 2 slots", MPI_ERR_SPAWN); the error is raised in the manager thread and the caller's
+  futures never resolve. `OMPI_MCA_rmaps_base_oversubscribe=1` lifts the limit, and every wait here is bounded.
+- Containers run as root, which Open MPI refuses without `OMPI_ALLOW_RUN_AS_ROOT{,_CONFIRM}`.
+- Docker lacks the ptrace rights of vader's single-copy (CMA) path; loopback TCP is the transport that always works
+  for the ranks' out-of-band channel on one node.
+- Spawned ranks inherit the environment the MPI runtime captured at MPI_Init, so CUDA_VISIBLE_DEVICES and the
+  variables above must be set before `mpi4py.MPI` is first imported in the actor.
+- A rank runs a function by reference: it must live in an importable module (this one), never in `__main__`.
+- Spawned ranks are not children of the actor (Open MPI's daemon starts them), so an actor killed with SIGKILL would
+  leave them running. Each rank therefore watches its parent's pid and exits when the parent is gone; close()
+  also kills any rank still alive after a bounded shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from concurrent.futures import Future, wait
+
+import psutil
+
+
+class SpawnError(RuntimeError):
+    """The ranks could not be started (or did not answer) within the time allowed."""
+
+
+def mpi_environment(gpu_ids: list[str] | None = None, oversubscribe: bool = True, loopback: bool = True) -> dict:
+    env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_btl_vader_single_copy_mechanism": "none"}
+    if oversubscribe:
+        env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
+    if loopback:
+        env["OMPI_MCA_btl_tcp_if_include"] = "lo"
+        env["OMPI_MCA_oob_tcp_if_include"] = "lo"
+    if gpu_ids is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
+    return env
+
+
+def actor_gpu_ids() -> list[str] | None:
+    """The GPUs Ray gave this actor, as CUDA_VISIBLE_DEVICES values; None outside Ray or without GPUs."""
+    try:
+        import ray
+
+        ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+    except Exception:
+        ids = []
+    if ids:
+        return [str(i) for i in ids]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else None
+
+
+# ---------------------------------------------------------------- functions the ranks run (importable)
+
+_WATCHDOG_STARTED = False
+
+
+def _watch_parent(parent_pid: int, interval_s: float = 0.5) -> None:
+    """Exit this rank when the process that spawned it is gone (killed actor): no orphan ranks."""
+    global _WATCHDOG_STARTED
+    if _WATCHDOG_STARTED:
+        return
+    _WATCHDOG_STARTED = True
+
+    def loop():
+        while psutil.pid_exists(parent_pid):
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=loop, daemon=True, name="batchrun-parent-watch").start()
+
+
+def rank_info(parent_pid: int) -> dict:
+    """Runs on every rank once at start: the barrier pins one task per rank, the watchdog guards against orphans."""
+    from mpi4py import MPI
+
+    _watch_parent(parent_pid)
+    MPI.COMM_WORLD.barrier()
+    return {"rank": MPI.COMM_WORLD.Get_rank(), "size": MPI.COMM_WORLD.Get_size(), "pid": os.getpid(),
+            "host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def rank_fail(message: str) -> None:
+    raise RuntimeError(message)
+
+
+def torch_dist_env(rank: int, world_size: int, master_port: int) -> dict:
+    """What torchrun would have set: ranks come from MPI, the rendezvous is on loopback (one node per TP group)."""
+    return {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}
+
+
+# ---------------------------------------------------------------- the parent side
+
+
+class RankPool:
+    """`n_ranks` MPI processes spawned from this process, one task per rank at a time."""
+
+    def __init__(self, n_ranks: int, *, gpu_ids: list[str] | None = None, timeout_s: float = 120.0,
+                 oversubscribe: bool = True, loopback: bool = True, python_exe: str | None = None,
+                 env: dict | None = None):
+        self.n_ranks, self.timeout_s = n_ranks, timeout_s
+        os.environ.update(mpi_environment(gpu_ids, oversubscribe, loopback))  # before mpi4py.MPI is imported
+        from mpi4py.futures import MPIPoolExecutor
+
+        kwargs = {"env": dict(env or {}), "main": False}
+        if python_exe:
+            kwargs["python_exe"] = python_exe
+        self.pool = MPIPoolExecutor(max_workers=n_ranks, **kwargs)
+        self.ranks: list[dict] = []
+        try:
+            self.ranks = sorted(self.gather(rank_info, os.getpid(), timeout_s=timeout_s), key=lambda r: r["rank"])
+        except BaseException as e:
+            self.close(timeout_s=5)
+            raise SpawnError(f"could not start {n_ranks} MPI ranks within {timeout_s:g}s: {e}") from None
+
+    @property
+    def pids(self) -> list[int]:
+        return [r["pid"] for r in self.ranks]
+
+    def submit_all(self, fn, *args) -> list[Future]:
+        """Run fn(*args) once on each rank (a barrier inside fn keeps one task per rank)."""
+        return [self.pool.submit(fn, *args) for _ in range(self.n_ranks)]
+
+    def gather(self, fn, *args, timeout_s: float | None = None) -> list:
+        futures = self.submit_all(fn, *args)
+        done, pending = wait(futures, timeout=timeout_s or self.timeout_s)
+        if pending:
+            raise SpawnError(f"{len(pending)} of {self.n_ranks} ranks did not answer within "
+                             f"{timeout_s or self.timeout_s:g}s")
+        return [f.result() for f in futures]
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Shut the ranks down; kill whichever is still alive after timeout_s. Safe to call twice."""
+        pool, self.pool = getattr(self, "pool", None), None
+        if pool is not None:
+            closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True},
+                                      daemon=True)
+            closer.start()
+            closer.join(timeout_s)
+        for pid in self.pids:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass

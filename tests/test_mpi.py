@@ -1,0 +1,75 @@
+"""The mpi4py rank launcher, for real: Open MPI spawning ranks from inside a Ray actor on this 2-core machine."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+
+from tests.mpi_actor import LauncherProbe
+
+pytestmark = pytest.mark.slow
+
+
+def probe(ray, **options):
+    return ray.remote(LauncherProbe).options(num_cpus=1, **options)
+
+
+def wait_gone(pids, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return []
+        time.sleep(0.2)
+    return alive
+
+
+def test_two_ranks_see_the_actors_devices_and_close_leaves_no_orphans(ray_cluster):
+    import ray
+
+    actor = probe(ray).remote(visible="3,5")
+    ranks = ray.get(actor.spawn.remote(2, timeout_s=60), timeout=120)  # 2 ranks on 2 cores: needs oversubscribe
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["size"] == 2 for r in ranks)
+    assert all(r["cuda_visible_devices"] == "3,5" for r in ranks)
+    parent = ray.get(actor.pid.remote())
+    assert all(r["pid"] != parent for r in ranks)
+    assert "RuntimeError: rank task exploded" in ray.get(actor.failing_task.remote(), timeout=60)
+    ray.get(actor.close.remote(), timeout=60)
+    assert wait_gone([r["pid"] for r in ranks]) == []
+    ray.kill(actor)
+
+
+def test_killing_the_actor_leaves_no_orphan_ranks(ray_cluster):
+    import ray
+
+    actor = probe(ray).remote()
+    ranks = ray.get(actor.spawn.remote(2, timeout_s=60), timeout=120)
+    pids = [r["pid"] for r in ranks]
+    assert all(psutil.pid_exists(p) for p in pids)
+    ray.kill(actor)  # SIGKILL: no close() runs; the ranks' parent watchdog must end them
+    assert wait_gone(pids) == []
+
+
+def test_slot_limit_failure_is_an_error_in_bounded_time(ray_cluster):
+    """Without the oversubscribe fix, Open MPI refuses 2 ranks here; the launcher reports it instead of hanging."""
+    import ray
+
+    actor = probe(ray).remote()
+    t0 = time.time()
+    with pytest.raises(ray.exceptions.RayTaskError, match="could not start 2 MPI ranks"):
+        ray.get(actor.spawn.remote(2, timeout_s=15, oversubscribe=False), timeout=120)
+    assert time.time() - t0 < 60
+    ray.kill(actor)
+
+
+def test_failed_spawn_surfaces_as_an_error(ray_cluster):
+    import ray
+
+    actor = probe(ray).remote()
+    t0 = time.time()
+    with pytest.raises(ray.exceptions.RayTaskError, match="could not start 2 MPI ranks"):
+        ray.get(actor.spawn.remote(2, timeout_s=15, python_exe="/nonexistent/python"), timeout=120)
+    assert time.time() - t0 < 60
+    ray.kill(actor)

@@ -1,0 +1,102 @@
+"""The shard queue's state machine and the sink's commit, without Ray (the queue is a plain class)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchrun.plan import cut_shards
+from batchrun.queue import DONE, WAIT, ShardQueue
+from batchrun.sink import ManifestEntry, OutputDir, ids_digest
+
+
+def make_queue(tmp_path, n_shards=3, **kw):
+    out = OutputDir(tmp_path / "out")
+    out.ensure()
+    shards = cut_shards((n_shards * 10,), 10)
+    args = dict(max_attempts=2, lease_timeout_s=60.0) | kw
+    return ShardQueue(str(out.root), list(shards), "run1", **args), out
+
+
+def commit(q, out, shard_id, worker, ids, attempt=1):
+    table = pa.table({"id": ids, "generated_text": [worker] * len(ids)})
+    entry = ManifestEntry(shard_id, "committed", rows=len(ids), ids_digest=ids_digest(table.column("id")),
+                          attempt=attempt, worker=worker)
+    return q.commit(str(out.write_temp(table, entry, "zstd")), entry)
+
+
+def test_stale_worker_commit_is_a_noop(tmp_path):
+    q, out = make_queue(tmp_path, lease_timeout_s=0.05)
+    s = q.lease("w1")
+    assert s.shard_id == 0
+    time.sleep(0.1)  # w1 stops heartbeating: its lease expires and the shard goes to w2
+    assert q.lease("w2").shard_id == 0
+    assert commit(q, out, 0, "w2", list(range(10)), attempt=2) is True
+    assert commit(q, out, 0, "w1", list(range(10)), attempt=1) is False  # the stale worker comes back
+    assert pq.read_table(out.part_path(0)).column("generated_text").to_pylist() == ["w2"] * 10
+    assert out.entries()[0].worker == "w2" and out.entries()[0].attempt == 2
+    assert not list(out.tmp.iterdir())
+
+
+def test_commit_is_no_clobber_even_across_queues(tmp_path):
+    """Two queues (a dead driver's leftover and a new run) cannot both publish a shard: the link refuses."""
+    q1, out = make_queue(tmp_path)
+    q2, _ = make_queue(tmp_path)
+    q1.lease("a"), q2.lease("b")
+    assert commit(q1, out, 0, "a", list(range(10))) is True
+    assert commit(q2, out, 0, "b", list(range(10))) is False
+    assert pq.read_table(out.part_path(0)).column("generated_text").to_pylist() == ["a"] * 10
+
+
+def test_failures_quarantine_after_max_attempts_and_rerun_retries(tmp_path):
+    q, out = make_queue(tmp_path)
+    for attempt in range(2):
+        s = q.lease("w")
+        assert s.shard_id == 0  # a failed shard goes to the front of the queue
+        q.fail(0, "w", f"boom {attempt}")
+    assert q.report()["quarantined"][0]["error"] == "boom 1"
+    assert out.entries()[0].state == "quarantined"
+    assert [q.lease("w").shard_id, q.lease("w").shard_id] == [1, 2]
+    assert q.lease("w") == WAIT
+    commit(q, out, 1, "w", list(range(10, 20)))
+    commit(q, out, 2, "w", list(range(20, 30)))
+    assert q.finished() and q.lease("w") == DONE
+    q2, _ = make_queue(tmp_path)  # a re-run: state comes from the manifest; the quarantined shard is retried
+    assert q2.lease("w").shard_id == 0 and q2.lease("w") == WAIT
+    assert q2.progress()["shards_skipped"] == 2
+
+
+def test_release_worker_returns_all_its_shards(tmp_path):
+    q, _ = make_queue(tmp_path, max_attempts=5)
+    q.lease("w1"), q.lease("w1"), q.lease("w2")
+    assert sorted(q.release_worker("w1", "killed")) == [0, 1]
+    assert sorted(q.pending) == [0, 1] and list(q.leases) == [2]
+
+
+def test_heartbeat_renews_leases(tmp_path):
+    q, _ = make_queue(tmp_path, lease_timeout_s=0.3)
+    q.lease("w1")
+    for _ in range(4):
+        time.sleep(0.1)
+        q.heartbeat("w1", "node", 1, {})
+    assert 0 in q.leases  # 0.4 s after the lease, still held thanks to the heartbeats
+
+
+def test_reconcile_rebuilds_entry_of_a_part_committed_before_a_crash(tmp_path):
+    q, out = make_queue(tmp_path)
+    q.lease("w")
+    commit(q, out, 0, "w", list(range(10)))
+    entry = json.loads((out.manifest_dir / "000000.json").read_text())
+    (out.manifest_dir / "000000.json").unlink()  # crash between the link and the manifest write
+    assert out.reconcile() == [0]
+    assert json.loads((out.manifest_dir / "000000.json").read_text())["ids_digest"] == entry["ids_digest"]
+
+
+def test_ids_digest_ignores_chunking():
+    a = pa.chunked_array([[1, 2, 3, 4]])
+    b = pa.chunked_array([[1, 2], [3, 4]])
+    assert ids_digest(a) == ids_digest(b) == ids_digest(pa.array([0, 1, 2, 3, 4]).slice(1))
+    assert ids_digest(a) != ids_digest(pa.chunked_array([[1, 2, 4, 3]]))
