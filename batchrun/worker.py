@@ -125,7 +125,9 @@ class Worker:
         if self.engine is None:
             raise RuntimeError("run() called before the engine loaded")
         ready: stdqueue.Queue = stdqueue.Queue(maxsize=1)  # one prepared shard ahead of the engine
-        finished: stdqueue.Queue = stdqueue.Queue()
+        # Bounded: if the writer falls behind (slow storage), the engine loop waits instead of piling up finished
+        # shards in memory; a worker holds at most ~4 shards whatever the input size.
+        finished: stdqueue.Queue = stdqueue.Queue(maxsize=2)
         threads = [
             threading.Thread(target=self._guard, args=(self._prefetch, ready), daemon=True, name="prefetch"),
             threading.Thread(target=self._guard, args=(self._write, finished), daemon=True, name="writer"),
@@ -136,7 +138,7 @@ class Worker:
         try:
             self._generate(ready, finished)
         finally:
-            finished.put(None)
+            self._put(finished, None)
             threads[1].join()
             self._stop.set()
         if self._error is not None:
@@ -148,6 +150,15 @@ class Worker:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+
+    def _put(self, q: stdqueue.Queue, item) -> None:
+        """Put with backpressure, giving up only if a helper thread failed (so a dead writer cannot hang us)."""
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=0.5)
+                return
+            except stdqueue.Full:
+                continue
 
     def _guard(self, fn, *args) -> None:
         try:
@@ -177,7 +188,7 @@ class Worker:
                     cursor = 0
                     by_shard[current.shard.shard_id] = current
                     if current.remaining == 0:  # every row was an error row
-                        finished.put(by_shard.pop(current.shard.shard_id))
+                        self._put(finished, by_shard.pop(current.shard.shard_id))
                     continue
                 engine.submit(current.requests[cursor])
                 cursor += 1
@@ -198,7 +209,7 @@ class Worker:
                 self.stats["generated_tokens"] += c.num_generated_tokens
                 self.stats["prompt_tokens"] += c.num_prompt_tokens
                 if task.remaining == 0:
-                    finished.put(by_shard.pop(sid))
+                    self._put(finished, by_shard.pop(sid))
 
     # ------------------------------------------------------------ prefetcher: lease, read, render, tokenize
 
@@ -208,7 +219,7 @@ class Worker:
         while not self._stop.is_set():
             shard = ray.get(self.queue.lease.remote(self.worker_id))
             if shard == DONE:
-                ready.put(None)
+                self._put(ready, None)
                 return
             if shard == WAIT:  # other workers hold the rest; one may die and hand its shards back
                 time.sleep(0.5)
@@ -220,12 +231,7 @@ class Worker:
                 log.exception("shard %s: cannot prepare", shard.shard_id)
                 ray.get(self.queue.fail.remote(shard.shard_id, self.worker_id, f"{type(e).__name__}: {e}"))
                 continue
-            while not self._stop.is_set():
-                try:
-                    ready.put(task, timeout=0.5)
-                    break
-                except stdqueue.Full:
-                    continue
+            self._put(ready, task)
 
     def _prepare(self, shard: Shard, attempt: int) -> ShardTask:
         table = self.source.read(self.units, shard.fragments, self.read_columns)

@@ -73,3 +73,31 @@ def test_failed_spawn_surfaces_as_an_error(ray_cluster):
         ray.get(actor.spawn.remote(2, timeout_s=15, python_exe="/nonexistent/python"), timeout=120)
     assert time.time() - t0 < 60
     ray.kill(actor)
+
+
+def test_hf_tensor_parallel_2_equals_1_through_the_runner(tmp_path, ray_cluster, demo_model):
+    """TP=2 over gloo, ranks spawned by the launcher from the worker actor, rank 0 driving the batch."""
+    import pyarrow as pa
+
+    from batchrun.runner import JobRunner
+    from batchrun.spec import validate_spec
+    from tests.conftest import read_output, write_parquet
+    from tests.test_e2e import varied_prompts
+
+    prompts = varied_prompts(40, seed=9)
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(40)), "prompt": prompts}))
+    outputs = {}
+    for tp in (1, 2):
+        spec = validate_spec({
+            "engine": {"name": "hf", "model": str(demo_model), "dtype": "float32", "tensor_parallel_size": tp},
+            "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id"},
+            "sampling": {"max_tokens": 10},
+            "output": {"dir": str(tmp_path / f"tp{tp}")},
+            "resources": {"num_workers": 1},
+            "shards": {"rows_per_shard": 16},
+        })
+        summary = JobRunner(spec, show_progress=False).run().summary
+        assert summary["rows"] == 40 and summary["error_rows"] == 0
+        outputs[tp] = {r["id"]: (r["generated_text"], r["finish_reason"]) for r in read_output(tmp_path / f"tp{tp}").to_pylist()}
+    assert outputs[2] == outputs[1]
+    assert wait_gone([p.pid for p in psutil.process_iter() if "mpi4py.futures" in " ".join(p.cmdline())]) == []

@@ -19,7 +19,7 @@ def create_engine(spec: EngineSpec, sampling: SamplingSpec) -> Engine:
 
         return EchoEngine(**common)
     model_args = dict(tokenizer=spec.tokenizer, dtype=spec.dtype, device=spec.device,
-                      trust_remote_code=spec.trust_remote_code, **common)
+                      trust_remote_code=spec.trust_remote_code, tensor_parallel_size=spec.tensor_parallel_size, **common)
     if spec.name == "hf":
         from batchrun.engines.hf import HFEngine
 

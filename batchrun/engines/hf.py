@@ -1,13 +1,18 @@
 """Hugging Face transformers continuous batching (ContinuousBatchingManager) as a batchrun engine.
 
-transformers' CB API moves between releases; this file is the only place that touches it
+transformers' CB API moves between releases; this file and hf_tp.py are the only places that touch it
 (transformers/generation/continuous_batching/continuous_api.py: init_continuous_batching, add_request,
 get_result; GenerationOutput in requests.py).
+
+The engine is split in two: a *backend* that owns the model and the CB manager (in this process, or on rank 0 of a
+tensor-parallel group spawned through mpi4py, see hf_tp.py), and the engine itself, which tokenizes, submits and
+turns raw results into Completions in the worker's process.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_stop
 
@@ -21,45 +26,124 @@ class EngineDead(RuntimeError):
     """The engine's generation loop died: the worker must be restarted, the in-flight shards go back to the queue."""
 
 
+@dataclass(frozen=True, slots=True)
+class RawResult:
+    request_id: str
+    prompt_len: int
+    tokens: list[int]
+    logprobs: list[float]
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything a process needs to load the model and start its CB manager (picklable, sent to TP ranks)."""
+
+    model: str
+    sampling: Sampling
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    options: tuple = ()  # ContinuousBatchingConfig fields, as (key, value) pairs
+    pad_token_id: int = 0
+
+
+def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
+    """Load the model and start a ContinuousBatchingManager on it. Returns (model, manager, eos ids)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if tp_plan:
+        kwargs["tp_plan"] = tp_plan  # the process group and device are set up by the TP launcher (hf_tp.py)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+    if not tp_plan:
+        model = model.to(device)
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = sorted(set(eos if isinstance(eos, list) else [eos]) - {None})
+    s = cfg.sampling
+    gen = GenerationConfig(
+        do_sample=s.temperature > 0,
+        temperature=s.temperature or None,
+        top_p=s.top_p if s.temperature > 0 else None,
+        top_k=s.top_k or None,
+        max_new_tokens=s.max_tokens,
+        eos_token_id=eos_ids or None,
+        pad_token_id=cfg.pad_token_id,
+    )
+    cb_options = dict(CPU_CB_DEFAULTS) if model.device.type == "cpu" else {}
+    cb_options.update(dict(cfg.options))
+    if s.seed is not None:
+        cb_options.setdefault("seed", s.seed)
+    manager = model.init_continuous_batching(
+        generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**cb_options)
+    )
+    manager.start()
+    return model, manager, eos_ids
+
+
+def drain(manager, timeout: float) -> list[RawResult]:
+    """Finished results from the manager: wait up to `timeout` for the first, then take what is ready."""
+    out = []
+    result = manager.get_result(timeout=timeout)
+    while result is not None:
+        if result.is_finished():
+            out.append(RawResult(result.request_id, len(result.prompt_ids), list(result.generated_tokens),
+                                 list(result.logprobs), None if result.error is None else str(result.error)))
+        result = manager.get_result(timeout=0)
+    return out
+
+
+class LocalBackend:
+    """The model and its CB manager in this process."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.model, self.manager, self.eos_ids = start_manager(cfg)
+        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+
+    def add(self, request_id: str, ids: list[int], max_new_tokens: int) -> None:
+        if self.manager.add_request(input_ids=ids, request_id=request_id, max_new_tokens=max_new_tokens) is None:
+            raise EngineDead("the continuous batching manager refused a request (its loop is stopping or dead)")
+
+    def results(self, timeout: float) -> list[RawResult]:
+        out = drain(self.manager, timeout)
+        if not out and not self.manager.is_running():
+            raise EngineDead(f"the generation loop stopped: {self.manager.background_thread_status.fatal_error!r}")
+        return out
+
+    def close(self) -> None:
+        manager, self.manager = self.manager, None
+        if manager is not None:
+            manager.stop(block=True, timeout=30)
+            manager.destroy()
+
+
 class HFEngine(Engine):
     def __init__(self, model: str, sampling: Sampling, *, tokenizer: str | None = None, dtype: str = "auto",
-                 device: str = "auto", trust_remote_code: bool = False, max_in_flight: int = 64, **options):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-        from transformers.generation import ContinuousBatchingConfig
+                 device: str = "auto", trust_remote_code: bool = False, max_in_flight: int = 64,
+                 tensor_parallel_size: int = 1, **options):
+        from transformers import AutoTokenizer
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch_dtype = {"auto": "auto", "float32": torch.float32, "float16": torch.float16,
-                       "bfloat16": torch.bfloat16}[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        ).to(device).eval()
-        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        pad = self.tokenizer.pad_token_id
+        cfg = ModelConfig(model, sampling, dtype, device, trust_remote_code, tuple(sorted(options.items())),
+                          pad if pad is not None else 0)
+        if tensor_parallel_size > 1:
+            from batchrun.engines.hf_tp import TPBackend
+
+            self.backend = TPBackend(cfg, tensor_parallel_size)
+        else:
+            self.backend = LocalBackend(cfg)
+        self.context_length = self.backend.context_length
+        self.eos_ids = set(self.backend.eos_ids)
         self.max_in_flight = max_in_flight
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        gen = GenerationConfig(
-            do_sample=sampling.temperature > 0,
-            temperature=sampling.temperature or None,
-            top_p=sampling.top_p if sampling.temperature > 0 else None,
-            top_k=sampling.top_k or None,
-            max_new_tokens=sampling.max_tokens,
-            eos_token_id=sorted(self.eos_ids) or None,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0,
-        )
-        cb_options = dict(CPU_CB_DEFAULTS) if device == "cpu" else {}
-        cb_options.update(options)
-        if sampling.seed is not None:
-            cb_options.setdefault("seed", sampling.seed)
-        self.manager = self.model.init_continuous_batching(
-            generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**cb_options)
-        )
-        self.manager.start()
-        self._stop = {}  # request_id -> stop strings, applied to the text when it finishes
+        self._stop: dict[str, tuple[str, ...]] = {}  # request_id -> stop strings, applied when it finishes
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         # Batch encoding in the fast tokenizer's Rust code: one call per shard, not one per row.
@@ -68,49 +152,32 @@ class HFEngine(Engine):
     def submit(self, request: Request) -> None:
         if request.sampling.stop:
             self._stop[request.request_id] = request.sampling.stop
-        rid = self.manager.add_request(
-            input_ids=request.prompt_token_ids,
-            request_id=request.request_id,
-            max_new_tokens=request.sampling.max_tokens,
-        )
-        if rid is None:
-            raise EngineDead("the continuous batching manager refused a request (its loop is stopping or dead)")
+        self.backend.add(request.request_id, request.prompt_token_ids, request.sampling.max_tokens)
 
     def poll(self, timeout: float) -> list[Completion]:
-        out = []
-        result = self.manager.get_result(timeout=timeout)
-        while result is not None:
-            if result.is_finished():
-                out.append(self._completion(result))
-            result = self.manager.get_result(timeout=0)
-        if not out and not self.manager.is_running():
-            raise EngineDead(f"the generation loop stopped: {self.manager.background_thread_status.fatal_error!r}")
-        return out
+        return [self._completion(r) for r in self.backend.results(timeout)]
 
-    def _completion(self, result) -> Completion:
-        rid = result.request_id
-        stop = self._stop.pop(rid, ())
-        if result.error is not None:
-            return Completion(rid, finish_reason="error", error=str(result.error),
-                              num_prompt_tokens=len(result.prompt_ids))
-        tokens = list(result.generated_tokens)
+    def _completion(self, r: RawResult) -> Completion:
+        stop = self._stop.pop(r.request_id, ())
+        if r.error is not None:
+            return Completion(r.request_id, finish_reason="error", error=r.error, num_prompt_tokens=r.prompt_len)
+        tokens = r.tokens
         ended = bool(tokens) and tokens[-1] in self.eos_ids
         if ended:
             tokens = tokens[:-1]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         text, hit_stop = apply_stop(text, stop)
         return Completion(
-            request_id=rid,
+            request_id=r.request_id,
             text=text,
             token_ids=tokens,
             finish_reason="stop" if ended or hit_stop else "length",
-            num_prompt_tokens=len(result.prompt_ids),
+            num_prompt_tokens=r.prompt_len,
             num_generated_tokens=len(tokens),
-            logprobs=list(result.logprobs) or None,
+            logprobs=r.logprobs or None,
         )
 
     def close(self) -> None:
-        manager, self.manager = getattr(self, "manager", None), None
-        if manager is not None:
-            manager.stop(block=True, timeout=30)
-            manager.destroy()
+        backend, self.backend = getattr(self, "backend", None), None
+        if backend is not None:
+            backend.close()

@@ -46,12 +46,14 @@ def mpi_environment(gpu_ids: list[str] | None = None, oversubscribe: bool = True
 
 def actor_gpu_ids() -> list[str] | None:
     """The GPUs Ray gave this actor, as CUDA_VISIBLE_DEVICES values; None outside Ray or without GPUs."""
+    ids = []
     try:
         import ray
 
-        ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
-    except Exception:
-        ids = []
+        if ray.is_initialized():  # get_runtime_context() would otherwise start a local Ray instance
+            ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+    except ImportError:
+        pass
     if ids:
         return [str(i) for i in ids]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -146,8 +148,12 @@ class RankPool:
                                       daemon=True)
             closer.start()
             closer.join(timeout_s)
+        procs = []
         for pid in self.pids:
             try:
-                psutil.Process(pid).kill()
+                procs.append(psutil.Process(pid))
             except psutil.NoSuchProcess:
                 pass
+        _, alive = psutil.wait_procs(procs, timeout=5)  # ranks exiting after shutdown: let them finish
+        for p in alive:
+            p.kill()

@@ -1,0 +1,151 @@
+"""Tensor-parallel HF engine: ranks spawned through mpi4py (engines/mpi.py), rank 0 drives the batch.
+
+Each rank sets what torchrun would have set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from its MPI rank),
+initializes torch.distributed (gloo on CPU, NCCL on GPUs), loads the model with `tp_plan="auto"` and starts its
+continuous batching manager. transformers' TP-aware manager takes requests on the TP driver (rank 0) only and keeps
+the other ranks in step (continuous_batching/distributed.py, DistributedHelper). The worker actor talks to rank 0 over
+a local authenticated connection (multiprocessing.connection): requests in, raw results out.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+from multiprocessing.connection import Client, Listener
+
+from batchrun.engines.hf import EngineDead, ModelConfig, RawResult, drain, start_manager
+from batchrun.engines.mpi import RankPool, actor_gpu_ids, torch_dist_env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hf_rank_main(cfg: ModelConfig, master_port: int, address: tuple, authkey: bytes) -> str:
+    """Runs on every rank for the engine's lifetime (importable: ranks cannot run code from __main__)."""
+    from mpi4py import MPI
+
+    rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    os.environ.update(torch_dist_env(rank, size, master_port))
+    import torch
+    import torch.distributed as dist
+
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank)  # the spawned ranks see exactly the actor's GPUs, in order
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=size)
+    model, manager, eos_ids = start_manager(cfg, tp_plan="auto")
+    try:
+        if rank == 0:
+            _drive(manager, Client(address, authkey=authkey),
+                   getattr(model.config, "max_position_embeddings", None), eos_ids)
+        else:
+            manager._generation_thread.join()  # follows rank 0's batches until rank 0 stops the manager
+    finally:
+        if manager.is_running():
+            manager.stop(block=True, timeout=30)
+        dist.destroy_process_group()
+    return f"rank {rank} done"
+
+
+def _drive(manager, conn, context_length, eos_ids) -> None:
+    conn.send(("ready", context_length, eos_ids))
+    stop = threading.Event()
+
+    def send_results():
+        while not stop.is_set():
+            out = drain(manager, 0.05)
+            if out:
+                conn.send(("results", out))
+            elif not manager.is_running():
+                conn.send(("dead", repr(manager.background_thread_status.fatal_error)))
+                return
+
+    sender = threading.Thread(target=send_results, daemon=True)
+    sender.start()
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            break
+        for rid, ids, max_new in msg[1]:
+            manager.add_request(input_ids=ids, request_id=rid, max_new_tokens=max_new)
+    stop.set()
+    sender.join(5)
+
+
+class TPBackend:
+    def __init__(self, cfg: ModelConfig, tp_size: int, timeout_s: float = 600.0):
+        authkey = secrets.token_bytes(16)
+        listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        self.pool = RankPool(tp_size, gpu_ids=actor_gpu_ids())
+        self.futures = self.pool.submit_all(hf_rank_main, cfg, free_port(), listener.address, authkey)
+        self.conn = self._accept(listener, timeout_s)
+        self.pending: list[tuple] = []
+        self.buffered: list[RawResult] = []
+        kind, self.context_length, self.eos_ids = self._recv(timeout_s)
+        if kind != "ready":
+            raise EngineDead(f"rank 0 said {kind!r} instead of ready")
+
+    def _accept(self, listener, timeout_s):
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("conn", listener.accept()), daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(0.5)
+            timeout_s -= 0.5
+            self._check_ranks()
+            if timeout_s <= 0:
+                self.close()
+                raise EngineDead("rank 0 did not connect back in time")
+        listener.close()
+        return box["conn"]
+
+    def _check_ranks(self) -> None:
+        for f in self.futures:
+            if f.done() and f.exception() is not None:
+                self.close()
+                raise EngineDead(f"a tensor-parallel rank failed: {f.exception()!r}")
+
+    def _recv(self, timeout: float):
+        while not self.conn.poll(min(timeout, 1.0)):
+            self._check_ranks()
+            timeout -= 1.0
+            if timeout <= 0:
+                raise EngineDead("rank 0 did not answer in time")
+        return self.conn.recv()
+
+    def add(self, request_id: str, ids: list[int], max_new_tokens: int) -> None:
+        self.pending.append((request_id, ids, max_new_tokens))
+
+    def results(self, timeout: float) -> list[RawResult]:
+        if self.pending:  # one message per poll, not one per request
+            self.conn.send(("add", self.pending))
+            self.pending = []
+        out = []
+        if self.conn.poll(timeout):
+            while self.conn.poll(0):
+                kind, payload = self.conn.recv()
+                if kind == "dead":
+                    raise EngineDead(f"rank 0's generation loop stopped: {payload}")
+                out += payload
+        else:
+            self._check_ranks()
+        return out
+
+    def close(self) -> None:
+        conn, self.conn = getattr(self, "conn", None), None
+        if conn is not None:
+            try:
+                conn.send(("stop",))
+            except OSError:
+                pass
+        pool, self.pool = getattr(self, "pool", None), None
+        if pool is not None:
+            from concurrent.futures import wait
+
+            wait(self.futures, timeout=30)
+            pool.close()
