@@ -15,7 +15,8 @@ from batchrun.errors import BatchrunError
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="batchrun", description="Distributed batch inference for LLMs on Ray.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, helptext in [("run", "run a job"), ("plan", "show shards, rows, resources and the resolved spec")]:
+    for name, helptext in [("run", "run a job"), ("plan", "show shards, rows, resources and the resolved spec"),
+                           ("build", "build the job's TensorRT engine once, into engine.options.engine_cache")]:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("job", help="job file (YAML)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"run": cmd_run, "plan": cmd_plan, "status": cmd_status}[args.cmd](args)
+        return {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "build": cmd_build}[args.cmd](args)
     except BatchrunError as e:
         print(f"batchrun: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -54,6 +55,26 @@ def cmd_plan(args) -> int:
         "resources": spec.resources.model_dump(),
         "spec": spec.model_dump(),
     }, indent=2))
+    return 0
+
+
+def cmd_build(args) -> int:
+    from batchrun.errors import SpecError
+    from batchrun.runner import check_engine
+    from batchrun.spec import load_spec
+
+    spec = load_spec(args.job, args.overrides)
+    if spec.engine.name != "trtllm":
+        raise SpecError(f"key 'engine.name': batchrun build is for engine trtllm (given: {spec.engine.name!r})")
+    check_engine(spec)
+    from batchrun.engines.trtllm import build_engine
+
+    try:
+        path, built = build_engine(spec.engine.model, spec.engine.tensor_parallel_size, spec.engine.dtype,
+                                   spec.engine.trust_remote_code, spec.engine.options)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    print(f"{'built' if built else 'already built (same fingerprint)'}: {path}")
     return 0
 
 

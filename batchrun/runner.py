@@ -42,6 +42,17 @@ def check_engine(spec: JobSpec) -> None:
     if spec.engine.name in ("hf", "trtllm") and "://" not in spec.engine.model:
         if not os.path.isdir(spec.engine.model):
             raise SpecError(f"key 'engine.model': {spec.engine.model} is not a directory (expected a local model dir)")
+    if spec.engine.name == "trtllm":
+        from pydantic import ValidationError
+
+        from batchrun.engines.trtllm import TRTLLMOptions
+
+        try:
+            TRTLLMOptions(**spec.engine.options)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(["engine.options", *map(str, err["loc"])])
+            raise SpecError(f"key '{key}': {err['msg']} (given: {err.get('input')!r})") from None
 
 
 def model_signature(spec: JobSpec) -> dict:
