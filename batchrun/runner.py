@@ -260,8 +260,9 @@ class WorkerPool:
         self.last_error = f"worker {wid}: {error}"
         entry = self.live.pop(wid, None)
         if entry:
-            if not self._loaded(entry[3]):
-                self.load_failures += 1
+            self._loaded(entry[3])  # notes whether any engine ever loaded
+            if self._load_error(entry[3]):
+                self.load_failures += 1  # the engine raised while loading; a killed actor does not count here
             ray.kill(entry[0], no_restart=True)
         if not self.loaded_any and self.load_failures >= 3:
             # A model that cannot load will not load on the next worker either: fail now, not after the budget.
@@ -290,6 +291,8 @@ class WorkerPool:
             return None
         try:
             ray.get(start_ref)
+        except ray.exceptions.RayActorError:
+            return None  # the process died (killed, OOM, node lost): not an error of the engine's load
         except Exception as e:
             return f"engine load failed: {_short_error(e)}"
         return None

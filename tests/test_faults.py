@@ -68,7 +68,7 @@ def test_random_worker_kills_lose_and_duplicate_nothing(tmp_path, ray_cluster, d
     t.start()
     kills, rng = 0, random.Random(5)
     while t.is_alive() and kills < 12:
-        time.sleep(rng.uniform(0.3, 1.5))
+        time.sleep(rng.uniform(0.2, 1.0))
         pids = worker_pids()
         if pids:
             os.kill(rng.choice(pids), signal.SIGKILL)
