@@ -132,6 +132,7 @@ class JobRunner:
                 snap = ray.get(queue.progress.remote())
                 progress.update(snap)
                 self._check_stall(snap, pool)
+            pool.drain()  # let workers see DONE, close their engines and hand back their final counters
             snap = ray.get(queue.progress.remote())
             report = ray.get(queue.report.remote())
             progress.update(snap)
@@ -194,7 +195,10 @@ class JobRunner:
                          "generated_tokens_per_s": round(gen / wall, 2) if wall else 0.0},
             "workers": per_worker,
             "driver_peak_rss_mb": peak_rss_mb(),
-            "worker_peak_rss_mb": {w: i.get("peak_rss_mb") for w, i in snap["workers"].items()},
+            "worker_peak_rss_mb": {w: i.get("peak_rss_mb") for w, i in {**snap["workers"], **pool.results}.items()},
+            # first request submitted .. last completion, per worker: the engine's share of the wall time
+            "worker_engine_window_s": {w: round(i["last_completion_at"] - i["first_submit_at"], 3)
+                                       for w, i in pool.results.items() if i.get("first_submit_at")},
         }
         (self.out.root / "_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -217,6 +221,7 @@ class WorkerPool:
         self.restarts = 0
         self.generation = 0
         self.last_error = ""
+        self.results: dict[str, dict] = {}  # final counters returned by workers' run()
         self.loaded_any = False  # has any worker ever loaded its engine?
         self.load_failures = 0
 
@@ -244,7 +249,7 @@ class WorkerPool:
         for ref in ready:
             wid = refs[ref]
             try:
-                ray.get(ref)
+                self.results[wid] = ray.get(ref)
                 self._retire(wid)
             except Exception as e:  # the actor died (killed, OOM, node lost) or the engine raised
                 self.replace(wid, self._load_error(self.live[wid][3]) or _short_error(e))
@@ -319,6 +324,19 @@ class WorkerPool:
         except Exception:
             pass
         ray.kill(actor, no_restart=True)
+
+    def drain(self, timeout_s: float = 60.0) -> None:
+        """After the last commit: wait (bounded) for workers to finish run() and retire them cleanly."""
+        import ray
+
+        refs = {entry[1]: wid for wid, entry in self.live.items()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+        for ref in ready:
+            try:
+                self.results[refs[ref]] = ray.get(ref)
+                self._retire(refs[ref])
+            except Exception:
+                pass  # it died after the last commit: nothing is lost; shutdown() kills what is left
 
     def shutdown(self) -> None:
         """Workers still live here are mid-run (the job failed or was interrupted): kill them, do not wait."""

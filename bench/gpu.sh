@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU benchmark, as run through the device tool (one command per call; see bench/RESULTS.md).
+#   bash bench/gpu.sh engines   # bare engine vs batchrun per CB config, and static batching (1 GPU)
+#   bash bench/gpu.sh scale     # TP=2 vs TP=1 through the mpi4py launcher, 2 workers vs 1 (2 GPUs)
+# Needs .devwheels/ray-py312.tar.xz (bash ../shared/device/pack-ray.sh 2.60.0 transformers==5.24.0 ...).
+set -euo pipefail
+mkdir -p /tmp/site && tar -xJf .devwheels/ray-py312.tar.xz -C /tmp/site
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/bench-out}"; mkdir -p "$OUT"
+python3 -c "import ray, transformers, torch; print('ray', ray.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
+nvidia-smi -L
+COMMON=(--model llama-1b --dtype bfloat16 --n 256 --prompt-len 64 512 --out-len 16 512 --window 512 --rows-per-shard 64)
+case "${1:-engines}" in
+  engines) python3 bench/hf_engine.py "${COMMON[@]}" --configs default,graphs16k,graphs32k --runs bare,batchrun,static \
+             --json "$OUT/engines.json" 2>&1 | grep -v -E "it/s\]|Loading weights" | tee "$OUT/engines.log" ;;
+  scale)   python3 bench/hf_engine.py "${COMMON[@]}" --configs "${2:-graphs16k}" --runs tp,workers \
+             --json "$OUT/scale.json" 2>&1 | grep -v -E "it/s\]|Loading weights" | tee "$OUT/scale.log" ;;
+esac

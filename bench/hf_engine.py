@@ -1,0 +1,264 @@
+"""HF engine benchmarks, side by side in one run (issue: performance), on CPU or GPU:
+
+  bare      the engine alone: every prompt submitted to one ContinuousBatchingManager in a loop, results collected
+  batchrun  the same prompts end to end through batchrun (Parquet in -> Ray worker -> engine -> Parquet out)
+  static    the usual approach: padded `model.generate` batches in input order, each batch running to its longest
+  tp        the same engine with tensor_parallel_size ranks spawned through batchrun's mpi4py launcher
+  workers   batchrun with N workers (one GPU each) against 1 worker
+
+Output lengths vary per row (uniform in --out-len). The random-init llama-1b has no EOS, so every row generates
+exactly its budget and tokens/s compare like for like (the demo model stops at its EOS in every run alike). Prints a table of tokens/s and ratios; --json writes the raw numbers.
+
+  python bench/hf_engine.py --model demo --n 64                        # CPU smoke run on the demo model
+  python bench/hf_engine.py --model llama-1b --n 256 --dtype bfloat16  # the GPU benchmark (random-init 1.1B Llama)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = {  # ContinuousBatchingConfig settings to compare ("default" = transformers' own choices)
+    "default": {},
+    "graphs16k": {"use_cuda_graph": True, "max_batch_tokens": 16384},
+    "graphs32k": {"use_cuda_graph": True, "max_batch_tokens": 32768, "max_memory_percent": 0.9},
+}
+
+
+def make_model(kind: str, path: Path, dtype: str) -> Path:
+    from batchrun.demo import build_model, build_tokenizer
+
+    if kind == "demo":
+        return build_model(ROOT / "build" / "demo-model", quiet=True)
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    model.generation_config = GenerationConfig(eos_token_id=None, pad_token_id=0)
+    model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)  # character-level: a prompt of k characters is k tokens
+    return path
+
+
+def workload(n: int, prompt_len: tuple[int, int], out_len: tuple[int, int], seed: int = 0):
+    rng = random.Random(seed)
+    alphabet = "0123456789+-= abcdefghijklmnopqrstuvwxyz"
+    prompts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(*prompt_len))) for _ in range(n)]
+    budgets = [rng.randint(*out_len) for _ in range(n)]
+    return prompts, budgets
+
+
+def no_eos_generation_config(model, budget_default: int):
+    from transformers import GenerationConfig
+
+    # The model's own EOS, as batchrun uses it. The random-init llama-1b has none (-1: never stops early), so each row
+    # generates exactly its budget there.
+    eos = model.generation_config.eos_token_id
+    return GenerationConfig(do_sample=False, max_new_tokens=budget_default, eos_token_id=-1 if eos is None else eos,
+                            pad_token_id=0)
+
+
+def load(model_path: Path, dtype: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+    return tok, model
+
+
+def run_bare(model, ids, budgets, options: dict) -> dict:
+    """The engine driven directly: all prompts submitted to one manager in a loop, outputs only collected."""
+    import torch
+    from transformers.generation import ContinuousBatchingConfig
+
+    cb = dict(options)
+    if model.device.type == "cpu":
+        cb = {"num_blocks": 512, "max_batch_tokens": 512, **cb}
+    manager = model.init_continuous_batching(generation_config=no_eos_generation_config(model, max(budgets)),
+                                             continuous_batching_config=ContinuousBatchingConfig(**cb))
+    manager.start()
+    warm = manager.add_request(input_ids=ids[0], request_id="warmup", max_new_tokens=4)
+    while (r := manager.get_result(timeout=60)) is None or r.request_id != warm or not r.is_finished():
+        pass
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i, (x, b) in enumerate(zip(ids, budgets)):
+        manager.add_request(input_ids=x, request_id=f"r{i}", max_new_tokens=b)
+    done, tokens = 0, 0
+    while done < len(ids):
+        r = manager.get_result(timeout=60)
+        if r is None:
+            raise RuntimeError("bare engine stalled")
+        if r.is_finished():
+            done += 1
+            tokens += len(r.generated_tokens)
+    elapsed = time.perf_counter() - t0
+    manager.stop(block=True)
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+
+
+def run_static(model, ids, budgets, batch: int) -> dict:
+    """Padded static batches in input order; each batch runs until its longest budget (the usual generate loop)."""
+    import torch
+
+    gen = no_eos_generation_config(model, max(budgets))
+    t0 = time.perf_counter()
+    useful = 0
+    for start in range(0, len(ids), batch):
+        chunk, bud = ids[start:start + batch], budgets[start:start + batch]
+        width = max(map(len, chunk))
+        x = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for i, seq in enumerate(chunk):  # left padding, as decoder-only batch generation needs
+            x[i, width - len(seq):] = torch.tensor(seq)
+            mask[i, width - len(seq):] = 1
+        with torch.no_grad():
+            model.generate(input_ids=x.to(model.device), attention_mask=mask.to(model.device),
+                           max_new_tokens=max(bud), generation_config=gen)
+        useful += sum(bud)  # tokens past a row's own budget are wasted work, not output
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    return {"tokens": useful, "seconds": elapsed, "tok_s": useful / elapsed}
+
+
+def run_tp(model_path, ids, budgets, tp: int, dtype: str, options: dict) -> dict:
+    """batchrun's HF engine in this process; tp > 1 spawns the ranks through the mpi4py launcher."""
+    from batchrun.engines.base import Request, Sampling
+    from batchrun.engines.hf import HFEngine
+
+    engine = HFEngine(str(model_path), Sampling(max_tokens=max(budgets)), dtype=dtype, tensor_parallel_size=tp,
+                      **options)
+    t0 = time.perf_counter()
+    for i, (x, b) in enumerate(zip(ids, budgets)):
+        engine.submit(Request(f"0:{i}", "", x, Sampling(max_tokens=b)))
+    done, tokens = 0, 0
+    while done < len(ids):
+        out = engine.poll(1.0)
+        done += len(out)
+        tokens += sum(c.num_generated_tokens for c in out)
+    elapsed = time.perf_counter() - t0
+    engine.close()
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+
+
+def run_batchrun(model_path, prompts, budgets, dtype, options, workers: int, gpus: float, window: int,
+                 rows_per_shard: int) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batchrun.runner import JobRunner
+    from batchrun.spec import validate_spec
+
+    work = Path(tempfile.mkdtemp(prefix="batchrun-bench-"))
+    pq.write_table(pa.table({"id": list(range(len(prompts))), "prompt": prompts, "budget": budgets}),
+                   work / "in.parquet")
+    spec = validate_spec({
+        "engine": {"name": "hf", "model": str(model_path), "dtype": dtype, "max_in_flight": window,
+                   "options": dict(options)},
+        "input": {"path": str(work / "in.parquet"), "id_column": "id"},
+        "sampling": {"max_tokens": max(budgets), "per_row": {"max_tokens": "budget"}},
+        "output": {"dir": str(work / "out")},
+        "resources": {"num_workers": workers, "gpus_per_worker": gpus, "cpus_per_worker": 1},
+        "shards": {"rows_per_shard": rows_per_shard},
+    })
+    t0 = time.perf_counter()
+    s = JobRunner(spec, show_progress=False).run().summary
+    wall = time.perf_counter() - t0
+    windows = s["worker_engine_window_s"].values()
+    engine_window = max(windows) if windows else wall
+    tokens = s["generated_tokens"]
+    return {"tokens": tokens, "seconds": engine_window, "tok_s": tokens / engine_window,
+            "wall_s": wall, "tok_s_wall": tokens / wall, "workers": len(s["workers"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="demo", help="demo | llama-1b | a local model dir")
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(4, 60))
+    ap.add_argument("--out-len", type=int, nargs=2, default=(4, 60))
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--static-batch", type=int, default=64)
+    ap.add_argument("--configs", default="default", help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--runs", default="bare,batchrun,static", help="comma list of bare,batchrun,static,tp,workers")
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--rows-per-shard", type=int, default=64)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpus = 1 if device == "cuda" else 0
+    path = make_model(args.model, Path(tempfile.gettempdir()) / "batchrun-llama-1b", args.dtype) \
+        if args.model in ("demo", "llama-1b") else Path(args.model)
+    prompts, budgets = workload(args.n, tuple(args.prompt_len), tuple(args.out_len))
+    tok, model = load(path, args.dtype, device)
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    runs = args.runs.split(",")
+    results: dict[str, dict] = {}
+    for name in args.configs.split(","):
+        opts = CONFIGS[name] if device == "cuda" else {}
+        if "bare" in runs:
+            results[f"bare[{name}]"] = run_bare(model, ids, budgets, opts)
+            print("bare", name, results[f"bare[{name}]"], flush=True)
+        if "batchrun" in runs:
+            results[f"batchrun[{name}]"] = run_batchrun(path, prompts, budgets, args.dtype, opts, 1, gpus,
+                                                        args.window, args.rows_per_shard)
+            print("batchrun", name, results[f"batchrun[{name}]"], flush=True)
+    best = args.configs.split(",")[-1]
+    opts = CONFIGS[best] if device == "cuda" else {}
+    if "static" in runs:
+        results[f"static[batch {args.static_batch}]"] = run_static(model, ids, budgets, args.static_batch)
+        print("static", results[f"static[batch {args.static_batch}]"], flush=True)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    if "tp" in runs:
+        for tp in (1, args.tp):
+            results[f"engine tp={tp}[{best}]"] = run_tp(path, ids, budgets, tp, args.dtype, opts)
+            print("tp", tp, results[f"engine tp={tp}[{best}]"], flush=True)
+    if "workers" in runs:
+        for w in (1, args.workers):
+            results[f"batchrun {w} workers[{best}]"] = run_batchrun(path, prompts, budgets, args.dtype, opts, w,
+                                                                    gpus, args.window, args.rows_per_shard)
+            print("workers", w, results[f"batchrun {w} workers[{best}]"], flush=True)
+
+    base = results.get("bare[default]") or next(iter(results.values()))
+    print(f"\n{device} {torch.cuda.get_device_name() if device == 'cuda' else ''} model={args.model} n={args.n} "
+          f"prompt_len={tuple(args.prompt_len)} out_len={tuple(args.out_len)} dtype={args.dtype}")
+    print(f"{'run':<34} {'tokens':>9} {'seconds':>8} {'tok/s':>9} {'x first':>8}")
+    for name, r in results.items():
+        print(f"{name:<34} {r['tokens']:>9} {r['seconds']:>8.2f} {r['tok_s']:>9.1f} {r['tok_s'] / base['tok_s']:>8.2f}")
+    pairs = [(f"batchrun[{c}]", f"bare[{c}]") for c in args.configs.split(",")]
+    pairs += [(f"batchrun[{best}]", f"static[batch {args.static_batch}]"), (f"bare[{best}]", "bare[default]"),
+              (f"engine tp={args.tp}[{best}]", f"engine tp=1[{best}]"),
+              (f"batchrun {args.workers} workers[{best}]", f"batchrun 1 workers[{best}]")]
+    for a, b in pairs:
+        if a in results and b in results and a != b:
+            print(f"ratio {a} / {b} = {results[a]['tok_s'] / results[b]['tok_s']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
