@@ -56,16 +56,27 @@ class ShardQueue:
         self.quarantined: dict[int, str] = {}
         self.workers: dict[str, WorkerInfo] = {}
         self.duplicates = 0  # commits that arrived for an already-committed shard (stale workers)
+        self.worker_count = 1  # live workers, set by the driver: each holds at most its share of the open shards
         self.started_at = time.time()
         for sid in self.pending:  # a re-run retries what an earlier run quarantined
             self.out.drop_entry(sid)
 
     # ------------------------------------------------------------ worker side
 
+    def set_worker_count(self, n: int) -> None:
+        self.worker_count = max(1, n)
+
     def lease(self, worker: str) -> Shard | str:
         self._expire()
         if not self.pending:
             return DONE if not self.leases else WAIT
+        held = sum(1 for lease in self.leases.values() if lease.worker == worker)
+        if held and held >= -(-(len(self.pending) + len(self.leases)) // self.worker_count):
+            # Fair share: a worker that loaded first must not take shards a slower-loading one could run now.
+            return WAIT
+        return self._hand_out(worker)
+
+    def _hand_out(self, worker: str) -> Shard:
         sid = self.pending.popleft()
         self.attempts[sid] += 1
         now = time.time()

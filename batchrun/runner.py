@@ -236,6 +236,7 @@ class WorkerPool:
         start_ref = actor.start.remote()
         run_ref = actor.run.remote()  # queued behind start: actor calls run in submission order
         self.live[wid] = (actor, run_ref, time.time(), start_ref)
+        self.queue.set_worker_count.remote(len(self.live))
 
     def watch(self, timeout: float = 0.5) -> None:
         import ray
@@ -264,6 +265,7 @@ class WorkerPool:
         log.warning("worker %s failed: %s", wid, error)
         self.last_error = f"worker {wid}: {error}"
         entry = self.live.pop(wid, None)
+        self.queue.set_worker_count.remote(len(self.live))
         if entry:
             self._loaded(entry[3])  # notes whether any engine ever loaded
             if self._load_error(entry[3]):

@@ -2,7 +2,7 @@
 # The GPU benchmark, as run through the device tool (one command per call; see bench/RESULTS.md).
 #   bash bench/gpu.sh engines   # bare engine vs batchrun per CB config, and static batching (1 GPU)
 #   bash bench/gpu.sh scale     # TP=2 vs TP=1 through the mpi4py launcher, 2 workers vs 1 (2 GPUs)
-# Needs .devwheels/ray-py312.tar.xz (bash ../shared/device/pack-ray.sh 2.60.0 transformers==5.24.0 ...).
+# Needs .devwheels/ray-py312.tar.xz (bash ../shared/device/pack-ray.sh 2.60.0 transformers==5.24.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5; the image's huggingface_hub 1.33 is kept).
 set -euo pipefail
 mkdir -p /tmp/site && tar -xJf .devwheels/ray-py312.tar.xz -C /tmp/site
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1

@@ -100,3 +100,13 @@ def test_ids_digest_ignores_chunking():
     b = pa.chunked_array([[1, 2], [3, 4]])
     assert ids_digest(a) == ids_digest(b) == ids_digest(pa.array([0, 1, 2, 3, 4]).slice(1))
     assert ids_digest(a) != ids_digest(pa.chunked_array([[1, 2, 4, 3]]))
+
+
+def test_fair_share_leaves_shards_for_workers_still_loading(tmp_path):
+    q, _ = make_queue(tmp_path, n_shards=4)
+    q.set_worker_count(2)
+    assert [q.lease("w1").shard_id, q.lease("w1").shard_id] == [0, 1]
+    assert q.lease("w1") == WAIT  # its share of 4 open shards over 2 workers is 2
+    assert q.lease("w2").shard_id == 2
+    q.set_worker_count(1)  # w2 died: w1 may take the rest
+    assert q.lease("w1").shard_id == 3

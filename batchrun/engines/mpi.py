@@ -148,6 +148,8 @@ class RankPool:
                                       daemon=True)
             closer.start()
             closer.join(timeout_s)
+            if closer.is_alive():
+                _abandon_manager_thread(pool)
         procs = []
         for pid in self.pids:
             try:
@@ -157,3 +159,15 @@ class RankPool:
         _, alive = psutil.wait_procs(procs, timeout=5)  # ranks exiting after shutdown: let them finish
         for p in alive:
             p.kill()
+
+
+def _abandon_manager_thread(pool) -> None:
+    """A pool whose ranks died mid-shutdown leaves mpi4py's manager thread blocked in MPI forever, and mpi4py joins it
+    at interpreter exit: the process would never exit. Deregister it (mpi4py.futures._core.THREADS_QUEUES, as
+    TensorRT-LLM's mpi_session.py does) so that exit proceeds; the ranks themselves are killed by close()."""
+    import sys
+
+    thread = getattr(getattr(pool, "_pool", None), "thread", None)
+    registry = getattr(sys.modules.get("mpi4py.futures._core"), "THREADS_QUEUES", None)
+    if thread is not None and registry is not None:
+        registry.pop(thread, None)
