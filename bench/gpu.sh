@@ -12,7 +12,7 @@ nvidia-smi -L
 COMMON=(--model llama-1b --dtype bfloat16 --n 256 --prompt-len 64 512 --out-len 16 512 --window 512 --rows-per-shard 64)
 case "${1:-engines}" in
   engines) python3 bench/hf_engine.py "${COMMON[@]}" --configs default,graphs16k,graphs32k --runs bare,batchrun,static \
-             --json "$OUT/engines.json" 2>&1 | grep -v -E "it/s\]|Loading weights" | tee "$OUT/engines.log" ;;
+             --json "$OUT/engines.json" 2>&1 | grep --line-buffered -v -E "it/s\]|Loading weights" | tee "$OUT/engines.log" ;;
   scale)   python3 bench/hf_engine.py "${COMMON[@]}" --configs "${2:-graphs16k}" --runs tp,workers \
-             --json "$OUT/scale.json" 2>&1 | grep -v -E "it/s\]|Loading weights" | tee "$OUT/scale.log" ;;
+             --json "$OUT/scale.json" 2>&1 | grep --line-buffered -v -E "it/s\]|Loading weights" | tee "$OUT/scale.log" ;;
 esac

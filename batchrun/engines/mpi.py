@@ -111,6 +111,11 @@ class RankPool:
                  env: dict | None = None):
         self.n_ranks, self.timeout_s = n_ranks, timeout_s
         os.environ.update(mpi_environment(gpu_ids, oversubscribe, loopback))  # before mpi4py.MPI is imported
+        import mpi4py
+
+        # The spawning process only launches ranks; MPI_Finalize at its exit would wait on ranks that close() may
+        # have killed (seen on the GPU machine: the bench process never exited after a TP=2 run).
+        mpi4py.rc.finalize = False
         from mpi4py.futures import MPIPoolExecutor
 
         kwargs = {"env": dict(env or {}), "main": False}
@@ -156,7 +161,7 @@ class RankPool:
                 procs.append(psutil.Process(pid))
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=5)  # ranks exiting after shutdown: let them finish
+        _, alive = psutil.wait_procs(procs, timeout=30)  # ranks tearing down NCCL/CUDA after shutdown: let them
         for p in alive:
             p.kill()
 
