@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchrun.metrics import record
 from batchrun.plan import Shard
 from batchrun.sink import ManifestEntry, OutputDir
 
@@ -122,15 +123,18 @@ class ShardQueue:
         del self.leases[shard_id]
         self.failures[shard_id].append(f"attempt {lease.attempt} on {worker}: {error}")
         if len(self.failures[shard_id]) >= self.max_attempts:
+            record("quarantined", 1, run_id=self.run_id)
             self.quarantined[shard_id] = error
             self.out.write_entry(ManifestEntry(shard_id, "quarantined", attempt=lease.attempt, worker=worker,
                                                run_id=self.run_id, started_at=lease.started_at,
                                                committed_at=time.time(), error=error))
         else:
+            record("retries", 1, run_id=self.run_id)
             self.pending.appendleft(shard_id)  # retry soon, so one bad shard surfaces early
 
     def release_worker(self, worker: str, error: str) -> list[int]:
         """A worker died: every shard it held fails this attempt and goes back to the queue."""
+        record("restarts", 1, run_id=self.run_id)
         held = [sid for sid, lease in self.leases.items() if lease.worker == worker]
         for sid in held:
             self.fail(sid, worker, error)

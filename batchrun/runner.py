@@ -121,12 +121,12 @@ class JobRunner:
             str(self.out.root), list(plan.shards), self.run_id, faults.max_attempts, faults.lease_timeout_s,
             spec.output.compression,
         )
-        pool = WorkerPool(spec, plan, queue)
+        pool = WorkerPool(spec, plan, queue, self.run_id)
         progress = Progress(total=plan.total_rows, enabled=self.show_progress)
         try:
             todo = ray.get(queue.progress.remote())
             if todo["shards_pending"]:
-                pool.start(min(spec.resources.num_workers, todo["shards_pending"]))
+                pool.start(min(resolve_num_workers(spec.resources), todo["shards_pending"]))
             while not ray.get(queue.finished.remote()):
                 pool.watch()
                 snap = ray.get(queue.progress.remote())
@@ -204,16 +204,40 @@ class JobRunner:
         return summary
 
 
+def resolve_num_workers(res) -> int:
+    """`num_workers: auto` follows the cluster: one worker per gpus_per_worker GPUs (per cpus_per_worker on CPU)."""
+    import ray
+
+    if res.num_workers != "auto":
+        return res.num_workers
+    total = ray.cluster_resources()
+    if res.gpus_per_worker:
+        return max(1, int(total.get("GPU", 0) // res.gpus_per_worker))
+    return max(1, int(total.get("CPU", 1) // res.cpus_per_worker))
+
+
+def scheduling_options(res, tp: int) -> tuple[dict, object | None]:
+    """Where a worker goes, and the placement group it needs (None if none).
+    A TP group's GPUs must share a node: one placement-group bundle, STRICT_PACK."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if tp > 1 and res.gpus_per_worker > 1:
+        pg = placement_group([{"GPU": res.gpus_per_worker, "CPU": res.cpus_per_worker}], strategy="STRICT_PACK")
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)}, pg
+    return {"scheduling_strategy": "SPREAD" if res.placement == "spread" else "DEFAULT"}, None
+
+
 class WorkerPool:
     """Starts worker actors, restarts dead ones within the budget, and hands a dead worker's shards back."""
 
-    def __init__(self, spec: JobSpec, plan: Plan, queue):
+    def __init__(self, spec: JobSpec, plan: Plan, queue, run_id: str = ""):
         import ray
 
+        self.run_id = run_id
         res = spec.resources
-        self.actor_cls = ray.remote(Worker).options(
-            num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_restarts=0,
-        )
+        self.actor_cls = ray.remote(Worker)
+        self.actor_options = dict(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_restarts=0)
         self.spec, self.plan, self.queue = spec, plan, queue
         self.spec_json = spec.model_dump_json()
         self.live: dict[str, tuple] = {}  # worker id -> (actor, run ref, started_at)
@@ -222,6 +246,7 @@ class WorkerPool:
         self.generation = 0
         self.last_error = ""
         self.results: dict[str, dict] = {}  # final counters returned by workers' run()
+        self.placement_groups: dict = {}  # worker id -> its placement group, removed with the worker
         self.loaded_any = False  # has any worker ever loaded its engine?
         self.load_failures = 0
 
@@ -232,7 +257,11 @@ class WorkerPool:
     def _spawn(self) -> None:
         self.generation += 1
         wid = f"w{self.generation:03d}"
-        actor = self.actor_cls.remote(wid, self.spec_json, self.plan.units, self.queue)
+        placement, pg = scheduling_options(self.spec.resources, self.spec.engine.tensor_parallel_size)
+        actor = self.actor_cls.options(**self.actor_options, **placement).remote(
+            wid, self.spec_json, self.plan.units, self.queue, self.run_id)
+        if pg is not None:
+            self.placement_groups[wid] = pg
         start_ref = actor.start.remote()
         run_ref = actor.run.remote()  # queued behind start: actor calls run in submission order
         self.live[wid] = (actor, run_ref, time.time(), start_ref)
@@ -270,7 +299,7 @@ class WorkerPool:
             self._loaded(entry[3])  # notes whether any engine ever loaded
             if self._load_error(entry[3]):
                 self.load_failures += 1  # the engine raised while loading; a killed actor does not count here
-            ray.kill(entry[0], no_restart=True)
+            self._kill(wid, entry[0])
         if not self.loaded_any and self.load_failures >= 3:
             # A model that cannot load will not load on the next worker either: fail now, not after the budget.
             raise JobFailed(f"the engine failed to load on {self.load_failures} workers in a row; last error: "
@@ -325,7 +354,15 @@ class WorkerPool:
             ray.get(actor.close.remote(), timeout=60)
         except Exception:
             pass
+        self._kill(wid, actor)
+
+    def _kill(self, wid: str, actor) -> None:
+        import ray
+        from ray.util import remove_placement_group
+
         ray.kill(actor, no_restart=True)
+        if wid in self.placement_groups:
+            remove_placement_group(self.placement_groups.pop(wid))
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """After the last commit: wait (bounded) for workers to finish run() and retire them cleanly."""
@@ -345,7 +382,7 @@ class WorkerPool:
         import ray
 
         for wid, entry in list(self.live.items()):
-            ray.kill(entry[0], no_restart=True)
+            self._kill(wid, entry[0])
             del self.live[wid]
 
 

@@ -9,7 +9,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -84,9 +84,10 @@ class OutputSpec(_Section):
 
 
 class ResourcesSpec(_Section):
-    num_workers: int = Field(1, ge=1)
+    num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1  # auto: as many as the cluster's GPUs allow
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
+    placement: Literal["spread", "pack"] = "spread"  # workers over as many nodes as possible, or as few
 
 
 class ShardsSpec(_Section):
@@ -177,10 +178,23 @@ def validate_spec(raw: dict, source: str = "job file") -> JobSpec:
         raise SpecError(_describe(e, source)) from None
 
 
+_UNION_TAGS = {"int", "str", "float", "bool", "dict", "list", "none"}
+
+
+def _key(loc: tuple) -> str:
+    """The dotted key, without the tags pydantic adds for each member of a union (e.g. "literal['auto']")."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p or "-" in p))]
+    return ".".join(parts) or "(top level)"
+
+
 def _describe(err: ValidationError, source: str) -> str:
-    lines = []
+    lines: list[str] = []
+    merged: dict[str, int] = {}  # a union's alternatives become one line: "... or Input should be 'auto'"
     for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        key = _key(item["loc"])
+        if key in merged and item["type"] not in ("extra_forbidden", "missing"):
+            lines[merged[key]] = lines[merged[key]].replace(" (given:", f", or {item['msg']} (given:", 1)
+            continue
         given = item.get("input")
         if item["type"] == "extra_forbidden":
             section = _section_for(item["loc"][:-1])
@@ -190,6 +204,7 @@ def _describe(err: ValidationError, source: str) -> str:
             lines.append(f"{source}: key '{key}' is required")
         else:
             msg = item["msg"].removeprefix("Value error, ")
+            merged[key] = len(lines)
             lines.append(f"{source}: key '{key}': {msg} (given: {given!r})")
     return "\n".join(lines)
 

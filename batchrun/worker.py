@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from batchrun.engines import Completion, Request, create_engine, sampling_from_spec
+from batchrun.metrics import record
 from batchrun.plan import Shard
 from batchrun.prompts import PromptBuilder, fit_to_context
 from batchrun.queue import DONE, WAIT
@@ -76,6 +77,16 @@ class ShardTask:
         return out
 
 
+def node_name() -> str:
+    """Host and Ray node id: several Ray nodes can share a host (and a hostname)."""
+    try:
+        import ray
+
+        return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    except Exception:
+        return socket.gethostname()
+
+
 def peak_rss_mb() -> float:
     import resource
 
@@ -85,12 +96,13 @@ def peak_rss_mb() -> float:
 class Worker:
     """Wrapped by ray.remote in the driver (so this module imports without starting Ray)."""
 
-    def __init__(self, worker_id: str, spec_json: str, units: tuple[str, ...], shard_queue):
+    def __init__(self, worker_id: str, spec_json: str, units: tuple[str, ...], shard_queue, run_id: str = ""):
         self.worker_id = worker_id
+        self.tags = {"run_id": run_id, "worker": worker_id}  # metric tags
         self.spec = JobSpec.model_validate_json(spec_json)
         self.units = units
         self.queue = shard_queue
-        self.node = socket.gethostname()
+        self.node = node_name()
         self.source = open_source(self.spec.input)
         self.prompts = PromptBuilder(self.spec.input)
         self.out = OutputDir(self.spec.output.dir)
@@ -205,6 +217,7 @@ class Worker:
                 self.stats["last_completion_at"] = time.time()
             in_flight -= len(done)
             self.stats["in_flight"] = in_flight
+            record("tokens", sum(c.num_generated_tokens for c in done), **self.tags)
             for c in done:
                 sid, offset = map(int, c.request_id.split(":"))
                 task = by_shard[sid]
@@ -299,6 +312,8 @@ class Worker:
             )
             tmp = self.out.write_temp(table, entry, self.spec.output.compression)
             ray.get(self.queue.commit.remote(str(tmp), entry))
+            record("rows", table.num_rows, **self.tags)
+            record("shard_seconds", time.time() - task.started_at, **self.tags)
             self.stats["rows"] += table.num_rows
             self.stats["shards"] += 1
 
@@ -310,5 +325,6 @@ class Worker:
 
     def _beat(self) -> None:
         self.stats["peak_rss_mb"] = peak_rss_mb()
+        record("in_flight", self.stats["in_flight"], **self.tags)
         self.stats["since_progress_s"] = time.monotonic() - self._last_progress if self.stats["in_flight"] else 0.0
         self.queue.heartbeat.remote(self.worker_id, self.node, os.getpid(), dict(self.stats))
