@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="progress of a job from its output dir, during or after a run")
     st.add_argument("out_dir")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--plot", action="store_true", help="write a shard timeline PNG (_timeline.png) next to the summary")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -134,6 +135,10 @@ def cmd_status(args) -> int:
         "error_rows": sum(e.error_rows for e in committed),
         "checked_at": time.time(),
     }
+    if args.plot:
+        from batchrun.plot import plot_timeline
+
+        status["plot"] = str(plot_timeline(out))
     if args.json:
         print(json.dumps(status, indent=2, default=str))
     else:
@@ -142,6 +147,8 @@ def cmd_status(args) -> int:
               f"rows {rows}/{total_rows}; {rate:,.1f} rows/s" + (f"; ETA {status['eta_s']}s" if status["eta_s"] else ""))
         for sid, err in sorted(quarantined.items()):
             print(f"  quarantined shard {sid}: {err}")
+        if args.plot:
+            print(f"  timeline: {status['plot']}")
     return 0
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -108,7 +110,7 @@ def test_echo_every_row_exactly_once_with_passthrough(tmp_path, ray_cluster):
     assert hf.num_rows == len(expected)
 
 
-def test_generated_row_index_when_no_id_column(tmp_path, ray_cluster):
+def test_generated_row_index_when_no_id_column(tmp_path, ray_cluster, capsys):
     write_parquet(tmp_path / "in.parquet", pa.table({"prompt": [f"p{i} x" for i in range(50)]}))
     spec = validate_spec({"engine": {"name": "echo"}, "input": {"path": str(tmp_path / "in.parquet")},
                           "output": {"dir": str(tmp_path / "out")}, "shards": {"rows_per_shard": 7}})
@@ -116,6 +118,15 @@ def test_generated_row_index_when_no_id_column(tmp_path, ray_cluster):
     out = read_output(tmp_path / "out").sort_by("row_index").to_pylist()
     assert [r["row_index"] for r in out] == list(range(50))
     assert [r["generated_text"] for r in out] == [f"p{i} x" for i in range(50)]
+    # status after the run, from the manifest alone, with the timeline picture
+    from batchrun.cli import main
+
+    assert main(["status", str(tmp_path / "out"), "--json", "--plot"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["running"], status["shards_committed"], status["rows_committed"], status["rows_total"]) == \
+        (False, 8, 50, 50)
+    png = Path(status["plot"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.parent == tmp_path / "out"
 
 
 def test_demo_job_cli(tmp_path, ray_cluster, demo_model):

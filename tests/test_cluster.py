@@ -1,0 +1,190 @@
+"""`ray job submit` against a real 2-node Ray cluster started here (loopback only): exact outputs, shards on both
+nodes, `ray job stop` then resubmit, and the metrics on the nodes' Prometheus endpoints.
+
+The cluster is its own (ray start --head / ray start --address, each with --block in its own process group), apart
+from the session's in-process cluster, and is torn down by killing those process groups, never with `ray stop`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from tests.conftest import ROOT, read_output, write_parquet
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Cluster:
+    def __init__(self, tmp: Path):
+        gcs, dash, m1, m2, a1, a2 = free_ports(6)
+        self.gcs, self.dashboard, self.metrics_ports = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", (m1, m2)
+        self.env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(ROOT),
+                        RAY_ADDRESS="", RAY_USAGE_STATS_ENABLED="0")
+        self.env.pop("RAY_ADDRESS")
+        common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=3", "--disable-usage-stats"]
+        self.procs = [
+            self._start(["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                         "--include-dashboard=true", f"--metrics-export-port={m1}",
+                         f"--dashboard-agent-listen-port={a1}", f"--temp-dir={tmp / 'ray'}",
+                         '--resources={"node_head": 1}', *common], tmp / "head.log"),
+        ]
+        wait_for(self._api_up, 120, "the head's job API")
+        self.procs.append(self._start([f"--address={self.gcs}", f"--metrics-export-port={m2}",
+                                       f"--dashboard-agent-listen-port={a2}", '--resources={"node_b": 1}', *common],
+                                      tmp / "node_b.log"))
+        wait_for(lambda: self.alive_nodes() == 2, 120, "2 alive nodes")
+
+    def _start(self, args, log: Path):
+        return subprocess.Popen([str(BIN / "ray"), "start", *args], env=self.env, stdout=open(log, "w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _api_up(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def alive_nodes(self) -> int:
+        code = f"import ray; ray.init(address='{self.gcs}', logging_level='ERROR'); " \
+               "print(sum(n['Alive'] for n in ray.nodes()))"
+        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
+        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+
+    def job(self, *args, check=True) -> str:
+        out = subprocess.run([str(BIN / "ray"), "job", *args, "--address", self.dashboard], env=self.env,
+                             capture_output=True, text=True, timeout=120)
+        if check and out.returncode != 0:
+            raise RuntimeError(out.stdout + out.stderr)
+        return out.stdout + out.stderr
+
+    def submit(self, job_file: Path, sid: str) -> None:
+        self.job("submit", "--no-wait", "--submission-id", sid, "--",
+                 sys.executable, "-m", "batchrun.cli", "run", str(job_file), "--no-progress")
+
+    def status(self, sid: str) -> str:
+        text = self.job("status", sid)
+        for state in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+            if state in text:
+                return state
+        return "UNKNOWN"
+
+    def scrape(self) -> str:
+        text = ""
+        for port in self.metrics_ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text += r.read().decode()
+            except OSError:
+                pass
+        return text
+
+    def close(self) -> None:
+        for p in reversed(self.procs):  # ray start --block tears its node down on SIGTERM
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    yield c
+    c.close()
+
+
+def make_job(tmp: Path, rows: int, delay_s: float, name: str) -> Path:
+    write_parquet(tmp / f"{name}.parquet", pa.table({"id": list(range(rows)), "prompt": [f"w{i} x y z" for i in range(rows)]}))
+    job = {"engine": {"name": "echo", "options": {"delay_s": delay_s}, "max_in_flight": 64},
+           "input": {"path": str(tmp / f"{name}.parquet"), "id_column": "id"},
+           "sampling": {"max_tokens": 2}, "output": {"dir": str(tmp / f"{name}-out")},
+           "resources": {"num_workers": 2, "placement": "spread"}, "shards": {"rows_per_shard": 25}}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_submit_spreads_over_both_nodes_and_exports_metrics(cluster, tmp_path):
+    job_file = make_job(tmp_path, 1500, 0.05, "a")
+    cluster.submit(job_file, "batchrun-a")
+    seen = {"metrics": ""}
+
+    def done():
+        text = cluster.scrape()
+        if "batchrun_rows_done" in text:
+            seen["metrics"] = text
+        return cluster.status("batchrun-a") in ("SUCCEEDED", "FAILED", "STOPPED")
+
+    wait_for(done, 240, "job a to end", interval=1.0)
+    logs = cluster.job("logs", "batchrun-a")
+    assert cluster.status("batchrun-a") == "SUCCEEDED", logs[-3000:]
+    out = read_output(tmp_path / "a-out")
+    assert sorted(out.column("id").to_pylist()) == list(range(1500))
+    summary = json.loads((tmp_path / "a-out" / "_summary.json").read_text())
+    nodes = {w["node"] for w in summary["workers"].values()}
+    assert len(nodes) == 2, summary["workers"]  # which node ran which shards is in the summary
+    assert "succeeded: 1500 rows" in logs
+    assert "\x1b[" not in logs and "\r" not in logs  # plain progress lines under `ray job logs`
+    assert "batchrun_rows_done" in seen["metrics"] and "batchrun_generated_tokens" in seen["metrics"], \
+        "no batchrun metric on the Prometheus endpoints during the run"
+
+
+def test_job_stop_then_resubmit_completes_exactly_once(cluster, tmp_path):
+    job_file = make_job(tmp_path, 4000, 0.1, "b")
+    cluster.submit(job_file, "batchrun-b1")
+    manifest = tmp_path / "b-out" / "_batchrun" / "manifest"
+    wait_for(lambda: manifest.exists() and len(list(manifest.glob("*.json"))) >= 10, 180, "10 committed shards")
+    cluster.job("stop", "batchrun-b1")
+    wait_for(lambda: cluster.status("batchrun-b1") in ("STOPPED", "FAILED"), 120, "the stop")
+    time.sleep(3)  # the driver's actors die with it
+    parts = sorted((tmp_path / "b-out").glob("part-*.parquet"))
+    committed = read_output(tmp_path / "b-out")  # every visible part is whole and readable
+    assert 10 <= len(parts) < 160 and committed.num_rows == 25 * len(parts)
+    assert len(set(committed.column("id").to_pylist())) == committed.num_rows
+
+    cluster.submit(job_file, "batchrun-b2")
+    wait_for(lambda: cluster.status("batchrun-b2") in ("SUCCEEDED", "FAILED", "STOPPED"), 300, "the resubmit")
+    assert cluster.status("batchrun-b2") == "SUCCEEDED", cluster.job("logs", "batchrun-b2")[-3000:]
+    out = read_output(tmp_path / "b-out")
+    assert sorted(out.column("id").to_pylist()) == list(range(4000))
+    summary = json.loads((tmp_path / "b-out" / "_summary.json").read_text())
+    assert summary["shards_skipped"] >= len(parts)
