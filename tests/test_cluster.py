@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -49,18 +53,29 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
 
 class Cluster:
     def __init__(self, tmp: Path):
+        self.procs: list[subprocess.Popen] = []
+        try:
+            self._start_nodes(tmp)
+        except BaseException:
+            self.close()  # never leave a half-started cluster behind
+            raise
+
+    def _start_nodes(self, tmp: Path) -> None:
+        # A short path: Ray's unix sockets live under it, and AF_UNIX paths are limited to 107 bytes.
+        self.ray_tmp = tempfile.mkdtemp(prefix="brc", dir="/tmp")
         gcs, dash, m1, m2, a1, a2 = free_ports(6)
         self.gcs, self.dashboard, self.metrics_ports = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", (m1, m2)
+        # Ray's token authentication, with a token of this cluster's own (every ray process and CLI call gets it)
         self.env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(ROOT),
-                        RAY_ADDRESS="", RAY_USAGE_STATS_ENABLED="0")
+                        RAY_ADDRESS="", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+                        RAY_AUTH_TOKEN=secrets.token_hex(32))
         self.env.pop("RAY_ADDRESS")
         common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=3", "--disable-usage-stats"]
-        self.procs = [
+        self.procs.append(
             self._start(["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                          "--include-dashboard=true", f"--metrics-export-port={m1}",
-                         f"--dashboard-agent-listen-port={a1}", f"--temp-dir={tmp / 'ray'}",
-                         '--resources={"node_head": 1}', *common], tmp / "head.log"),
-        ]
+                         f"--dashboard-agent-listen-port={a1}", f"--temp-dir={self.ray_tmp}",
+                         '--resources={"node_head": 1}', *common], tmp / "head.log"))
         wait_for(self._api_up, 120, "the head's job API")
         self.procs.append(self._start([f"--address={self.gcs}", f"--metrics-export-port={m2}",
                                        f"--dashboard-agent-listen-port={a2}", '--resources={"node_b": 1}', *common],
@@ -75,6 +90,8 @@ class Cluster:
         try:
             with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2) as r:
                 return r.status == 200
+        except urllib.error.HTTPError as e:
+            return e.code == 401  # up, and refusing requests without the token, as it should
         except OSError:
             return False
 
@@ -84,8 +101,8 @@ class Cluster:
         out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
         return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
-    def job(self, *args, check=True) -> str:
-        out = subprocess.run([str(BIN / "ray"), "job", *args, "--address", self.dashboard], env=self.env,
+    def job(self, command: str, *args, check=True) -> str:
+        out = subprocess.run([str(BIN / "ray"), "job", command, "--address", self.dashboard, *args], env=self.env,
                              capture_output=True, text=True, timeout=120)
         if check and out.returncode != 0:
             raise RuntimeError(out.stdout + out.stderr)
@@ -93,12 +110,13 @@ class Cluster:
 
     def submit(self, job_file: Path, sid: str) -> None:
         self.job("submit", "--no-wait", "--submission-id", sid, "--",
-                 sys.executable, "-m", "batchrun.cli", "run", str(job_file), "--no-progress")
+                 sys.executable, "-m", "batchrun.cli", "run", str(job_file))
 
     def status(self, sid: str) -> str:
-        text = self.job("status", sid)
+        # "Status for job 'x': RUNNING" while it runs; "Job 'x' succeeded" / "Job 'x' was stopped" once it ended
+        lines = [ln.lower() for ln in self.job("status", sid).splitlines() if f"job '{sid}'" in ln.lower()]
         for state in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-            if state in text:
+            if lines and (f": {state.lower()}" in lines[-1] or f" {state.lower()}" in lines[-1]):
                 return state
         return "UNKNOWN"
 
@@ -123,6 +141,7 @@ class Cluster:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(getattr(self, "ray_tmp", ""), ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +182,10 @@ def test_submit_spreads_over_both_nodes_and_exports_metrics(cluster, tmp_path):
     nodes = {w["node"] for w in summary["workers"].values()}
     assert len(nodes) == 2, summary["workers"]  # which node ran which shards is in the summary
     assert "succeeded: 1500 rows" in logs
-    assert "\x1b[" not in logs and "\r" not in logs  # plain progress lines under `ray job logs`
+    progress = [line for line in logs.splitlines() if "[batchrun] rows" in line]
+    assert progress and progress[-1].startswith("[batchrun] rows 1500/1500")
+    assert not any("\x1b" in line or "\r" in line for line in progress)  # plain lines under `ray job logs`, no bar
+    assert "row/s]" not in logs and "█" not in logs
     assert "batchrun_rows_done" in seen["metrics"] and "batchrun_generated_tokens" in seen["metrics"], \
         "no batchrun metric on the Prometheus endpoints during the run"
 
