@@ -195,6 +195,9 @@ def test_job_stop_then_resubmit_completes_exactly_once(cluster, tmp_path):
     cluster.submit(job_file, "batchrun-b1")
     manifest = tmp_path / "b-out" / "_batchrun" / "manifest"
     wait_for(lambda: manifest.exists() and len(list(manifest.glob("*.json"))) >= 10, 180, "10 committed shards")
+    during = batchrun_status(tmp_path / "b-out")  # progress from the manifest while the job runs
+    assert during["running"] is True and 10 <= during["shards_committed"] < 160 and during["rows_total"] == 4000
+    assert during["rows_committed"] == 25 * during["shards_committed"] and during["rows_per_s"] > 0
     cluster.job("stop", "batchrun-b1")
     wait_for(lambda: cluster.status("batchrun-b1") in ("STOPPED", "FAILED"), 120, "the stop")
     time.sleep(3)  # the driver's actors die with it
@@ -210,3 +213,12 @@ def test_job_stop_then_resubmit_completes_exactly_once(cluster, tmp_path):
     assert sorted(out.column("id").to_pylist()) == list(range(4000))
     summary = json.loads((tmp_path / "b-out" / "_summary.json").read_text())
     assert summary["shards_skipped"] >= len(parts)
+    after = batchrun_status(tmp_path / "b-out")
+    assert (after["running"], after["shards_committed"], after["rows_committed"]) == (False, 160, 4000)
+
+
+def batchrun_status(out_dir: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "batchrun.cli", "status", str(out_dir), "--json"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

@@ -144,3 +144,18 @@ def test_demo_job_cli(tmp_path, ray_cluster, demo_model):
     out = read_output(tmp_path / "out").to_pylist()
     right = sum(r["generated_text"] == r["answer"] for r in out)
     assert right / len(out) > 0.9
+
+
+def test_num_workers_auto_follows_the_cluster(tmp_path, ray_cluster):
+    """auto: one worker per cpus_per_worker CPUs here (8 logical CPUs in the test cluster), capped by the shards."""
+    write_parquet(tmp_path / "in.parquet", pa.table({"prompt": [f"p{i}" for i in range(300)]}))
+    spec = validate_spec({"engine": {"name": "echo", "options": {"delay_s": 0.05}},
+                          "input": {"path": str(tmp_path / "in.parquet")}, "output": {"dir": str(tmp_path / "out")},
+                          "resources": {"num_workers": "auto", "cpus_per_worker": 2}, "shards": {"rows_per_shard": 10}})
+    runner = JobRunner(spec, show_progress=False)
+    summary = runner.run().summary
+    assert summary["rows"] == 300
+    import ray
+
+    assert int(ray.cluster_resources()["CPU"]) // 2 == 4
+    assert len(summary["worker_peak_rss_mb"]) == 4  # four workers were started
