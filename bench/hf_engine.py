@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -86,12 +87,16 @@ def run_bare(model, ids, budgets, options: dict) -> dict:
     import torch
     from transformers.generation import ContinuousBatchingConfig
 
+    from batchrun.engines.hf import CPU_CB_DEFAULTS
+
     cb = dict(options)
     if model.device.type == "cpu":
-        cb = {"num_blocks": 512, "max_batch_tokens": 512, **cb}
+        cb = {**CPU_CB_DEFAULTS, **cb}  # the same paged cache batchrun's engine gets on a CPU
     manager = model.init_continuous_batching(generation_config=no_eos_generation_config(model, max(budgets)),
                                              continuous_batching_config=ContinuousBatchingConfig(**cb))
     manager.start()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) - {None}
     warm = manager.add_request(input_ids=ids[0], request_id="warmup", max_new_tokens=4)
     while (r := manager.get_result(timeout=60)) is None or r.request_id != warm or not r.is_finished():
         pass
@@ -107,7 +112,8 @@ def run_bare(model, ids, budgets, options: dict) -> dict:
             raise RuntimeError("bare engine stalled")
         if r.is_finished():
             done += 1
-            tokens += len(r.generated_tokens)
+            gen = r.generated_tokens
+            tokens += len(gen) - (bool(gen) and gen[-1] in eos)  # batchrun counts tokens without the EOS
     elapsed = time.perf_counter() - t0
     manager.stop(block=True)
     return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
@@ -175,7 +181,9 @@ def run_batchrun(model_path, prompts, budgets, dtype, options, workers: int, gpu
         "input": {"path": str(work / "in.parquet"), "id_column": "id"},
         "sampling": {"max_tokens": max(budgets), "per_row": {"max_tokens": "budget"}},
         "output": {"dir": str(work / "out")},
-        "resources": {"num_workers": workers, "gpus_per_worker": gpus, "cpus_per_worker": 1},
+        # on a CPU the worker gets the threads the bare engine gets (Ray would otherwise give it one)
+        "resources": {"num_workers": workers, "gpus_per_worker": gpus,
+                      "cpus_per_worker": 1 if gpus else (os.cpu_count() or 1)},
         "shards": {"rows_per_shard": rows_per_shard},
     })
     t0 = time.perf_counter()
