@@ -100,6 +100,10 @@ def print_summary(s: dict, samples: int = 3) -> None:
           f"= {run['rows_per_s']:,.1f} rows/s, {run['generated_tokens_per_s']:,.1f} tok/s")
     for wid, w in sorted(s["workers"].items()):
         print(f"  {wid} on {w['node']}: {len(w['shards'])} shards, {w['rows']} rows, {w['generated_tokens']} tokens")
+    if s.get("metrics"):
+        m = s["metrics"]
+        print(f"  score: {m['score_mean']:.4f} mean over {m['rows']} rows ({m['score_sum']:g} right; "
+              f"{m['rows'] - m['rows_scored']} error rows count as wrong)")
     print(f"  output: {s['output_dir']} (summary: _summary.json)")
     parts = sorted(Path(s["output_dir"]).glob("part-*.parquet"))
     if parts:  # a few rows of the first part only: the summary never reads the whole output

@@ -33,6 +33,12 @@ def check_input(spec: JobSpec, plan: Plan) -> None:
     named = [("input.id_column", spec.input.id_column)]
     named += [("input.passthrough_columns", c) for c in spec.input.passthrough_columns]
     named += [(f"sampling.per_row.{k}", c) for k, c in spec.sampling.per_row.items()]
+    if spec.score and spec.score.reference_column:
+        named.append(("score.reference_column", spec.score.reference_column))
+    if spec.score and spec.score.hook:
+        from batchrun.postprocess import load_hook
+
+        load_hook(spec.score.hook)  # import it now: a typo fails before any work
     for key, col in named:
         if col and col not in columns:
             raise SpecError(f"key '{key}': column {col!r} not in the input (columns: {', '.join(columns)})")
@@ -195,6 +201,7 @@ class JobRunner:
                          "generated_tokens_per_s": round(gen / wall, 2) if wall else 0.0},
             "workers": per_worker,
             "driver_peak_rss_mb": peak_rss_mb(),
+            "metrics": score_metrics(entries),
             "worker_peak_rss_mb": {w: i.get("peak_rss_mb") for w, i in {**snap["workers"], **pool.results}.items()},
             # first request submitted .. last completion, per worker: the engine's share of the wall time
             "worker_engine_window_s": {w: round(i["last_completion_at"] - i["first_submit_at"], 3)
@@ -384,6 +391,16 @@ class WorkerPool:
         for wid, entry in list(self.live.items()):
             self._kill(wid, entry[0])
             del self.live[wid]
+
+
+def score_metrics(entries) -> dict:
+    """The job's score over every committed shard (this run's and earlier runs'): error rows count as wrong."""
+    scored = [e.score for e in entries if e.score]
+    if not scored:
+        return {}
+    total, rows = sum(s["sum"] for s in scored), sum(s["rows"] for s in scored)
+    return {"score_mean": round(total / rows, 6) if rows else 0.0, "score_sum": total, "rows": rows,
+            "rows_scored": sum(s["scored"] for s in scored)}
 
 
 def _short_error(e: Exception) -> str:

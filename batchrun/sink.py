@@ -49,6 +49,7 @@ class ManifestEntry:
     prompt_tokens: int = 0
     error_rows: int = 0
     error: str | None = None  # quarantined: the last error
+    score: dict | None = None  # evals: {"sum", "rows", "scored"} of this shard's score column
 
 
 def ids_digest(ids: pa.ChunkedArray | pa.Array) -> str:

@@ -77,8 +77,52 @@ class SamplingSpec(_Section):
     per_row: dict[Literal["max_tokens"], str] = Field(default_factory=dict)  # sampling key -> input column
 
 
+class ParseSpec(_Section):
+    kind: Literal["json", "choice", "regex"]
+    choices: list[str] = Field(default_factory=list)  # kind choice: the allowed labels (case-insensitive match)
+    pattern: str | None = None  # kind regex: the value is group `group` of the first match
+    group: int = Field(1, ge=0)
+    fields: dict[str, Literal["str", "int", "float", "bool"]] = Field(default_factory=dict)  # kind json: typed columns
+
+    @model_validator(mode="after")
+    def _check(self) -> ParseSpec:
+        if self.kind == "choice" and not self.choices:
+            raise ValueError("output.parse.choices is required for kind choice")
+        if self.kind == "regex":
+            _check_regex(self.pattern, "output.parse.pattern")
+        return self
+
+
+class ScoreSpec(_Section):
+    method: Literal["exact", "last_number", "regex", "choice"] = "exact"
+    reference_column: str | None = None  # the right answer, per row
+    pattern: str | None = None  # method regex: extract group `group` of the completion, compare to the reference
+    group: int = Field(1, ge=0)
+    hook: str | None = None  # module:function(generated_text, row) -> float: a custom scorer
+
+    @model_validator(mode="after")
+    def _check(self) -> ScoreSpec:
+        if self.hook is not None and not HOOK_RE.match(self.hook):
+            raise ValueError(f"score.hook must be 'module:function'; got {self.hook!r}")
+        if self.hook is None and not self.reference_column:
+            raise ValueError("score.reference_column is required unless score.hook is set")
+        if self.method == "regex":
+            _check_regex(self.pattern, "score.pattern")
+        return self
+
+
+def _check_regex(pattern: str | None, key: str) -> None:
+    if not pattern:
+        raise ValueError(f"{key} is required")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{key} is not a valid regular expression: {e}") from None
+
+
 class OutputSpec(_Section):
     dir: str
+    parse: ParseSpec | None = None  # labelling: extract a typed result from each completion
     rows_per_file: int | None = Field(None, ge=1)  # caps rows per Parquet file (a file never spans two shards)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
 
@@ -111,6 +155,7 @@ class JobSpec(_Section):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     shards: ShardsSpec = Field(default_factory=ShardsSpec)
     faults: FaultsSpec = Field(default_factory=FaultsSpec)
+    score: ScoreSpec | None = None  # evals: a score column per row and the job's mean score
 
     @property
     def rows_per_shard(self) -> int:
@@ -127,6 +172,7 @@ class JobSpec(_Section):
             "sampling": self.sampling.model_dump(),
             "rows_per_shard": self.rows_per_shard,
             "output": self.output.model_dump(exclude={"dir"}),
+            "score": self.score.model_dump() if self.score else None,
         }
 
 

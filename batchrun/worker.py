@@ -24,6 +24,7 @@ import pyarrow as pa
 from batchrun.engines import Completion, Request, create_engine, sampling_from_spec
 from batchrun.metrics import record
 from batchrun.plan import Shard
+from batchrun.postprocess import Parser, Scorer, totals
 from batchrun.prompts import PromptBuilder, fit_to_context
 from batchrun.queue import DONE, WAIT
 from batchrun.sink import ManifestEntry, OutputDir, ids_digest
@@ -49,6 +50,7 @@ class ShardTask:
     shard: Shard
     attempt: int
     keep: pa.Table  # id + passthrough columns, in input order
+    refs: pa.Table  # the columns the scorer reads (reference column, or the whole row for a hook)
     requests: list[Request]  # rows that reached the engine, in submission order
     text: list[str | None]
     finish: list[str | None]
@@ -68,12 +70,19 @@ class ShardTask:
         self.error[offset] = c.error
         self.remaining -= 1
 
-    def table(self) -> pa.Table:
+    def table(self, parser=None, scorer=None) -> pa.Table:
         assert self.remaining == 0 and all(f is not None for f in self.finish), "shard written before every row finished"
         cols = [self.text, self.finish, self.prompt_tokens, self.gen_tokens, self.error]
         out = self.keep
         for (name, typ), values in zip(OUTPUT_SCHEMA, cols):
             out = out.append_column(pa.field(name, typ), pa.array(values, type=typ))
+        parsed = None
+        if parser is not None:
+            for name, column in parser.columns(self.text).items():
+                out = out.append_column(name, column)
+            parsed = out.column("parsed").to_pylist()
+        if scorer is not None:
+            out = out.append_column("score", scorer.column(self.text, parsed, self.refs))
         return out
 
 
@@ -113,6 +122,13 @@ class Worker:
         self.read_columns = list(dict.fromkeys(([self.id_column] if self.id_column else []) + passthrough
                                                + self.prompts.variables + list(self.per_row.values())))
         self.keep_columns = ([self.id_column] if self.id_column else []) + passthrough
+        score = self.spec.score
+        self.parser = Parser(self.spec.output.parse) if self.spec.output.parse else None
+        self.scorer = Scorer(score) if score else None
+        # a hook scorer sees the whole input row; the built-in ones only the reference column
+        self.score_columns = ([] if not score else [score.reference_column] if not score.hook else
+                              list(dict.fromkeys(self.read_columns + ([score.reference_column] if score.reference_column else []))))
+        self.read_columns = list(dict.fromkeys(self.read_columns + self.score_columns))
         self.engine = None
         self.stats = {"rows": 0, "shards": 0, "generated_tokens": 0, "prompt_tokens": 0, "in_flight": 0,
                       "since_progress_s": 0.0,
@@ -259,7 +275,8 @@ class Worker:
                                                           pa.int64()))
         prompts = self.prompts.build(table)
         n = shard.num_rows
-        task = ShardTask(shard, attempt, keep, [], [None] * n, [None] * n, [0] * n, [0] * n, [None] * n, n)
+        task = ShardTask(shard, attempt, keep, table.select(self.score_columns), [], [None] * n, [None] * n, [0] * n,
+                         [0] * n, [None] * n, n)
         samplings, errors = self._row_sampling(table), list(prompts.errors)
         for i, s in enumerate(samplings):
             if isinstance(s, str) and errors[i] is None:
@@ -302,13 +319,14 @@ class Worker:
         import ray
 
         while (task := finished.get()) is not None:
-            table = task.table()
+            table = task.table(self.parser, self.scorer)
             id_col = table.column(self.id_column or ROW_INDEX)
             entry = ManifestEntry(
                 shard_id=task.shard.shard_id, state="committed", rows=table.num_rows, ids_digest=ids_digest(id_col),
                 attempt=task.attempt, worker=self.worker_id, node=self.node, started_at=task.started_at,
                 committed_at=time.time(), generated_tokens=sum(task.gen_tokens), prompt_tokens=sum(task.prompt_tokens),
                 error_rows=sum(e is not None for e in task.error),
+                score=totals(table.column("score")) if self.scorer else None,
             )
             tmp = self.out.write_temp(table, entry, self.spec.output.compression)
             ray.get(self.queue.commit.remote(str(tmp), entry))

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from batchrun.runner import JobRunner
@@ -159,3 +160,31 @@ def test_num_workers_auto_follows_the_cluster(tmp_path, ray_cluster):
 
     assert int(ray.cluster_resources()["CPU"]) // 2 == 4
     assert len(summary["worker_peak_rss_mb"]) == 4  # four workers were started
+
+
+def test_eval_example_accuracy_equals_a_plain_generate_loop(tmp_path, ray_cluster, demo_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from batchrun.demo import write_prompts
+
+    data = write_prompts(tmp_path / "prompts.parquet", n=128, seed=21)
+    proc = subprocess.run(
+        [PYTHON, "-m", "batchrun.cli", "run", str(ROOT / "jobs" / "eval.yaml"), "--no-progress",
+         "--set", f"output.dir={tmp_path / 'out'}", "--set", f"input.path={data}", "--set", f"engine.model={demo_model}"],
+        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    rows = read_output(tmp_path / "out").to_pylist()
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
+    right = 0
+    source = pq.read_table(data).to_pylist()
+    with torch.no_grad():
+        for r in source:
+            ids = tok(r["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
+            out = model.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:]
+            right += tok.decode(out, skip_special_tokens=True).strip() == r["answer"]
+    assert summary["metrics"]["score_mean"] == pytest.approx(right / len(source))
+    assert summary["metrics"]["rows"] == 128 and sum(r["score"] for r in rows) == right
+    assert f"score: {right / len(source):.4f} mean over 128 rows" in proc.stdout
