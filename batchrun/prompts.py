@@ -35,7 +35,9 @@ class PromptBuilder:
                 parsed = _ENV.parse(spec.prompt_template)
                 self.template = _ENV.from_string(spec.prompt_template)
             except TemplateSyntaxError as e:
-                raise SpecError(f"key 'input.prompt_template': invalid Jinja2 template: {e.message} (line {e.lineno})")
+                raise SpecError(
+                    f"key 'input.prompt_template': invalid Jinja2 template: {e.message} (line {e.lineno})"
+                ) from None
             self.variables = sorted(meta.find_undeclared_variables(parsed))
 
     def check_columns(self, columns: list[str]) -> None:

@@ -291,7 +291,7 @@ class WorkerPool:
             except Exception as e:  # the actor died (killed, OOM, node lost) or the engine raised
                 self.replace(wid, self._load_error(self.live[wid][3]) or _short_error(e))
         now = time.time()
-        for wid, (actor, run_ref, started_at, start_ref) in list(self.live.items()):
+        for wid, (_, _, started_at, start_ref) in list(self.live.items()):
             if now - started_at > self.spec.faults.startup_timeout_s and not self._loaded(start_ref):
                 self.replace(wid, f"engine did not load within {self.spec.faults.startup_timeout_s:g}s")
 
@@ -386,7 +386,6 @@ class WorkerPool:
 
     def shutdown(self) -> None:
         """Workers still live here are mid-run (the job failed or was interrupted): kill them, do not wait."""
-        import ray
 
         for wid, entry in list(self.live.items()):
             self._kill(wid, entry[0])

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from functools import lru_cache
-
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -18,6 +17,7 @@ class ParquetSource(Source):
     def __init__(self, path: str):
         self.path = path
         self.fs = None
+        self._open: dict[str, pq.ParquetFile] = {}  # footers of recently read files, in use order
 
     def describe(self):
         self.fs, files = list_files(self.path, (".parquet", ".parq", ".pq"))
@@ -29,14 +29,21 @@ class ParquetSource(Source):
             columns = names if columns is None else [c for c in columns if c in names]
         return files, rows, columns or []
 
-    @lru_cache(maxsize=8)  # a worker reads consecutive shards of the same few files: keep their footers
     def _file(self, name: str) -> pq.ParquetFile:
-        if self.fs is None:
-            self.fs, _ = list_files(self.path, (".parquet",))
+        """A worker reads consecutive shards of the same few files: keep the last 8 footers open."""
+        if name in self._open:
+            self._open[name] = self._open.pop(name)
+            return self._open[name]
+        if self.fs is None:  # a worker reads by file name: it needs the filesystem, not the listing
+            self.fs, _ = fsspec.core.url_to_fs(self.path)
         try:
-            return pq.ParquetFile(self.fs.open(name, "rb"))
+            pf = pq.ParquetFile(self.fs.open(name, "rb"))
         except Exception as e:  # pyarrow raises several types for a corrupt or non-Parquet file
             raise SpecError(f"input file {name}: not a readable Parquet file ({e})") from None
+        self._open[name] = pf
+        if len(self._open) > 8:
+            self._open.pop(next(iter(self._open)))
+        return pf
 
     def read_fragment(self, unit: str, fragment: Fragment, columns: list[str]) -> pa.Table:
         pf = self._file(unit)
