@@ -29,10 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("out_dir")
     st.add_argument("--json", action="store_true")
     st.add_argument("--plot", action="store_true", help="write a shard timeline PNG (_timeline.png) next to the summary")
+    ex = sub.add_parser("export", help="write a job's committed output in another format")
+    ex.add_argument("out_dir")
+    ex.add_argument("--format", choices=["openai-batch"], default="openai-batch")
+    ex.add_argument("-o", "--output", default=None,
+                    help="file to write (default: OUT_DIR/_batch_output.jsonl; '-' for stdout)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "build": cmd_build}[args.cmd](args)
+        return {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "build": cmd_build,
+                "export": cmd_export}[args.cmd](args)
     except BatchrunError as e:
         print(f"batchrun: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -110,6 +116,22 @@ def print_summary(s: dict, samples: int = 3) -> None:
         batch = next(pq.ParquetFile(parts[0]).iter_batches(batch_size=samples))
         for row in batch.to_pylist():
             print("  " + json.dumps(row, default=str)[:200])
+
+
+def cmd_export(args) -> int:
+    from batchrun.errors import SpecError
+    from batchrun.export import export_openai_batch
+
+    if not (Path(args.out_dir) / "_batchrun").is_dir():
+        raise SpecError(f"{args.out_dir} is not a batchrun output dir (no _batchrun/ in it)")
+    if args.output == "-":
+        n = export_openai_batch(args.out_dir, sys.stdout)
+    else:
+        target = Path(args.output or Path(args.out_dir) / "_batch_output.jsonl")
+        with open(target, "w") as fh:
+            n = export_openai_batch(args.out_dir, fh)
+        print(f"wrote {n} lines to {target}", file=sys.stderr)
+    return 0
 
 
 def cmd_status(args) -> int:

@@ -158,6 +158,23 @@ def write_prompts(path: str | Path, n: int = 256, seed: int = 7) -> Path:
     return path
 
 
+def write_openai_batch(path: str | Path, n: int = 64, seed: int = 11) -> Path:
+    """The demo's OpenAI Batch API input: half chat requests (the chat template adds the "="), half completions."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (prompt, _) in enumerate(arithmetic_examples(random.Random(seed), n)):
+        if i % 2 == 0:
+            body = {"model": "batchrun-demo", "messages": [{"role": "user", "content": prompt[:-1]}], "max_tokens": 4}
+            url = "/v1/chat/completions"
+        else:
+            body = {"model": "batchrun-demo", "prompt": prompt, "max_tokens": 4}
+            url = "/v1/completions"
+        lines.append(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Build the embedded demo model and its prompts.")
     ap.add_argument("--model", default="build/demo-model")
@@ -166,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     build_model(args.model)
     write_prompts(args.data, args.rows)
-    print(f"demo data: {args.data}")
+    write_openai_batch(Path(args.data).with_name("requests.jsonl"))
+    print(f"demo data: {args.data}, {Path(args.data).with_name('requests.jsonl')}")
 
 
 if __name__ == "__main__":

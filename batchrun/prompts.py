@@ -5,6 +5,7 @@ A row that cannot give a prompt becomes an error row with a message; it never st
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -21,15 +22,19 @@ _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False
 
 @dataclass(frozen=True, slots=True)
 class Prompts:
-    texts: list[str | None]  # None where the row has an error
+    texts: list[str | None]  # None where the row has an error (for chat: each row's message list instead)
     errors: list[str | None]  # the reason, for error rows
+    chat: bool = False  # texts holds message lists, to render through the tokenizer's chat template
 
 
 class PromptBuilder:
     def __init__(self, spec: InputSpec):
-        self.column = spec.prompt_source or None
+        self.openai = spec.openai_batch
+        self.column = spec.prompt_source or spec.messages_column or None
+        self.messages = bool(spec.messages_column)
+        self.chat, self.system = spec.is_chat, spec.system_prompt
         self.template = None
-        self.variables: list[str] = [self.column] if self.column else []
+        self.variables: list[str] = [self.column] if self.column else ["messages", "prompt"] if self.openai else []
         if spec.prompt_template is not None:
             try:
                 parsed = _ENV.parse(spec.prompt_template)
@@ -43,7 +48,8 @@ class PromptBuilder:
     def check_columns(self, columns: list[str]) -> None:
         missing = [v for v in self.variables if v not in columns]
         if missing and self.column:
-            raise SpecError(f"key 'input.prompt_column': column {self.column!r} not in the input (columns: {', '.join(columns)})")
+            key = "input.messages_column" if self.messages else "input.prompt_column"
+            raise SpecError(f"key '{key}': column {self.column!r} not in the input (columns: {', '.join(columns)})")
         if missing:
             raise SpecError(
                 f"key 'input.prompt_template': template uses {', '.join(map(repr, missing))}, "
@@ -51,9 +57,44 @@ class PromptBuilder:
             )
 
     def build(self, table: pa.Table) -> Prompts:
-        if self.template is None:
-            return self._from_column(table.column(self.column))
-        return self._from_template(table)
+        if self.openai:
+            return self._from_openai(table.column("messages").to_pylist(), table.column("prompt").to_pylist())
+        if self.messages:
+            prompts = self._from_messages(table.column(self.column).to_pylist())
+        elif self.template is None:
+            prompts = self._from_column(table.column(self.column))
+        else:
+            prompts = self._from_template(table)
+        if not self.chat or self.messages:
+            return prompts
+        return Prompts([None if t is None else self._with_system([{"role": "user", "content": t}])
+                        for t in prompts.texts], prompts.errors, chat=True)
+
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + messages
+
+    def _from_openai(self, messages: list, prompts: list) -> Prompts:
+        """Chat requests (body.messages, kept as JSON text) and completion requests (body.prompt), row by row."""
+        chats = self._from_messages([json.loads(m) if m is not None else None for m in messages])
+        texts, errors = [], []
+        for raw, chat, chat_error, prompt in zip(messages, chats.texts, chats.errors, prompts):
+            if raw is not None:
+                texts.append(chat)
+                errors.append(chat_error)
+            else:
+                texts.append(prompt)
+                errors.append(None if prompt is not None else "the request has neither body.messages nor body.prompt")
+        return Prompts(texts, errors, chat=True)
+
+    def _from_messages(self, values: list) -> Prompts:
+        texts, errors = [], []
+        for v in values:
+            ok = isinstance(v, list) and v and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in v)
+            texts.append(self._with_system([{"role": m["role"], "content": m["content"]} for m in v]) if ok else None)
+            errors.append(None if ok else f"column {self.column!r}: expected a non-empty list of "
+                                          f"{{role, content}} messages in this row, got {str(v)[:80]}")
+        return Prompts(texts, errors, chat=True)
 
     def _from_column(self, col: pa.ChunkedArray) -> Prompts:
         values = col.to_pylist()

@@ -50,6 +50,9 @@ class InputSpec(_Section):
     format: Literal["parquet", "hf", "jsonl", "openai-batch"] = "parquet"
     prompt_column: str | None = None  # defaults to "prompt" unless prompt_template is set
     prompt_template: str | None = None  # a Jinja2 template over the row's columns, rendered in a sandbox
+    messages_column: str | None = None  # a column of chat messages [{role, content}], rendered by the chat template
+    chat: bool = False  # wrap the text prompt (column or template) as one user message, through the chat template
+    system_prompt: str | None = None  # chat: a system message put first
     id_column: str | None = None  # absent: a stable `row_index` (position in the plan) is generated
     passthrough_columns: list[str] = Field(default_factory=list)  # input columns copied to the output
     data_files: str | list[str] | None = None  # format hf with a builder name: the files to load
@@ -58,13 +61,26 @@ class InputSpec(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> InputSpec:
-        if self.prompt_column and self.prompt_template:
-            raise ValueError("set input.prompt_column or input.prompt_template, not both")
+        if sum(bool(x) for x in (self.prompt_column, self.prompt_template, self.messages_column)) > 1:
+            raise ValueError("set one of input.prompt_column, input.prompt_template, input.messages_column")
+        if self.format == "openai-batch" and (self.prompt_column or self.prompt_template or self.messages_column):
+            raise ValueError("input.format openai-batch takes its prompts from each line's body; "
+                             "do not set input.prompt_column, prompt_template or messages_column")
         return self
 
     @property
+    def openai_batch(self) -> bool:
+        return self.format == "openai-batch"
+
+    @property
     def prompt_source(self) -> str:
-        return self.prompt_column or ("" if self.prompt_template else "prompt")
+        if self.openai_batch:
+            return ""
+        return self.prompt_column or ("" if self.prompt_template or self.messages_column else "prompt")
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(self.chat or self.messages_column)
 
 
 class SamplingSpec(_Section):
@@ -148,6 +164,21 @@ class FaultsSpec(_Section):
 
 
 class JobSpec(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_batch_defaults(cls, raw):
+        """OpenAI Batch API files run unchanged: custom_id is the id, body.max_tokens the per-row budget."""
+        inp = raw.get("input") if isinstance(raw, dict) else None
+        if isinstance(inp, dict) and inp.get("format") == "openai-batch":
+            raw = dict(raw, input=dict(inp))
+            raw["input"].setdefault("id_column", "custom_id")
+            raw["input"]["passthrough_columns"] = list(dict.fromkeys(
+                list(inp.get("passthrough_columns") or []) + ["url", "model"]))
+            sampling = dict(raw.get("sampling") or {})
+            sampling["per_row"] = {"max_tokens": "max_tokens", **(sampling.get("per_row") or {})}
+            raw["sampling"] = sampling
+        return raw
+
     engine: EngineSpec = Field(default_factory=EngineSpec)
     input: InputSpec
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)

@@ -277,6 +277,8 @@ class Worker:
         n = shard.num_rows
         task = ShardTask(shard, attempt, keep, table.select(self.score_columns), [], [None] * n, [None] * n, [0] * n,
                          [0] * n, [None] * n, n)
+        if prompts.chat:
+            prompts = self._render_chat(prompts)
         samplings, errors = self._row_sampling(table), list(prompts.errors)
         for i, s in enumerate(samplings):
             if isinstance(s, str) and errors[i] is None:
@@ -300,6 +302,21 @@ class Worker:
                                         num_prompt_tokens=task.prompt_tokens[i]))
         return task
 
+    def _render_chat(self, prompts):
+        """Message lists -> prompt text through the engine's chat template (one call per shard)."""
+        ok = [i for i, m in enumerate(prompts.texts) if isinstance(m, list)]  # plain text rows stay as they are
+        texts, errors = [m if isinstance(m, str) else None for m in prompts.texts], list(prompts.errors)
+        try:
+            for i, text in zip(ok, self.engine.render_chat([prompts.texts[i] for i in ok])):
+                texts[i] = text
+        except Exception as e:  # one template failure must not fail the shard: render row by row
+            for i in ok:
+                try:
+                    texts[i] = self.engine.render_chat([prompts.texts[i]])[0]
+                except Exception as row_error:
+                    errors[i] = f"chat template failed for this row: {row_error or e}"
+        return type(prompts)(texts, errors)
+
     def _row_sampling(self, table: pa.Table) -> list:
         """Per-row sampling: the job's settings, overridden by the columns named in sampling.per_row.
         A row whose override is unusable gets the error message instead, and becomes an error row."""
@@ -308,6 +325,9 @@ class Worker:
         column = self.per_row["max_tokens"]
         out = []
         for v in table.column(column).to_pylist():
+            if v is None:  # no override in this row: the job's setting
+                out.append(self.sampling)
+                continue
             ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
             out.append(dataclasses.replace(self.sampling, max_tokens=v) if ok else
                        f"column {column!r} (sampling.per_row.max_tokens): expected an integer >= 1, got {v!r}")

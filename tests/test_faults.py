@@ -183,7 +183,7 @@ def test_bad_rows_become_error_rows_and_good_rows_are_unaffected(tmp_path, ray_c
         "too long for the context": ("1" * 200, 4, "exceeds the model's context of 128"),
         "budget exceeds the context": ("1+1=", 200, "exceeds the model's context"),
         "zero budget": ("1+1=", 0, "expected an integer >= 1"),
-        "null budget": ("1+1=", None, "expected an integer >= 1"),
+        "repeated prompt past the context": ("1+1=" * 40, None, "exceeds the model's context of 128"),
         "negative budget": ("1+1=", -3, "expected an integer >= 1"),
         "prompt of 125 tokens with budget 4": ("2" * 125, 4, "exceeds"),
         "huge budget": ("3+3=", 10**9, "exceeds"),

@@ -76,3 +76,13 @@ def test_hf_save_to_disk_and_builder(tmp_path):
         source = open_source(spec.input)
         ids = [i for s in plan.shards for i in source.read(plan.units, s.fragments, ["id"]).column("id").to_pylist()]
         assert ids == list(range(30))
+
+
+def test_fsspec_urls_read_like_local_paths(tmp_path):
+    """Inputs go through fsspec: a file:// URL (like s3://, gs://, hf:// with their packages) plans and reads the same."""
+    src = make_input(tmp_path)
+    local, url = make_plan(spec_for(src, 13)), make_plan(spec_for(f"file://{src}", 13))
+    assert [s.num_rows for s in local.shards] == [s.num_rows for s in url.shards]
+    source = open_source(spec_for(f"file://{src}", 13).input)
+    ids = [i for s in url.shards for i in source.read(url.units, s.fragments, ["id"]).column("id").to_pylist()]
+    assert ids == list(range(100))

@@ -51,6 +51,10 @@ class Engine(ABC):
         """Token ids of each prompt, or None if the engine takes text. Called off the engine's critical path."""
         return None
 
+    def render_chat(self, conversations: list[list[dict]]) -> list[str]:
+        """Prompt text of each conversation through the model's chat template, ready for a reply."""
+        raise NotImplementedError(f"{type(self).__name__} has no chat template")
+
     @abstractmethod
     def submit(self, request: Request) -> None:
         """Queue one request; never waits for it to finish."""

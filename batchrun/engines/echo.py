@@ -18,6 +18,9 @@ class EchoEngine(Engine):
         self.delay_s = float(options.get("delay_s", 0.0))  # simulated per-request latency, for benchmarks
         self._done: collections.deque[Completion] = collections.deque()
 
+    def render_chat(self, conversations: list[list[dict]]) -> list[str]:
+        return ["\n".join(f"{m['role']}: {m['content']}" for m in c) for c in conversations]
+
     def submit(self, request: Request) -> None:
         words = request.prompt.split()
         out = words[: request.sampling.max_tokens]

@@ -149,6 +149,11 @@ class HFEngine(Engine):
         # Batch encoding in the fast tokenizer's Rust code: one call per shard, not one per row.
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
+    def render_chat(self, conversations: list[list[dict]]) -> list[str]:
+        if not self.tokenizer.chat_template:
+            raise ValueError("the tokenizer has no chat template (input.chat / messages need one)")
+        return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+
     def submit(self, request: Request) -> None:
         if request.sampling.stop:
             self._stop[request.request_id] = request.sampling.stop

@@ -247,6 +247,11 @@ class TRTLLMEngine(Engine):
             return None
         return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
+    def render_chat(self, conversations: list[list[dict]]) -> list[str]:
+        # The LLM API's tokenizer wraps the HF tokenizer (llmapi/tokenizer.py: TransformersTokenizer)
+        hf = getattr(self.tokenizer, "tokenizer", None) or getattr(self.tokenizer, "hf", None) or self.tokenizer
+        return [hf.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+
     def _sampling_params(self, s: Sampling):
         if s not in self._params:  # rows mostly share settings: build each SamplingParams once
             self._params[s] = sampling_params(self.tllm, s)

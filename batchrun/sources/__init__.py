@@ -16,10 +16,10 @@ def open_source(spec: InputSpec) -> Source:
         from batchrun.sources.hf import HFSource
 
         return HFSource(spec.path, spec.data_files, spec.split)
-    if spec.format == "jsonl":
+    if spec.format in ("jsonl", "openai-batch"):
         from batchrun.sources.jsonl import JsonlSource
 
-        return JsonlSource(spec.path)
+        return JsonlSource(spec.path, openai_batch=spec.format == "openai-batch")
     raise SpecError(f"key 'input.format': format {spec.format!r} is not supported by this version of batchrun")
 
 

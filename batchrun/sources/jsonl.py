@@ -14,8 +14,9 @@ from batchrun.sources.files import list_files
 
 
 class JsonlSource(Source):
-    def __init__(self, path: str):
+    def __init__(self, path: str, openai_batch: bool = False):
         self.path = path
+        self.openai_batch = openai_batch  # OpenAI Batch API request lines, flattened to rows
         self.fs, self.files = list_files(path, (".jsonl", ".json", ".ndjson"))
 
     def _lines(self, name: str):
@@ -25,8 +26,12 @@ class JsonlSource(Source):
     def describe(self):
         rows = [sum(1 for _ in self._lines(f)) for f in self.files]
         first = next((f for f, n in zip(self.files, rows) if n), None)
-        columns = list(self._parse(first, next(self._lines(first)), 1)) if first else []
-        return self.files, rows, columns
+        columns = list(self._row(first, next(self._lines(first)), 1)) if first else []
+        return self.files, rows, OPENAI_COLUMNS if self.openai_batch else columns
+
+    def _row(self, name: str, line: str, lineno: int) -> dict:
+        obj = self._parse(name, line, lineno)
+        return openai_request_row(obj) if self.openai_batch else obj
 
     @staticmethod
     def _parse(name: str, line: str, lineno: int) -> dict:
@@ -38,7 +43,7 @@ class JsonlSource(Source):
 
     def read_fragment(self, unit: str, fragment: Fragment, columns: list[str]) -> pa.Table:
         lines = itertools.islice(self._lines(unit), fragment.start, fragment.stop)
-        rows = [self._parse(unit, line, fragment.start + i + 1) for i, line in enumerate(lines)]
+        rows = [self._row(unit, line, fragment.start + i + 1) for i, line in enumerate(lines)]
         if len(rows) != fragment.stop - fragment.start:
             raise SpecError(f"input file {unit} changed while the job ran: expected {fragment.stop} rows")
         return pa.table({c: _column([r.get(c) for r in rows]) for c in columns})
@@ -50,3 +55,22 @@ def _column(values: list) -> pa.Array:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string())
+
+
+# The columns an OpenAI Batch API request line becomes (https://platform.openai.com/docs/api-reference/batch):
+# {"custom_id", "method", "url", "body": {"model", "messages" | "prompt", "max_tokens" | "max_completion_tokens", ...}}
+OPENAI_COLUMNS = ["custom_id", "url", "model", "messages", "prompt", "max_tokens"]
+
+
+def openai_request_row(obj: dict) -> dict:
+    body = obj.get("body") if isinstance(obj.get("body"), dict) else {}
+    messages = body.get("messages")
+    return {
+        "custom_id": obj.get("custom_id"),
+        "url": obj.get("url") or ("/v1/chat/completions" if messages is not None else "/v1/completions"),
+        "model": body.get("model"),
+        # kept as JSON text: JSON has no column types, and a row may be a chat or a completion
+        "messages": json.dumps(messages) if messages is not None else None,
+        "prompt": body.get("prompt") if isinstance(body.get("prompt"), str) else None,
+        "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
+    }
