@@ -90,6 +90,8 @@ class SamplingSpec(_Section):
     top_k: int = Field(0, ge=0)  # 0 = off
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)  # generation ends at the first of these; the text excludes it
+    n: int = Field(1, ge=1)  # samples per prompt: one output row each, with sample_index
+    logprobs: bool = False  # a `logprobs` column: the log probability of each generated token
     per_row: dict[Literal["max_tokens"], str] = Field(default_factory=dict)  # sampling key -> input column
 
 

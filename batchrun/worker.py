@@ -45,44 +45,64 @@ OUTPUT_SCHEMA = [
 
 @dataclass
 class ShardTask:
-    """One leased shard between reading and commit. Results are slotted by row offset: exactly one per row."""
+    """One leased shard between reading and commit. Results are slotted by (row, sample): exactly one per slot."""
 
     shard: Shard
     attempt: int
     keep: pa.Table  # id + passthrough columns, in input order
     refs: pa.Table  # the columns the scorer reads (reference column, or the whole row for a hook)
-    requests: list[Request]  # rows that reached the engine, in submission order
-    text: list[str | None]
-    finish: list[str | None]
-    prompt_tokens: list[int]
-    gen_tokens: list[int]
-    error: list[str | None]
-    remaining: int
+    n: int  # samples per row: slot = row * n + sample_index
+    logprobs: bool  # keep each sample's token logprobs for a `logprobs` column
+    requests: list[Request] = field(default_factory=list)  # rows that reached the engine, in submission order
     started_at: float = field(default_factory=time.time)
 
+    def __post_init__(self):
+        slots = self.keep.num_rows * self.n
+        self.text: list[str | None] = [None] * slots
+        self.finish: list[str | None] = [None] * slots
+        self.prompt_tokens, self.gen_tokens = [0] * slots, [0] * slots
+        self.error: list[str | None] = [None] * slots
+        self.token_logprobs: list[list[float] | None] = [None] * slots
+        self.remaining = slots
+
     def fill(self, offset: int, c: Completion) -> None:
-        if self.finish[offset] is not None:
-            raise RuntimeError(f"shard {self.shard.shard_id} row {offset}: a second completion arrived")
-        self.text[offset] = c.text if c.error is None else None
-        self.finish[offset] = c.finish_reason if c.error is None else "error"
-        self.prompt_tokens[offset] = c.num_prompt_tokens
-        self.gen_tokens[offset] = c.num_generated_tokens
-        self.error[offset] = c.error
+        slot = offset * self.n + c.sample_index
+        if self.finish[slot] is not None:
+            raise RuntimeError(f"shard {self.shard.shard_id} row {offset} sample {c.sample_index}: "
+                               "a second completion arrived")
+        self.text[slot] = c.text if c.error is None else None
+        self.finish[slot] = c.finish_reason if c.error is None else "error"
+        self.prompt_tokens[slot] = c.num_prompt_tokens
+        self.gen_tokens[slot] = c.num_generated_tokens
+        self.error[slot] = c.error
+        self.token_logprobs[slot] = c.logprobs
         self.remaining -= 1
+
+    def fail_row(self, offset: int, error: str, prompt_tokens: int = 0) -> None:
+        """A row that never reaches the engine: every one of its samples is an error row."""
+        for k in range(self.n):
+            self.fill(offset, Completion(f"{self.shard.shard_id}:{offset}", finish_reason="error", error=error,
+                                         num_prompt_tokens=prompt_tokens, sample_index=k))
 
     def table(self, parser=None, scorer=None) -> pa.Table:
         assert self.remaining == 0 and all(f is not None for f in self.finish), "shard written before every row finished"
         cols = [self.text, self.finish, self.prompt_tokens, self.gen_tokens, self.error]
-        out = self.keep
+        out, refs = self.keep, self.refs
+        if self.n > 1:  # one output row per sample, in (row, sample) order
+            rows = pa.array([i for i in range(self.keep.num_rows) for _ in range(self.n)], pa.int64())
+            out, refs = out.take(rows), refs.take(rows)
+            out = out.append_column("sample_index", pa.array(list(range(self.n)) * self.keep.num_rows, pa.int32()))
         for (name, typ), values in zip(OUTPUT_SCHEMA, cols):
             out = out.append_column(pa.field(name, typ), pa.array(values, type=typ))
+        if self.logprobs:
+            out = out.append_column("logprobs", pa.array(self.token_logprobs, pa.list_(pa.float32())))
         parsed = None
         if parser is not None:
             for name, column in parser.columns(self.text).items():
                 out = out.append_column(name, column)
             parsed = out.column("parsed").to_pylist()
         if scorer is not None:
-            out = out.append_column("score", scorer.column(self.text, parsed, self.refs))
+            out = out.append_column("score", scorer.column(self.text, parsed, refs))
         return out
 
 
@@ -220,8 +240,8 @@ class Worker:
                         self._put(finished, by_shard.pop(current.shard.shard_id))
                     continue
                 engine.submit(current.requests[cursor])
+                in_flight += current.requests[cursor].sampling.n  # counted in samples: one completion each
                 cursor += 1
-                in_flight += 1
                 self.stats["first_submit_at"] = self.stats["first_submit_at"] or time.time()
             if exhausted and in_flight == 0:
                 return
@@ -274,9 +294,8 @@ class Worker:
             keep = keep.add_column(0, ROW_INDEX, pa.array(range(shard.row_start, shard.row_start + shard.num_rows),
                                                           pa.int64()))
         prompts = self.prompts.build(table)
-        n = shard.num_rows
-        task = ShardTask(shard, attempt, keep, table.select(self.score_columns), [], [None] * n, [None] * n, [0] * n,
-                         [0] * n, [None] * n, n)
+        task = ShardTask(shard, attempt, keep, table.select(self.score_columns), self.sampling.n,
+                         self.sampling.logprobs)
         if prompts.chat:
             prompts = self._render_chat(prompts)
         samplings, errors = self._row_sampling(table), list(prompts.errors)
@@ -293,13 +312,13 @@ class Worker:
                 if errors[i] is None and not ids:
                     errors[i] = "prompt is empty (0 tokens)"
                 if errors[i] is not None:
-                    task.prompt_tokens[i] = len(token_ids[j])
+                    task.fail_row(i, errors[i], len(token_ids[j]))
                     continue
             task.requests.append(Request(f"{shard.shard_id}:{i}", prompts.texts[i], ids, sampling))
+        sent_or_failed = set(ok)  # rows in `ok` either went to the engine or were failed above
         for i, err in enumerate(errors):
-            if err is not None:
-                task.fill(i, Completion(f"{shard.shard_id}:{i}", finish_reason="error", error=err,
-                                        num_prompt_tokens=task.prompt_tokens[i]))
+            if err is not None and i not in sent_or_failed:
+                task.fail_row(i, err)
         return task
 
     def _render_chat(self, prompts):

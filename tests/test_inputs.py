@@ -82,3 +82,27 @@ def test_openai_batch_round_trip(tmp_path, ray_cluster, demo_model, capsys):
         assert body["usage"]["completion_tokens"] <= 4
         right += text == str(a + b)
     assert right >= 18  # chat and completion requests alike get the demo model's (99%-right) answers
+
+
+def test_n_samples_and_logprobs(tmp_path, ray_cluster, demo_model):
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(12)), "prompt": [f"{i}+{i}=" for i in range(12)]}))
+    base = {"engine": {"name": "hf", "model": str(demo_model), "dtype": "float32"},
+            "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id"}, "shards": {"rows_per_shard": 5}}
+    spec = validate_spec({**base, "sampling": {"max_tokens": 4, "temperature": 1.5, "n": 3, "logprobs": True,
+                                               "seed": 7},
+                          "output": {"dir": str(tmp_path / "sampled")}})
+    JobRunner(spec, show_progress=False).run()
+    out = read_output(tmp_path / "sampled").to_pylist()
+    assert sorted((r["id"], r["sample_index"]) for r in out) == [(i, k) for i in range(12) for k in range(3)]
+    for r in out:
+        assert r["error"] is None and len(r["logprobs"]) == r["num_generated_tokens"] > 0
+        assert all(lp <= 0 for lp in r["logprobs"])
+    assert len({r["generated_text"] for r in out}) > 12  # temperature 1.5: samples differ
+    greedy = validate_spec({**base, "sampling": {"max_tokens": 4, "n": 2}, "output": {"dir": str(tmp_path / "greedy")}})
+    JobRunner(greedy, show_progress=False).run()
+    rows = read_output(tmp_path / "greedy").to_pylist()
+    by_id: dict = {}
+    for r in rows:
+        by_id.setdefault(r["id"], set()).add(r["generated_text"])
+    assert len(rows) == 24 and all(len(v) == 1 for v in by_id.values())  # greedy samples agree
+    assert "logprobs" not in rows[0]

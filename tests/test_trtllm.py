@@ -205,3 +205,15 @@ def test_trtllm_engine_through_the_runner(tmp_path, ray_cluster, demo_model):
         if i != 7:
             ids = tok.encode(p, add_special_tokens=False)
             assert rows[i]["generated_text"] == tok.decode(list(reversed(ids))[:3])
+
+
+def test_n_samples_map_to_sample_indexes(tllm):
+    from tensorrt_llm import CompletionOutput, RequestOutput
+
+    from batchrun.engines.trtllm import to_completions
+
+    o = RequestOutput(1, "p", [1, 2], None)
+    o.outputs = [CompletionOutput(0, "a", [5], finish_reason="stop"), CompletionOutput(1, "b", [6, 7], finish_reason="length")]
+    got = to_completions("3:4", o, ())
+    assert [(c.request_id, c.sample_index, c.text, c.finish_reason) for c in got] == \
+        [("3:4", 0, "a", "stop"), ("3:4", 1, "b", "length")]

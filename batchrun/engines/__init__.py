@@ -9,7 +9,7 @@ from batchrun.spec import EngineSpec, SamplingSpec
 
 
 def sampling_from_spec(s: SamplingSpec) -> Sampling:
-    return Sampling(s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, tuple(s.stop))
+    return Sampling(s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, tuple(s.stop), s.n, s.logprobs)
 
 
 def create_engine(spec: EngineSpec, sampling: SamplingSpec) -> Engine:

@@ -17,6 +17,8 @@ class Sampling:
     top_k: int = 0  # 0 = off
     seed: int | None = None  # per request, so a row samples the same way whatever it is batched with
     stop: tuple[str, ...] = ()
+    n: int = 1  # samples of this prompt, each its own Completion (sample_index 0..n-1)
+    logprobs: bool = False  # return the log probability of each generated token
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,7 @@ class Completion:
     num_generated_tokens: int = 0
     logprobs: list[float] | None = None
     error: str | None = None  # set for a failure of this request alone; the job goes on
+    sample_index: int = 0  # which of the request's n samples this is
 
 
 class Engine(ABC):

@@ -24,15 +24,18 @@ class EchoEngine(Engine):
     def submit(self, request: Request) -> None:
         words = request.prompt.split()
         out = words[: request.sampling.max_tokens]
-        self._done.append(
-            Completion(
-                request_id=request.request_id,
-                text=" ".join(out),
-                finish_reason="length" if len(words) > len(out) else "stop",
-                num_prompt_tokens=len(words),
-                num_generated_tokens=len(out),
+        for k in range(request.sampling.n):
+            self._done.append(
+                Completion(
+                    request_id=request.request_id,
+                    text=" ".join(out),
+                    finish_reason="length" if len(words) > len(out) else "stop",
+                    num_prompt_tokens=len(words),
+                    num_generated_tokens=len(out),
+                    logprobs=[0.0] * len(out) if request.sampling.logprobs else None,
+                    sample_index=k,
+                )
             )
-        )
 
     def poll(self, timeout: float) -> list[Completion]:
         if self.delay_s and self._done:

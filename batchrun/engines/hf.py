@@ -11,6 +11,7 @@ turns raw results into Completions in the worker's process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -76,11 +77,16 @@ def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
         max_new_tokens=s.max_tokens,
         eos_token_id=eos_ids or None,
         pad_token_id=cfg.pad_token_id,
+        # each extra sample is a child request "<id>__child#k" (continuous_api.py); transformers refuses n > 1 when
+        # greedy, and greedy samples are identical anyway: HFEngine copies the one result instead
+        num_return_sequences=s.n if s.temperature > 0 else 1,
     )
     cb_options = dict(CPU_CB_DEFAULTS) if model.device.type == "cpu" else {}
     cb_options.update(dict(cfg.options))
     if s.seed is not None:
         cb_options.setdefault("seed", s.seed)
+    if s.logprobs:
+        cb_options.setdefault("return_logprobs", True)
     manager = model.init_continuous_batching(
         generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**cb_options)
     )
@@ -143,7 +149,9 @@ class HFEngine(Engine):
         self.context_length = self.backend.context_length
         self.eos_ids = set(self.backend.eos_ids)
         self.max_in_flight = max_in_flight
-        self._stop: dict[str, tuple[str, ...]] = {}  # request_id -> stop strings, applied when it finishes
+        self.stop = sampling.stop  # job-level stop strings, cut from the text when a request finishes
+        self.copies = sampling.n if sampling.temperature == 0 else 1  # greedy n > 1: n copies of one generation
+        self.logprobs = sampling.logprobs
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         # Batch encoding in the fast tokenizer's Rust code: one call per shard, not one per row.
@@ -155,31 +163,35 @@ class HFEngine(Engine):
         return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
 
     def submit(self, request: Request) -> None:
-        if request.sampling.stop:
-            self._stop[request.request_id] = request.sampling.stop
         self.backend.add(request.request_id, request.prompt_token_ids, request.sampling.max_tokens)
 
     def poll(self, timeout: float) -> list[Completion]:
-        return [self._completion(r) for r in self.backend.results(timeout)]
+        done = [self._completion(r) for r in self.backend.results(timeout)]
+        if self.copies > 1:
+            done = [dataclasses.replace(c, sample_index=k) for c in done for k in range(self.copies)]
+        return done
 
     def _completion(self, r: RawResult) -> Completion:
-        stop = self._stop.pop(r.request_id, ())
+        request_id, _, child = r.request_id.partition("__child#")
+        sample = int(child) + 1 if child else 0
         if r.error is not None:
-            return Completion(r.request_id, finish_reason="error", error=r.error, num_prompt_tokens=r.prompt_len)
+            return Completion(request_id, finish_reason="error", error=r.error, num_prompt_tokens=r.prompt_len,
+                              sample_index=sample)
         tokens = r.tokens
         ended = bool(tokens) and tokens[-1] in self.eos_ids
         if ended:
             tokens = tokens[:-1]
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        text, hit_stop = apply_stop(text, stop)
+        text, hit_stop = apply_stop(text, self.stop)
         return Completion(
-            request_id=r.request_id,
+            request_id=request_id,
+            sample_index=sample,
             text=text,
             token_ids=tokens,
             finish_reason="stop" if ended or hit_stop else "length",
             num_prompt_tokens=r.prompt_len,
             num_generated_tokens=len(tokens),
-            logprobs=r.logprobs or None,
+            logprobs=r.logprobs[: len(tokens)] if self.logprobs else None,
         )
 
     def close(self) -> None:

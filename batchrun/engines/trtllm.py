@@ -168,19 +168,26 @@ def build_engine(model: str, tp: int, dtype: str, trust_remote_code: bool, optio
     return target, True
 
 
+def to_completions(request_id: str, output, stop: tuple[str, ...]) -> list[Completion]:
+    """RequestOutput -> one Completion per sample (outputs[i].index). timeout/cancelled: error rows."""
+    return [_one(request_id, c, len(output.prompt_token_ids or []), stop) for c in output.outputs]
+
+
 def to_completion(request_id: str, output, stop: tuple[str, ...]) -> Completion:
-    """RequestOutput -> Completion. timeout/cancelled are failures of that request: error rows."""
-    c = output.outputs[0]
-    prompt_len = len(output.prompt_token_ids or [])
+    return to_completions(request_id, output, stop)[0]
+
+
+def _one(request_id: str, c, prompt_len: int, stop: tuple[str, ...]) -> Completion:
     if c.finish_reason in ("timeout", "cancelled"):
         return Completion(request_id, finish_reason="error", error=f"request {c.finish_reason} in TensorRT-LLM",
-                          num_prompt_tokens=prompt_len, num_generated_tokens=len(c.token_ids or []))
+                          num_prompt_tokens=prompt_len, num_generated_tokens=len(c.token_ids or []),
+                          sample_index=c.index)
     text, hit = apply_stop(c.text, stop)  # the engine already excludes stop strings; this is a no-op safeguard
     return Completion(
         request_id=request_id, text=text, token_ids=list(c.token_ids or []),
         finish_reason="stop" if c.finish_reason == "stop" or hit else "length",
         num_prompt_tokens=prompt_len, num_generated_tokens=len(c.token_ids or []),
-        logprobs=_logprob_values(c.logprobs) or None,
+        logprobs=_logprob_values(c.logprobs) or None, sample_index=c.index,
     )
 
 
@@ -254,7 +261,7 @@ class TRTLLMEngine(Engine):
 
     def _sampling_params(self, s: Sampling):
         if s not in self._params:  # rows mostly share settings: build each SamplingParams once
-            self._params[s] = sampling_params(self.tllm, s)
+            self._params[s] = sampling_params(self.tllm, s, n=s.n, logprobs=1 if s.logprobs else None)
         return self._params[s]
 
     def submit(self, request: Request) -> None:
@@ -265,10 +272,12 @@ class TRTLLMEngine(Engine):
     async def _generate(self, request: Request, inputs, params) -> None:
         try:
             output = await self.llm.generate_async(inputs, sampling_params=params).aresult()
-            self._done.put(to_completion(request.request_id, output, request.sampling.stop))
+            for c in to_completions(request.request_id, output, request.sampling.stop):
+                self._done.put(c)
         except Exception as e:  # a failure of this request alone (bad input, per-request engine error)
-            self._done.put(Completion(request.request_id, finish_reason="error",
-                                      error=f"{type(e).__name__}: {e}"))
+            for k in range(request.sampling.n):
+                self._done.put(Completion(request.request_id, finish_reason="error",
+                                          error=f"{type(e).__name__}: {e}", sample_index=k))
 
     def poll(self, timeout: float) -> list[Completion]:
         out = []
