@@ -57,6 +57,7 @@ class InputSpec(_Section):
     passthrough_columns: list[str] = Field(default_factory=list)  # input columns copied to the output
     data_files: str | list[str] | None = None  # format hf with a builder name: the files to load
     split: str = "train"  # format hf: the split to read
+    config: str | None = None  # format hf: the dataset's configuration name (hub datasets)
     truncation: Literal["error", "left", "right"] = "error"  # prompt longer than the context: error row or cut
 
     @model_validator(mode="after")

@@ -15,8 +15,8 @@ from batchrun.sources.base import Source
 
 
 class HFSource(Source):
-    def __init__(self, path: str, data_files, split: str):
-        self.path, self.data_files, self.split = path, data_files, split
+    def __init__(self, path: str, data_files, split: str, config: str | None = None):
+        self.path, self.data_files, self.split, self.config = path, data_files, split, config
         self._ds = None
 
     @property
@@ -28,13 +28,12 @@ class HFSource(Source):
     def _load(self):
         import datasets
 
+        saved = any(os.path.exists(os.path.join(self.path, f)) for f in ("dataset_info.json", "dataset_dict.json"))
         try:
-            if os.path.isdir(self.path) and os.path.exists(os.path.join(self.path, "dataset_info.json")) or (
-                os.path.isdir(self.path) and os.path.exists(os.path.join(self.path, "dataset_dict.json"))
-            ):
+            if os.path.isdir(self.path) and saved:  # a save_to_disk dir
                 ds = datasets.load_from_disk(self.path)
-            else:
-                ds = datasets.load_dataset(self.path, data_files=self.data_files, split=self.split)
+            else:  # a local builder (parquet/json/csv + data_files) or a hub name where the hub is reachable
+                ds = datasets.load_dataset(self.path, self.config, data_files=self.data_files, split=self.split)
         except Exception as e:
             raise SpecError(f"key 'input.path': cannot load HF dataset {self.path!r}: {e}") from None
         if isinstance(ds, datasets.DatasetDict):
