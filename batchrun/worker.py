@@ -145,9 +145,7 @@ class Worker:
         score = self.spec.score
         self.parser = Parser(self.spec.output.parse) if self.spec.output.parse else None
         self.scorer = Scorer(score) if score else None
-        # a hook scorer sees the whole input row; the built-in ones only the reference column
-        self.score_columns = ([] if not score else [score.reference_column] if not score.hook else
-                              list(dict.fromkeys(self.read_columns + ([score.reference_column] if score.reference_column else []))))
+        self.score_columns = self._score_columns(score)
         self.read_columns = list(dict.fromkeys(self.read_columns + self.score_columns))
         self.engine = None
         self.stats = {"rows": 0, "shards": 0, "generated_tokens": 0, "prompt_tokens": 0, "in_flight": 0,
@@ -156,6 +154,13 @@ class Worker:
         self._last_progress = time.monotonic()
         self._stop = threading.Event()
         self._error: BaseException | None = None
+
+    def _score_columns(self, score) -> list[str]:
+        """A built-in scorer reads the reference column; a hook sees every column the job reads, and the reference."""
+        if score is None:
+            return []
+        ref = [score.reference_column] if score.reference_column else []
+        return list(dict.fromkeys(self.read_columns + ref)) if score.hook else ref
 
     # ------------------------------------------------------------ lifecycle
 
