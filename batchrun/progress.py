@@ -31,7 +31,7 @@ class Progress:
             self.bar.update(rows - self.done)
             self.bar.set_postfix_str(info, refresh=False)
         elif time.time() - self.last_line >= self.interval_s or rows == self.total:
-            rate = (rows - snap.get("rows_skipped", 0)) / elapsed
+            rate = (rows - snap["rows_skipped"]) / elapsed  # this run's rows: resumed shards are not throughput
             eta = (self.total - rows) / rate if rate > 0 else float("nan")
             print(f"[batchrun] rows {rows}/{self.total} ({rows / max(self.total, 1):.0%}) "
                   f"{rate:,.0f} rows/s ETA {eta:,.0f}s | {info}", file=sys.stderr, flush=True)

@@ -51,6 +51,7 @@ class ShardQueue:
         self.pending = collections.deque(s.shard_id for s in shards if s.shard_id not in done)
         self.done: set[int] = done & set(self.shards)
         self.skipped = len(self.done)  # committed by earlier runs: never sent to an engine again
+        self.skipped_rows = sum(self.shards[s].num_rows for s in self.done)
         self.leases: dict[int, Lease] = {}
         self.attempts: collections.Counter[int] = collections.Counter()  # hand-outs in this run
         self.failures: dict[int, list[str]] = collections.defaultdict(list)
@@ -162,6 +163,7 @@ class ShardQueue:
             "shards_total": len(self.shards),
             "shards_done": len(self.done),
             "shards_skipped": self.skipped,
+            "rows_skipped": self.skipped_rows,
             "shards_running": len(self.leases),
             "shards_pending": len(self.pending),
             "shards_quarantined": len(self.quarantined),

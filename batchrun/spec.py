@@ -198,15 +198,18 @@ class JobSpec(_Section):
         return min(self.shards.rows_per_shard, cap) if cap else self.shards.rows_per_shard
 
     def output_affecting(self) -> dict[str, Any]:
-        """The parts of the spec that change what lands in the output (resources and output.dir do not)."""
-        engine = self.engine.model_dump(exclude={"max_in_flight"})
+        """The parts of the spec that change what lands in the output (resources and output.dir do not).
+
+        Defaults are left out, so a later batchrun that adds a key (at a default that keeps outputs as they were)
+        still resumes jobs started by an earlier one."""
+        dump = {"exclude_defaults": True}
         return {
-            "engine": engine,
-            "input": self.input.model_dump(),
-            "sampling": self.sampling.model_dump(),
+            "engine": self.engine.model_dump(exclude={"max_in_flight"}, **dump),
+            "input": self.input.model_dump(**dump),
+            "sampling": self.sampling.model_dump(**dump),
             "rows_per_shard": self.rows_per_shard,
-            "output": self.output.model_dump(exclude={"dir"}),
-            "score": self.score.model_dump() if self.score else None,
+            "output": self.output.model_dump(exclude={"dir"}, **dump),
+            "score": self.score.model_dump(**dump) if self.score else None,
         }
 
 

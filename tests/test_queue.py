@@ -110,3 +110,14 @@ def test_fair_share_leaves_shards_for_workers_still_loading(tmp_path):
     assert q.lease("w2").shard_id == 2
     q.set_worker_count(1)  # w2 died: w1 may take the rest
     assert q.lease("w1").shard_id == 3
+
+
+def test_fingerprint_ignores_keys_left_at_their_defaults():
+    """A newer batchrun adding a key at its default must still resume a job started by an older one."""
+    from batchrun.spec import validate_spec
+
+    base = {"engine": {"name": "echo"}, "input": {"path": "x"}, "output": {"dir": "y"}}
+    plain = validate_spec(base).output_affecting()
+    explicit = validate_spec({**base, "sampling": {"n": 1, "logprobs": False}}).output_affecting()
+    assert plain == explicit and "n" not in plain["sampling"]
+    assert validate_spec({**base, "sampling": {"n": 2}}).output_affecting() != plain
