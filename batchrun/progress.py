@@ -30,7 +30,7 @@ class Progress:
         if self.bar is not None:
             self.bar.update(rows - self.done)
             self.bar.set_postfix_str(info, refresh=False)
-        elif time.time() - self.last_line >= self.interval_s or rows == self.total:
+        elif time.time() - self.last_line >= self.interval_s or (rows == self.total and self.done != rows):
             rate = (rows - snap["rows_skipped"]) / elapsed  # this run's rows: resumed shards are not throughput
             eta = (self.total - rows) / rate if rate > 0 else float("nan")
             print(f"[batchrun] rows {rows}/{self.total} ({rows / max(self.total, 1):.0%}) "
