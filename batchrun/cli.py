@@ -135,7 +135,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from batchrun.sink import OutputDir
+    from batchrun.sink import OutputDir, committed_totals
 
     out = OutputDir(args.out_dir)
     entries = out.entries()
@@ -144,7 +144,8 @@ def cmd_status(args) -> int:
     committed = [e for e in entries.values() if e.state == "committed"]
     quarantined = {e.shard_id: e.error for e in entries.values() if e.state == "quarantined"}
     total_rows = sum(job.get("components", {}).get("input_files", {}).get("rows", []))
-    rows = sum(e.rows for e in committed)
+    totals = committed_totals(committed)
+    rows = totals["rows"]
     times = [e.committed_at for e in committed]
     rate = rows / (max(times) - min(e.started_at for e in committed)) if len(times) > 1 else 0.0
     status = {
@@ -157,8 +158,8 @@ def cmd_status(args) -> int:
         "rows_total": total_rows,
         "rows_per_s": round(rate, 2),
         "eta_s": round((total_rows - rows) / rate, 1) if rate and lock else None,
-        "generated_tokens": sum(e.generated_tokens for e in committed),
-        "error_rows": sum(e.error_rows for e in committed),
+        "generated_tokens": totals["generated_tokens"],
+        "error_rows": totals["error_rows"],
         "checked_at": time.time(),
     }
     if args.plot:

@@ -52,6 +52,8 @@ class ShardQueue:
         self.done: set[int] = done & set(self.shards)
         self.skipped = len(self.done)  # committed by earlier runs: never sent to an engine again
         self.skipped_rows = sum(self.shards[s].num_rows for s in self.done)
+        self.rows_total = sum(s.num_rows for s in shards)
+        self.rows_done = self.skipped_rows
         self.leases: dict[int, Lease] = {}
         self.attempts: collections.Counter[int] = collections.Counter()  # hand-outs in this run
         self.failures: dict[int, list[str]] = collections.defaultdict(list)
@@ -110,6 +112,7 @@ class ShardQueue:
         committed = self.out.commit(tmp, entry)
         self.duplicates += not committed
         self.done.add(sid)
+        self.rows_done += self.shards[sid].num_rows
         self.leases.pop(sid, None)
         self.quarantined.pop(sid, None)
         if sid in self.pending:  # a stale worker finished a shard that had been handed back: no need to redo it
@@ -157,9 +160,10 @@ class ShardQueue:
         return not self.pending and not self.leases
 
     def progress(self) -> dict:
+        """One snapshot per driver tick: counters, per-worker stats, leases, and whether the job is finished."""
         self._expire()
-        rows_done = sum(self.shards[s].num_rows for s in self.done)
         return {
+            "finished": not self.pending and not self.leases,
             "shards_total": len(self.shards),
             "shards_done": len(self.done),
             "shards_skipped": self.skipped,
@@ -168,8 +172,8 @@ class ShardQueue:
             "shards_pending": len(self.pending),
             "shards_quarantined": len(self.quarantined),
             "shard_failures": sum(len(v) for v in self.failures.values()),
-            "rows_total": sum(s.num_rows for s in self.shards.values()),
-            "rows_done": rows_done,
+            "rows_total": self.rows_total,
+            "rows_done": self.rows_done,
             "duplicates": self.duplicates,
             "workers": {w: {"node": i.node, "pid": i.pid, "heartbeat_age_s": time.time() - i.last_heartbeat,
                             **i.stats} for w, i in self.workers.items()},

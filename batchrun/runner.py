@@ -17,8 +17,8 @@ from batchrun.plan import Plan, make_plan
 from batchrun.progress import Progress
 from batchrun.prompts import PromptBuilder
 from batchrun.queue import ShardQueue
-from batchrun.sink import OutputDir
-from batchrun.spec import JobSpec
+from batchrun.sink import OutputDir, committed_totals
+from batchrun.spec import JobSpec, model_files
 from batchrun.worker import Worker, peak_rss_mb
 
 log = logging.getLogger("batchrun")
@@ -61,16 +61,6 @@ def check_engine(spec: JobSpec) -> None:
             raise SpecError(f"key '{key}': {err['msg']} (given: {err.get('input')!r})") from None
 
 
-def model_signature(spec: JobSpec) -> dict:
-    """What identifies the weights without hashing gigabytes: file names, sizes and the config's text."""
-    path = spec.engine.model
-    if not path or not os.path.isdir(path):
-        return {}
-    files = {f: os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path))
-             if f.endswith((".json", ".safetensors", ".bin", ".engine", ".model"))}
-    return {"files": files}
-
-
 def input_signature(plan: Plan) -> dict:
     return {"units": list(plan.units), "rows": list(plan.unit_rows)}
 
@@ -99,7 +89,7 @@ class JobRunner:
         return plan
 
     def components(self, plan: Plan) -> dict:
-        return dict(self.spec.output_affecting(), input_files=input_signature(plan), model_files=model_signature(self.spec))
+        return dict(self.spec.output_affecting(), input_files=input_signature(plan), model_files={"files": model_files(self.spec.engine.model)})
 
     # ------------------------------------------------------------ the run
 
@@ -133,11 +123,10 @@ class JobRunner:
             todo = ray.get(queue.progress.remote())
             if todo["shards_pending"]:
                 pool.start(min(resolve_num_workers(spec.resources), todo["shards_pending"]))
-            while not ray.get(queue.finished.remote()):
-                pool.watch()
-                snap = ray.get(queue.progress.remote())
+            while not (snap := ray.get(queue.progress.remote()))["finished"]:
                 progress.update(snap)
                 self._check_stall(snap, pool)
+                pool.watch()
             pool.drain()  # let workers see DONE, close their engines and hand back their final counters
             snap = ray.get(queue.progress.remote())
             report = ray.get(queue.report.remote())
@@ -182,20 +171,21 @@ class JobRunner:
             w["shards"].append(e.shard_id)
             w["rows"] += e.rows
             w["generated_tokens"] += e.generated_tokens
+        totals = committed_totals(entries)
         summary = {
             "status": "quarantined" if report["quarantined"] else "succeeded",
             "run_id": self.run_id,
             "output_dir": str(self.out.root),
-            "rows": sum(e.rows for e in entries),
-            "error_rows": sum(e.error_rows for e in entries),
+            "rows": totals["rows"],
+            "error_rows": totals["error_rows"],
             "shards": snap["shards_total"],
             "shards_committed": snap["shards_done"],
             "shards_skipped": snap["shards_skipped"],
             "shards_quarantined": report["quarantined"],
             "shard_failures": snap["shard_failures"],
             "worker_restarts": pool.restarts,
-            "prompt_tokens": sum(e.prompt_tokens for e in entries),
-            "generated_tokens": sum(e.generated_tokens for e in entries),
+            "prompt_tokens": totals["prompt_tokens"],
+            "generated_tokens": totals["generated_tokens"],
             "this_run": {"rows": rows_run, "generated_tokens": gen, "wall_s": round(wall, 3),
                          "rows_per_s": round(rows_run / wall, 2) if wall else 0.0,
                          "generated_tokens_per_s": round(gen / wall, 2) if wall else 0.0},

@@ -52,6 +52,14 @@ class ManifestEntry:
     score: dict | None = None  # evals: {"sum", "rows", "scored"} of this shard's score column
 
 
+def committed_totals(entries) -> dict:
+    """Rows and tokens over committed manifest entries: the numbers the summary and `batchrun status` report."""
+    done = [e for e in entries if e.state == "committed"]
+    return {"rows": sum(e.rows for e in done), "error_rows": sum(e.error_rows for e in done),
+            "prompt_tokens": sum(e.prompt_tokens for e in done),
+            "generated_tokens": sum(e.generated_tokens for e in done)}
+
+
 def ids_digest(ids: pa.ChunkedArray | pa.Array) -> str:
     """A digest of the id values that does not depend on how the column happens to be chunked."""
     arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -303,6 +304,14 @@ def _section_for(loc: tuple) -> type[BaseModel] | None:
 
 
 # ---------------------------------------------------------------- fingerprint
+
+
+def model_files(path: str | None) -> dict[str, int]:
+    """What identifies weights without hashing gigabytes: the model dir's config/weight/engine files and their sizes."""
+    if not path or not os.path.isdir(path):
+        return {}
+    return {f: os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path))
+            if f.endswith((".json", ".safetensors", ".bin", ".engine", ".model"))}
 
 
 def fingerprint(components: dict[str, Any]) -> str:

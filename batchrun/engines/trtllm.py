@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_stop
 from batchrun.engines.mpi import actor_gpu_ids, mpi_environment
+from batchrun.spec import model_files
 
 QUANT_ALGOS = (
     "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
@@ -92,11 +93,7 @@ def sampling_params(tllm, s: Sampling, n: int = 1, logprobs: int | None = None):
 
 def build_fingerprint(model: str, tp: int, opts: TRTLLMOptions) -> str:
     """What makes a built engine reusable: the weights, the parallel layout, the quantization and the max sizes."""
-    files = {}
-    if os.path.isdir(model):
-        files = {f: os.path.getsize(os.path.join(model, f)) for f in sorted(os.listdir(model))
-                 if f.endswith((".json", ".safetensors", ".bin"))}
-    key = {"model": os.path.abspath(model) if os.path.isdir(model) else model, "files": files, "tp": tp,
+    key = {"model": os.path.abspath(model) if os.path.isdir(model) else model, "files": model_files(model), "tp": tp,
            "pp": opts.pipeline_parallel_size, "quant": opts.quantization.model_dump(),
            "max": [opts.max_batch_size, opts.max_num_tokens, opts.max_seq_len]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
