@@ -13,7 +13,6 @@ import subprocess
 import threading
 import time
 
-import psutil
 import pyarrow as pa
 import pytest
 import yaml
@@ -23,6 +22,7 @@ from batchrun.runner import JobRunner
 from batchrun.sink import OutputDir
 from batchrun.spec import validate_spec
 from tests.conftest import PYTHON, ROOT, cli_env, read_output, write_parquet
+from tests.procs import pids_where
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +37,7 @@ def job(tmp_path, inp, engine, **extra):
 
 def actor_pids(prefixes=("ray::Worker", "ray::ShardQueue")) -> list[int]:
     """Processes of batchrun's actors (Ray titles an actor's process ray::<Class>[.method])."""
-    pids = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith(prefixes):
-            pids.append(p.pid)
-    return pids
+    return pids_where(lambda cmd: cmd.startswith(prefixes))
 
 
 def worker_pids() -> list[int]:

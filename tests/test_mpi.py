@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import time
 
-import psutil
 import pytest
 
 from tests.mpi_actor import LauncherProbe
+from tests.procs import alive, pids_where, wait_gone
 
 pytestmark = pytest.mark.slow
 
 
 def probe(ray, **options):
     return ray.remote(LauncherProbe).options(num_cpus=1, **options)
-
-
-def wait_gone(pids, timeout=20.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if not alive:
-            return []
-        time.sleep(0.2)
-    return alive
 
 
 def test_two_ranks_see_the_actors_devices_and_close_leaves_no_orphans(ray_cluster):
@@ -47,7 +37,7 @@ def test_killing_the_actor_leaves_no_orphan_ranks(ray_cluster):
     actor = probe(ray).remote()
     ranks = ray.get(actor.spawn.remote(2, timeout_s=60), timeout=120)
     pids = [r["pid"] for r in ranks]
-    assert all(psutil.pid_exists(p) for p in pids)
+    assert all(alive(p) for p in pids)
     ray.kill(actor)  # SIGKILL: no close() runs; the ranks' parent watchdog must end them
     assert wait_gone(pids) == []
 
@@ -100,4 +90,4 @@ def test_hf_tensor_parallel_2_equals_1_through_the_runner(tmp_path, ray_cluster,
         assert summary["rows"] == 40 and summary["error_rows"] == 0
         outputs[tp] = {r["id"]: (r["generated_text"], r["finish_reason"]) for r in read_output(tmp_path / f"tp{tp}").to_pylist()}
     assert outputs[2] == outputs[1]
-    assert wait_gone([p.pid for p in psutil.process_iter() if "mpi4py.futures" in " ".join(p.cmdline())]) == []
+    assert wait_gone(pids_where(lambda cmd: "mpi4py.futures" in cmd)) == []
