@@ -94,7 +94,9 @@ class SamplingSpec(_Section):
     stop: list[str] = Field(default_factory=list)  # generation ends at the first of these; the text excludes it
     n: int = Field(1, ge=1)  # samples per prompt: one output row each, with sample_index
     logprobs: bool = False  # a `logprobs` column: the log probability of each generated token
-    per_row: dict[Literal["max_tokens"], str] = Field(default_factory=dict)  # sampling key -> input column
+    top_logprobs: int = Field(0, ge=0, le=20)  # > 0: a `top_logprobs` column, the k likeliest tokens at each step
+    # sampling key -> input column: a row's own value (null: the job's); a seed column seeds that row alone
+    per_row: dict[Literal["max_tokens", "temperature", "top_p", "top_k", "seed"], str] = Field(default_factory=dict)
 
 
 class ParseSpec(_Section):
@@ -103,11 +105,16 @@ class ParseSpec(_Section):
     pattern: str | None = None  # kind regex: the value is group `group` of the first match
     group: int = Field(1, ge=0)
     fields: dict[str, Literal["str", "int", "float", "bool"]] = Field(default_factory=dict)  # kind json: typed columns
+    # constrained decoding: the engine may only generate text that parses (choices; json/regex: engine trtllm)
+    guided: bool = False
+    json_schema: dict[str, Any] | None = None  # kind json, guided: the schema the output follows (default: any object)
 
     @model_validator(mode="after")
     def _check(self) -> ParseSpec:
         if self.kind == "choice" and not self.choices:
             raise ValueError("output.parse.choices is required for kind choice")
+        if self.json_schema is not None and self.kind != "json":
+            raise ValueError("output.parse.json_schema is for kind json")
         if self.kind == "regex":
             _check_regex(self.pattern, "output.parse.pattern")
         return self
@@ -191,6 +198,24 @@ class JobSpec(_Section):
     shards: ShardsSpec = Field(default_factory=ShardsSpec)
     faults: FaultsSpec = Field(default_factory=FaultsSpec)
     score: ScoreSpec | None = None  # evals: a score column per row and the job's mean score
+
+    @model_validator(mode="after")
+    def _engine_can(self) -> JobSpec:
+        """What the built-in HF engine cannot do is refused here, before any work, rather than ignored."""
+        if self.engine.name != "hf":
+            return self
+        s, parse = self.sampling, self.output.parse
+        if s.top_logprobs:
+            raise ValueError("sampling.top_logprobs needs engine trtllm: transformers' continuous batching returns "
+                             "only the chosen token's logprob (use sampling.logprobs)")
+        if parse is not None and parse.guided and parse.kind != "choice":
+            raise ValueError(f"output.parse.guided with kind {parse.kind!r} needs engine trtllm "
+                             "(engine hf constrains to choices only)")
+        per_row_sampling = {"temperature", "seed"} & set(s.per_row)
+        if s.logprobs and per_row_sampling:
+            raise ValueError(f"sampling.per_row.{sorted(per_row_sampling)[0]} with sampling.logprobs needs engine "
+                             "trtllm: engine hf samples batch-invariantly (per-row seeds) only without logprobs")
+        return self
 
     @property
     def rows_per_shard(self) -> int:

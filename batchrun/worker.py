@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from batchrun.engines import Completion, Request, create_engine, sampling_from_spec
+from batchrun.engines.base import row_seed
 from batchrun.metrics import record
 from batchrun.plan import Shard
 from batchrun.postprocess import Parser, Scorer, totals
@@ -33,6 +34,26 @@ from batchrun.spec import JobSpec
 
 log = logging.getLogger("batchrun.worker")
 ROW_INDEX = "row_index"  # the generated id column when the input names none
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# sampling.per_row: what a row's value must be, and how the error names it
+ROW_VALUE_OK = {
+    "max_tokens": lambda v: _is_int(v) and v >= 1,
+    "temperature": lambda v: _is_number(v) and v >= 0,
+    "top_p": lambda v: _is_number(v) and 0 < v <= 1,
+    "top_k": lambda v: _is_int(v) and v >= 0,
+    "seed": lambda v: _is_int(v) and 0 <= v < 2**63,
+}
+ROW_VALUE_EXPECTED = {"max_tokens": "an integer >= 1", "temperature": "a number >= 0", "top_p": "a number in (0, 1]",
+                      "top_k": "an integer >= 0", "seed": "an integer in [0, 2**63)"}
 
 OUTPUT_SCHEMA = [
     ("generated_text", pa.string()),
@@ -171,7 +192,7 @@ class Worker:
 
             # Ray sets OMP_NUM_THREADS=1 in workers; a CPU engine should use the CPUs its actor reserved.
             torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_worker)))
-        self.engine = create_engine(self.spec.engine, self.spec.sampling)
+        self.engine = create_engine(self.spec.engine, self.spec.sampling, self.spec.output.parse)
         self._beat()
         return {"worker": self.worker_id, "node": self.node, "pid": os.getpid()}
 
@@ -303,7 +324,7 @@ class Worker:
                          self.sampling.logprobs)
         if prompts.chat:
             prompts = self._render_chat(prompts)
-        samplings, errors = self._row_sampling(table), list(prompts.errors)
+        samplings, errors = self._row_sampling(table, keep.column(0)), list(prompts.errors)
         for i, s in enumerate(samplings):
             if isinstance(s, str) and errors[i] is None:
                 errors[i] = s
@@ -341,20 +362,35 @@ class Worker:
                     errors[i] = f"chat template failed for this row: {row_error or e}"
         return type(prompts)(texts, errors)
 
-    def _row_sampling(self, table: pa.Table) -> list:
+    def _row_sampling(self, table: pa.Table, row_ids: pa.ChunkedArray) -> list:
         """Per-row sampling: the job's settings, overridden by the columns named in sampling.per_row.
-        A row whose override is unusable gets the error message instead, and becomes an error row."""
-        if not self.per_row:
-            return [self.sampling] * table.num_rows
-        column = self.per_row["max_tokens"]
+
+        A job seed becomes one seed per row, derived from the row's id: a row samples the same way whatever shard,
+        worker or batch it lands in. A row whose override is unusable gets the error message instead, and becomes an
+        error row."""
+        base = self.sampling
+        if not self.per_row and base.seed is None:
+            return [base] * table.num_rows
+        ids = row_ids.to_pylist()
+        columns = {key: table.column(col).to_pylist() for key, col in self.per_row.items()}
         out = []
-        for v in table.column(column).to_pylist():
-            if v is None:  # no override in this row: the job's setting
-                out.append(self.sampling)
+        for i in range(table.num_rows):
+            changes, error = {}, None
+            for key, values in columns.items():
+                v = values[i]
+                if v is None:  # no override in this row: the job's setting
+                    continue
+                if not ROW_VALUE_OK[key](v):
+                    error = (f"column {self.per_row[key]!r} (sampling.per_row.{key}): expected "
+                             f"{ROW_VALUE_EXPECTED[key]}, got {v!r}")
+                    break
+                changes[key] = float(v) if key in ("temperature", "top_p") else v
+            if error is not None:
+                out.append(error)
                 continue
-            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
-            out.append(dataclasses.replace(self.sampling, max_tokens=v) if ok else
-                       f"column {column!r} (sampling.per_row.max_tokens): expected an integer >= 1, got {v!r}")
+            if "seed" not in changes and base.seed is not None:
+                changes["seed"] = row_seed(base.seed, ids[i])
+            out.append(dataclasses.replace(base, **changes) if changes else base)
         return out
 
     # ------------------------------------------------------------ writer: Parquet part, atomic commit

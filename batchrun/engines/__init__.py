@@ -5,14 +5,17 @@ from __future__ import annotations
 import importlib
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling
-from batchrun.spec import EngineSpec, SamplingSpec
+from batchrun.spec import EngineSpec, ParseSpec, SamplingSpec
 
 
 def sampling_from_spec(s: SamplingSpec) -> Sampling:
-    return Sampling(s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, tuple(s.stop), s.n, s.logprobs)
+    return Sampling(s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, tuple(s.stop), s.n, s.logprobs,
+                    s.top_logprobs)
 
 
-def create_engine(spec: EngineSpec, sampling: SamplingSpec) -> Engine:
+def create_engine(spec: EngineSpec, sampling: SamplingSpec, parse: ParseSpec | None = None) -> Engine:
+    """`parse`, when guided, constrains what the engine may generate (built-in engines only)."""
+    guide = parse if parse is not None and parse.guided else None
     common = dict(max_in_flight=spec.max_in_flight, **spec.options)
     if spec.name == "echo":
         from batchrun.engines.echo import EchoEngine
@@ -23,11 +26,12 @@ def create_engine(spec: EngineSpec, sampling: SamplingSpec) -> Engine:
     if spec.name == "hf":
         from batchrun.engines.hf import HFEngine
 
-        return HFEngine(spec.model, sampling_from_spec(sampling), **model_args)
+        return HFEngine(spec.model, sampling_from_spec(sampling), row_keys=tuple(sampling.per_row),
+                        choices=guide.choices if guide else None, **model_args)
     if spec.name == "trtllm":
         from batchrun.engines.trtllm import TRTLLMEngine
 
-        return TRTLLMEngine(spec.model, sampling_from_spec(sampling), **model_args)
+        return TRTLLMEngine(spec.model, sampling_from_spec(sampling), guide=guide, **model_args)
     # An explicit `module:Class` hook, the one place a job file names code.
     module, _, attr = spec.name.partition(":")
     factory = importlib.import_module(module)

@@ -5,6 +5,7 @@ Every third-party inference API lives behind this interface, inside its own adap
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     n: int = 1  # samples of this prompt, each its own Completion (sample_index 0..n-1)
     logprobs: bool = False  # return the log probability of each generated token
+    top_logprobs: int = 0  # > 0: also the k likeliest tokens at each step, as {token_id: logprob}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,7 @@ class Completion:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None  # per generated token: the k likeliest tokens' logprobs
     error: str | None = None  # set for a failure of this request alone; the job goes on
     sample_index: int = 0  # which of the request's n samples this is
 
@@ -75,3 +78,9 @@ def apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     """Cut the text at the earliest stop string; the stop text itself is excluded."""
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def row_seed(job_seed: int, row_id) -> int:
+    """A row's own seed, from the job's seed and the row's id (not its position: shard size must not matter)."""
+    digest = hashlib.blake2b(f"{job_seed}\0{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: fits every engine's seed type

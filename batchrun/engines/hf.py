@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 from dataclasses import dataclass
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_stop
@@ -47,6 +48,17 @@ class ModelConfig:
     trust_remote_code: bool = False
     options: tuple = ()  # ContinuousBatchingConfig fields, as (key, value) pairs
     pad_token_id: int = 0
+    row_keys: tuple = ()  # sampling keys that rows may override (sampling.per_row)
+    choices: tuple = ()  # guided choices, as token id tuples: generation may only produce one of them
+    base_seed: int = 0  # unseeded rows: their noise derives from this (the same on every tensor-parallel rank)
+
+    @property
+    def may_sample(self) -> bool:
+        return self.sampling.temperature > 0 or "temperature" in self.row_keys
+
+    @property
+    def row_sampler_needed(self) -> bool:
+        return self.may_sample or bool(self.choices)
 
 
 def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
@@ -54,6 +66,8 @@ def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.generation import ContinuousBatchingConfig
+
+    from batchrun.engines.hf_sampling import ChoiceTrie, RowSampler
 
     device = cfg.device
     if device == "auto":
@@ -69,27 +83,31 @@ def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
     eos = model.generation_config.eos_token_id
     eos_ids = sorted(set(eos if isinstance(eos, list) else [eos]) - {None})
     s = cfg.sampling
-    gen = GenerationConfig(
-        do_sample=s.temperature > 0,
-        temperature=s.temperature or None,
-        top_p=s.top_p if s.temperature > 0 else None,
-        top_k=s.top_k or None,
-        max_new_tokens=s.max_tokens,
-        eos_token_id=eos_ids or None,
-        pad_token_id=cfg.pad_token_id,
-        # each extra sample is a child request "<id>__child#k" (continuous_api.py); transformers refuses n > 1 when
-        # greedy, and greedy samples are identical anyway: HFEngine copies the one result instead
-        num_return_sequences=s.n if s.temperature > 0 else 1,
-    )
+    # Logprobs of sampled tokens come from the manager's own multinomial draw (the Gumbel draw would perturb them):
+    # then rows sample from the seeded global generator, reproducible for the same batching only.
+    multinomial = cfg.may_sample and s.logprobs
+    gen = GenerationConfig(do_sample=multinomial, max_new_tokens=s.max_tokens, eos_token_id=eos_ids or None,
+                           pad_token_id=cfg.pad_token_id)
+    # each extra sample is a child request "<id>__child#k" (continuous_api.py); greedy samples are identical, so
+    # HFEngine copies the one result instead. Set after construction: validate() refuses n > 1 with do_sample off,
+    # which is how RowSampler's Gumbel-max sampling runs (the noise is in the scores, the argmax picks).
+    gen.num_return_sequences = s.n if cfg.may_sample else 1
     cb_options = dict(CPU_CB_DEFAULTS) if model.device.type == "cpu" else {}
     cb_options.update(dict(cfg.options))
     if s.seed is not None:
         cb_options.setdefault("seed", s.seed)
     if s.logprobs:
         cb_options.setdefault("return_logprobs", True)
+    if cfg.choices:  # the choice mask reads each request's tokens so far: no double-buffered (async) batches
+        cb_options["use_async_batching"] = False
     manager = model.init_continuous_batching(
         generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**cb_options)
     )
+    if cfg.row_sampler_needed:  # before start(): the batch processor takes the list when the loop starts
+        manager.logit_processor = RowSampler(
+            s, noise=cfg.may_sample and not multinomial, base_seed=cfg.base_seed,
+            trie=ChoiceTrie([list(c) for c in cfg.choices], eos_ids) if cfg.choices else None,
+            use_top_k=bool(s.top_k) or "top_k" in cfg.row_keys, use_top_p=s.top_p < 1 or "top_p" in cfg.row_keys)
     manager.start()
     return model, manager, eos_ids
 
@@ -113,8 +131,9 @@ class LocalBackend:
         self.model, self.manager, self.eos_ids = start_manager(cfg)
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
 
-    def add(self, request_id: str, ids: list[int], max_new_tokens: int) -> None:
-        if self.manager.add_request(input_ids=ids, request_id=request_id, max_new_tokens=max_new_tokens) is None:
+    def add(self, request_id: str, ids: list[int], max_new_tokens: int, row_sampling: dict) -> None:
+        if self.manager.add_request(input_ids=ids, request_id=request_id, max_new_tokens=max_new_tokens,
+                                    **row_sampling) is None:
             raise EngineDead("the continuous batching manager refused a request (its loop is stopping or dead)")
 
     def results(self, timeout: float) -> list[RawResult]:
@@ -133,13 +152,15 @@ class LocalBackend:
 class HFEngine(Engine):
     def __init__(self, model: str, sampling: Sampling, *, tokenizer: str | None = None, dtype: str = "auto",
                  device: str = "auto", trust_remote_code: bool = False, max_in_flight: int = 64,
-                 tensor_parallel_size: int = 1, **options):
+                 tensor_parallel_size: int = 1, row_keys: tuple[str, ...] = (), choices: list[str] | None = None,
+                 **options):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
         pad = self.tokenizer.pad_token_id
+        choice_ids = tuple(tuple(ids) for ids in self.encode(list(choices))) if choices else ()
         cfg = ModelConfig(model, sampling, dtype, device, trust_remote_code, tuple(sorted(options.items())),
-                          pad if pad is not None else 0)
+                          pad if pad is not None else 0, tuple(row_keys), choice_ids, random.getrandbits(31))
         if tensor_parallel_size > 1:
             from batchrun.engines.hf_tp import TPBackend
 
@@ -150,7 +171,9 @@ class HFEngine(Engine):
         self.eos_ids = set(self.backend.eos_ids)
         self.max_in_flight = max_in_flight
         self.stop = sampling.stop  # job-level stop strings, cut from the text when a request finishes
-        self.copies = sampling.n if sampling.temperature == 0 else 1  # greedy n > 1: n copies of one generation
+        self.copies = 1 if cfg.may_sample else sampling.n  # greedy n > 1: n copies of one generation
+        # per-request settings go to RowSampler (hf_sampling.py) as add_request kwargs; the stock path takes none
+        self.row_sampling = cfg.row_sampler_needed
         self.logprobs = sampling.logprobs
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -163,7 +186,13 @@ class HFEngine(Engine):
         return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
 
     def submit(self, request: Request) -> None:
-        self.backend.add(request.request_id, request.prompt_token_ids, request.sampling.max_tokens)
+        s = request.sampling
+        row = {}
+        if self.row_sampling:
+            row = {"temperature": float(s.temperature), "top_p": float(s.top_p), "top_k": s.top_k}
+            if s.seed is not None:
+                row["seed"] = s.seed
+        self.backend.add(request.request_id, request.prompt_token_ids, s.max_tokens, row)
 
     def poll(self, timeout: float) -> list[Completion]:
         done = [self._completion(r) for r in self.backend.results(timeout)]

@@ -71,8 +71,8 @@ def _drive(manager, conn, context_length, eos_ids) -> None:
         msg = conn.recv()
         if msg[0] == "stop":
             break
-        for rid, ids, max_new in msg[1]:
-            manager.add_request(input_ids=ids, request_id=rid, max_new_tokens=max_new)
+        for rid, ids, max_new, row_sampling in msg[1]:
+            manager.add_request(input_ids=ids, request_id=rid, max_new_tokens=max_new, **row_sampling)
     stop.set()
     sender.join(5)
 
@@ -118,8 +118,8 @@ class TPBackend:
                 raise EngineDead("rank 0 did not answer in time")
         return self.conn.recv()
 
-    def add(self, request_id: str, ids: list[int], max_new_tokens: int) -> None:
-        self.pending.append((request_id, ids, max_new_tokens))
+    def add(self, request_id: str, ids: list[int], max_new_tokens: int, row_sampling: dict) -> None:
+        self.pending.append((request_id, ids, max_new_tokens, row_sampling))
 
     def results(self, timeout: float) -> list[RawResult]:
         if self.pending:  # one message per poll, not one per request
