@@ -63,6 +63,8 @@ OUTPUT_SCHEMA = [
     ("error", pa.string()),
 ]
 
+TOP_LOGPROBS_TYPE = pa.list_(pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])))
+
 
 @dataclass
 class ShardTask:
@@ -74,6 +76,7 @@ class ShardTask:
     refs: pa.Table  # the columns the scorer reads (reference column, or the whole row for a hook)
     n: int  # samples per row: slot = row * n + sample_index
     logprobs: bool  # keep each sample's token logprobs for a `logprobs` column
+    top_logprobs: int = 0  # > 0: a `top_logprobs` column, the k likeliest tokens per generated token
     requests: list[Request] = field(default_factory=list)  # rows that reached the engine, in submission order
     started_at: float = field(default_factory=time.time)
 
@@ -84,6 +87,7 @@ class ShardTask:
         self.prompt_tokens, self.gen_tokens = [0] * slots, [0] * slots
         self.error: list[str | None] = [None] * slots
         self.token_logprobs: list[list[float] | None] = [None] * slots
+        self.top: list[list[list[dict]] | None] = [None] * slots
         self.remaining = slots
 
     def fill(self, offset: int, c: Completion) -> None:
@@ -97,6 +101,8 @@ class ShardTask:
         self.gen_tokens[slot] = c.num_generated_tokens
         self.error[slot] = c.error
         self.token_logprobs[slot] = c.logprobs
+        if self.top_logprobs and c.top_logprobs is not None:
+            self.top[slot] = [[{"token_id": t, "logprob": lp} for t, lp in step.items()] for step in c.top_logprobs]
         self.remaining -= 1
 
     def fail_row(self, offset: int, error: str, prompt_tokens: int = 0) -> None:
@@ -117,6 +123,8 @@ class ShardTask:
             out = out.append_column(pa.field(name, typ), pa.array(values, type=typ))
         if self.logprobs:
             out = out.append_column("logprobs", pa.array(self.token_logprobs, pa.list_(pa.float32())))
+        if self.top_logprobs:
+            out = out.append_column("top_logprobs", pa.array(self.top, TOP_LOGPROBS_TYPE))
         parsed = None
         if parser is not None:
             for name, column in parser.columns(self.text).items():
@@ -321,7 +329,7 @@ class Worker:
                                                           pa.int64()))
         prompts = self.prompts.build(table)
         task = ShardTask(shard, attempt, keep, table.select(self.score_columns), self.sampling.n,
-                         self.sampling.logprobs)
+                         self.sampling.logprobs, self.sampling.top_logprobs)
         if prompts.chat:
             prompts = self._render_chat(prompts)
         samplings, errors = self._row_sampling(table, keep.column(0)), list(prompts.errors)

@@ -61,6 +61,9 @@ CASES = {
     "hf without model": (lambda j, t: set_key(j, "engine.name", "hf"), ["engine.model is required"]),
     "model dir missing": (lambda j, t: (set_key(j, "engine.name", "hf"), set_key(j, "engine.model", str(t / "m"))), ["engine.model", "not a directory"]),
     "top_p out of range": (lambda j, t: set_key(j, "sampling.top_p", 1.5), ["sampling.top_p", "1.5"]),
+    "hf top_logprobs": (lambda j, t: (set_key(j, "engine.name", "hf"), set_key(j, "engine.model", str(t)), set_key(j, "sampling.top_logprobs", 3)), ["sampling.top_logprobs", "engine trtllm"]),
+    "hf guided json": (lambda j, t: (set_key(j, "engine.name", "hf"), set_key(j, "engine.model", str(t)), set_key(j, "output.parse", {"kind": "json", "guided": True})), ["output.parse.guided", "'json'", "engine trtllm"]),
+    "per-row key unknown": (lambda j, t: set_key(j, "sampling.per_row", {"temprature": "t"}), ["sampling.per_row", "temprature"]),
     "per-row column missing": (lambda j, t: set_key(j, "sampling.per_row", {"max_tokens": "budget"}), ["sampling.per_row.max_tokens", "'budget'"]),
 }
 

@@ -217,3 +217,37 @@ def test_n_samples_map_to_sample_indexes(tllm):
     got = to_completions("3:4", o, ())
     assert [(c.request_id, c.sample_index, c.text, c.finish_reason) for c in got] == \
         [("3:4", 0, "a", "stop"), ("3:4", 1, "b", "length")]
+
+
+def test_guided_decoding_and_top_logprobs(tllm, demo_model):
+    """Guides map onto GuidedDecodingParams (choices: an alternation regex) with the xgrammar backend switched on;
+    top-k logprobs come back per token, and the logprobs column keeps the sampled token's value."""
+    import re
+
+    from batchrun.engines.trtllm import guided_decoding
+    from batchrun.spec import ParseSpec
+
+    choice = guided_decoding(ParseSpec(kind="choice", choices=["yes", "no", "n/a (?)"], guided=True))
+    assert re.fullmatch(choice.regex, "n/a (?)") and re.fullmatch(choice.regex, "no")
+    assert not re.fullmatch(choice.regex, "maybe")
+    schema = {"type": "object", "properties": {"label": {"type": "string"}}}
+    assert guided_decoding(ParseSpec(kind="json", guided=True, json_schema=schema)).json == schema
+    assert guided_decoding(ParseSpec(kind="json", guided=True)).json_object is True
+    assert guided_decoding(ParseSpec(kind="regex", pattern=r"\d+", guided=True)).regex == r"\d+"
+
+    from batchrun.engines.trtllm import TRTLLMEngine
+
+    engine = TRTLLMEngine(str(demo_model), Sampling(max_tokens=3), dtype="float32",
+                          guide=ParseSpec(kind="choice", choices=["1", "2"], guided=True))
+    assert tllm.LLM.instances[-1].args["guided_decoding_backend"] == "xgrammar"
+    ids = engine.encode(["12+3="])[0]
+    engine.submit(Request("0:0", "12+3=", ids, Sampling(max_tokens=3, logprobs=True, top_logprobs=2, seed=5)))
+    got = []
+    deadline = time.time() + 10
+    while not got and time.time() < deadline:
+        got = engine.poll(0.1)
+    engine.close()
+    c = got[0]
+    assert c.logprobs == [-0.5] * 3  # the sampled token's entry, not the likeliest other one
+    assert [sorted(step) for step in c.top_logprobs] == [sorted([t, t + 1]) for t in c.token_ids]
+    assert all(step[t] == -0.5 for step, t in zip(c.top_logprobs, c.token_ids))

@@ -14,6 +14,11 @@ Facts this adapter relies on, from NVIDIA/TensorRT-LLM:
 - QuantAlgo names and the KV cache algorithms FP8 / INT8 / NVFP4 (quantization/mode.py, KV_CACHE_QUANT_ALGO_LIST).
 - `KvCacheConfig(free_gpu_memory_fraction=..., enable_block_reuse=..., dtype=...)`: the PyTorch backend takes the KV
   cache dtype here, the TensorRT backend through `QuantConfig.kv_cache_quant_algo` (llmapi/llm_args.py).
+- Guided decoding: `SamplingParams(guided_decoding=GuidedDecodingParams(json=... | regex=... | json_object=True))`,
+  one guide per request, no `choice` field (sampling_params.py); it needs `LLM(guided_decoding_backend="xgrammar")`
+  (llm_args.py: Optional[Literal["xgrammar", "llguidance"]], default None: no backend enforces the guide).
+- `SamplingParams(logprobs=k)`: CompletionOutput.logprobs is one {token_id: Logprob} dict per generated token, the k
+  likeliest plus the sampled one (executor/result.py TokenLogprobs); `seed` seeds that request alone.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_stop
 from batchrun.engines.mpi import actor_gpu_ids, mpi_environment
-from batchrun.spec import model_files
+from batchrun.spec import ParseSpec, model_files
 
 QUANT_ALGOS = (
     "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
@@ -72,7 +78,22 @@ class TRTLLMOptions(BaseModel):
 # ---------------------------------------------------------------- translation (pure: testable with the double)
 
 
-def sampling_params(tllm, s: Sampling, n: int = 1, logprobs: int | None = None):
+def guided_decoding(guide: ParseSpec | None):
+    """output.parse with guided: true -> GuidedDecodingParams (choices become an alternation regex)."""
+    if guide is None:
+        return None
+    from tensorrt_llm.sampling_params import GuidedDecodingParams
+
+    if guide.kind == "choice":
+        return GuidedDecodingParams(regex="(" + "|".join(re.escape(c) for c in guide.choices) + ")")
+    if guide.kind == "regex":
+        return GuidedDecodingParams(regex=guide.pattern)
+    if guide.json_schema is not None:
+        return GuidedDecodingParams(json=guide.json_schema)
+    return GuidedDecodingParams(json_object=True)
+
+
+def sampling_params(tllm, s: Sampling, n: int = 1, logprobs: int | None = None, guide=None):
     """Always set max_tokens: the engine's own default would silently cut outputs."""
     kwargs: dict[str, Any] = {"max_tokens": s.max_tokens, "n": n, "temperature": s.temperature,
                               "include_stop_str_in_output": False}
@@ -88,6 +109,8 @@ def sampling_params(tllm, s: Sampling, n: int = 1, logprobs: int | None = None):
         kwargs["stop"] = list(s.stop)
     if logprobs is not None:
         kwargs["logprobs"] = logprobs
+    if guide is not None:
+        kwargs["guided_decoding"] = guide
     return tllm.SamplingParams(**kwargs)
 
 
@@ -165,16 +188,16 @@ def build_engine(model: str, tp: int, dtype: str, trust_remote_code: bool, optio
     return target, True
 
 
-def to_completions(request_id: str, output, stop: tuple[str, ...]) -> list[Completion]:
+def to_completions(request_id: str, output, stop: tuple[str, ...], top_k: int = 0) -> list[Completion]:
     """RequestOutput -> one Completion per sample (outputs[i].index). timeout/cancelled: error rows."""
-    return [_one(request_id, c, len(output.prompt_token_ids or []), stop) for c in output.outputs]
+    return [_one(request_id, c, len(output.prompt_token_ids or []), stop, top_k) for c in output.outputs]
 
 
 def to_completion(request_id: str, output, stop: tuple[str, ...]) -> Completion:
     return to_completions(request_id, output, stop)[0]
 
 
-def _one(request_id: str, c, prompt_len: int, stop: tuple[str, ...]) -> Completion:
+def _one(request_id: str, c, prompt_len: int, stop: tuple[str, ...], top_k: int = 0) -> Completion:
     if c.finish_reason in ("timeout", "cancelled"):
         return Completion(request_id, finish_reason="error", error=f"request {c.finish_reason} in TensorRT-LLM",
                           num_prompt_tokens=prompt_len, num_generated_tokens=len(c.token_ids or []),
@@ -184,19 +207,30 @@ def _one(request_id: str, c, prompt_len: int, stop: tuple[str, ...]) -> Completi
         request_id=request_id, text=text, token_ids=list(c.token_ids or []),
         finish_reason="stop" if c.finish_reason == "stop" or hit else "length",
         num_prompt_tokens=prompt_len, num_generated_tokens=len(c.token_ids or []),
-        logprobs=_logprob_values(c.logprobs) or None, sample_index=c.index,
+        logprobs=_logprob_values(c.logprobs, c.token_ids) or None, sample_index=c.index,
+        top_logprobs=_top_logprobs(c.logprobs, top_k) if top_k else None,
     )
 
 
-def _logprob_values(logprobs) -> list[float]:
-    """CompletionOutput.logprobs: floats, or one {token_id: Logprob} dict per generated token (top-k)."""
+def _logprob_values(logprobs, token_ids) -> list[float]:
+    """CompletionOutput.logprobs: floats, or one {token_id: Logprob} dict per generated token (the sampled token's
+    entry is the value; it need not be the likeliest one when sampling)."""
     out = []
-    for item in logprobs or []:
+    for i, item in enumerate(logprobs or []):
         if isinstance(item, dict):
-            best = max(item.values(), key=lambda lp: lp.logprob) if item else None
-            out.append(best.logprob if best is not None else float("nan"))
+            chosen = item.get(token_ids[i]) if token_ids and i < len(token_ids) else None
+            out.append(chosen.logprob if chosen is not None else float("nan"))
         else:
             out.append(float(item))
+    return out
+
+
+def _top_logprobs(logprobs, k: int) -> list[dict[int, float]]:
+    """The k likeliest tokens at each step (the sampled token's entry is dropped unless it is among them)."""
+    out = []
+    for item in logprobs or []:
+        ranked = sorted(item.items(), key=lambda kv: -kv[1].logprob) if isinstance(item, dict) else []
+        out.append({int(t): float(lp.logprob) for t, lp in ranked[:k]})
     return out
 
 
@@ -224,7 +258,7 @@ class _Loop:
 class TRTLLMEngine(Engine):
     def __init__(self, model: str, sampling: Sampling, *, tokenizer: str | None = None, dtype: str = "auto",
                  device: str = "auto", trust_remote_code: bool = False, max_in_flight: int = 256,
-                 tensor_parallel_size: int = 1, **options):
+                 tensor_parallel_size: int = 1, guide: ParseSpec | None = None, **options):
         # Before tensorrt_llm (and so mpi4py) is imported: its TP ranks are spawned through MPI from this actor.
         os.environ.update(mpi_environment(actor_gpu_ids()))
         import tensorrt_llm as tllm
@@ -237,6 +271,9 @@ class TRTLLMEngine(Engine):
         cls, kwargs = llm_class_and_kwargs(tllm, model, tensor_parallel_size, dtype, trust_remote_code, self.opts)
         if tokenizer:
             kwargs["tokenizer"] = tokenizer
+        self.guide = guided_decoding(guide)
+        if self.guide is not None:
+            kwargs["guided_decoding_backend"] = "xgrammar"  # both backends implement it; default None enforces nothing
         self.llm = cls(**kwargs)
         self.tokenizer = getattr(self.llm, "tokenizer", None)
         self.max_in_flight = max_in_flight
@@ -257,9 +294,14 @@ class TRTLLMEngine(Engine):
         return [hf.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
 
     def _sampling_params(self, s: Sampling):
-        if s not in self._params:  # rows mostly share settings: build each SamplingParams once
-            self._params[s] = sampling_params(self.tllm, s, n=s.n, logprobs=1 if s.logprobs else None)
-        return self._params[s]
+        params = self._params.get(s)
+        if params is None:  # rows mostly share settings: build each SamplingParams once
+            want = max(s.top_logprobs, 1) if s.logprobs or s.top_logprobs else None
+            params = sampling_params(self.tllm, s, n=s.n, logprobs=want, guide=self.guide)
+            if len(self._params) >= 4096:  # per-row seeds make every row's settings distinct: keep the cache bounded
+                self._params.clear()
+            self._params[s] = params
+        return params
 
     def submit(self, request: Request) -> None:
         inputs = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
@@ -269,7 +311,7 @@ class TRTLLMEngine(Engine):
     async def _generate(self, request: Request, inputs, params) -> None:
         try:
             output = await self.llm.generate_async(inputs, sampling_params=params).aresult()
-            for c in to_completions(request.request_id, output, request.sampling.stop):
+            for c in to_completions(request.request_id, output, request.sampling.stop, request.sampling.top_logprobs):
                 self._done.put(c)
         except Exception as e:  # a failure of this request alone (bad input, per-request engine error)
             for k in range(request.sampling.n):

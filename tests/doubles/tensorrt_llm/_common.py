@@ -11,9 +11,16 @@ from tensorrt_llm.sampling_params import SamplingParams
 # Keyword arguments of LLM(...) per backend (llmapi/llm_args.py: TorchLlmArgs / TrtLlmArgs), the subset used here.
 COMMON_ARGS = {"model", "tokenizer", "tokenizer_mode", "skip_tokenizer_init", "trust_remote_code",
                "tensor_parallel_size", "pipeline_parallel_size", "dtype", "revision", "kv_cache_config",
-               "max_batch_size", "max_num_tokens", "max_seq_len", "enable_chunked_prefill", "backend"}
+               "max_batch_size", "max_num_tokens", "max_seq_len", "enable_chunked_prefill", "backend",
+               "guided_decoding_backend"}
 TRT_ONLY_ARGS = {"build_config", "quant_config", "enable_build_cache"}
 POISON = "FAILREQ"  # a prompt containing this fails, as a per-request engine error would
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
 
 
 @dataclass
@@ -84,6 +91,10 @@ class LLM:
             raise RuntimeError("LLM is shut down")
         asyncio.get_running_loop()  # the documented async path needs a running loop
         sp = sampling_params or SamplingParams()
+        if sp.guided_decoding is not None:
+            sp.guided_decoding._validate()
+            if self.args.get("guided_decoding_backend") not in ("xgrammar", "llguidance"):
+                raise ValueError("guided decoding needs LLM(guided_decoding_backend=...)")
         if isinstance(inputs, str):
             prompt, ids = inputs, (self.tokenizer.encode(inputs, add_special_tokens=False) if self.tokenizer else [])
         else:
@@ -104,7 +115,9 @@ class LLM:
                 for s in ([sp.stop] if isinstance(sp.stop, str) else (sp.stop or [])):
                     if s in text:
                         text, reason = text[: text.index(s)], "stop"
-                logprobs = [-0.5] * len(gen) if sp.logprobs is not None else []
+                # TokenLogprobs: per token, the k likeliest (here: ids t+1.. with falling logprobs) plus the sampled one
+                logprobs = [{**{t + j + 1: Logprob(-1.0 - j, j + 2) for j in range(sp.logprobs)}, t: Logprob(-0.5, 1)}
+                            for t in gen] if sp.logprobs is not None else []
                 out.outputs = [CompletionOutput(i, text, gen, None, logprobs, reason) for i in range(sp.n)]
             finally:
                 self.in_flight -= 1

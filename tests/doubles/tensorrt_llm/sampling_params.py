@@ -1,11 +1,18 @@
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GuidedDecodingParams:
+    # the documented fields (tensorrt_llm/sampling_params.py): one guide per request, no `choice`
     json: object = None
     regex: str | None = None
-    choice: list | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    structural_tag: str | None = None
+
+    def _validate(self):
+        if sum(bool(getattr(self, f)) for f in ("json", "regex", "grammar", "json_object", "structural_tag")) > 1:
+            raise ValueError("Only one guide can be used for a request")
 
 
 @dataclass
