@@ -50,11 +50,16 @@ class Plan:
         }
 
 
-def cut_shards(unit_rows: tuple[int, ...], rows_per_shard: int) -> tuple[Shard, ...]:
-    """Cut the concatenated units into shards of rows_per_shard rows (the last may be short)."""
+def cut_shards(unit_rows: tuple[int, ...], rows_per_shard: int, per_unit: bool = False) -> tuple[Shard, ...]:
+    """Cut the concatenated units into shards of rows_per_shard rows (the last may be short).
+
+    per_unit: a shard never spans two units (streamed datasets: each shard reads from one file's stream)."""
     shards, frags, shard_start, filled = [], [], 0, 0
     global_row = 0
     for unit, n in enumerate(unit_rows):
+        if per_unit and filled:
+            shards.append(Shard(len(shards), shard_start, filled, tuple(frags)))
+            frags, shard_start, filled = [], global_row, 0
         pos = 0
         while pos < n:
             take = min(n - pos, rows_per_shard - filled)
@@ -75,4 +80,5 @@ def make_plan(spec: JobSpec) -> Plan:
 
     source = open_source(spec.input)
     units, unit_rows, columns = source.describe()
-    return Plan(tuple(units), tuple(unit_rows), cut_shards(tuple(unit_rows), spec.rows_per_shard), tuple(columns))
+    shards = cut_shards(tuple(unit_rows), spec.rows_per_shard, per_unit=source.per_unit)
+    return Plan(tuple(units), tuple(unit_rows), shards, tuple(columns))

@@ -59,12 +59,15 @@ class InputSpec(_Section):
     data_files: str | list[str] | None = None  # format hf with a builder name: the files to load
     split: str = "train"  # format hf: the split to read
     config: str | None = None  # format hf: the dataset's configuration name (hub datasets)
+    streaming: bool = False  # format hf: an IterableDataset, planned by its own shards (files), never loaded whole
     truncation: Literal["error", "left", "right"] = "error"  # prompt longer than the context: error row or cut
 
     @model_validator(mode="after")
     def _check(self) -> InputSpec:
         if sum(bool(x) for x in (self.prompt_column, self.prompt_template, self.messages_column)) > 1:
             raise ValueError("set one of input.prompt_column, input.prompt_template, input.messages_column")
+        if self.streaming and self.format != "hf":
+            raise ValueError(f"input.streaming is for format hf (got format {self.format!r})")
         if self.format == "openai-batch" and (self.prompt_column or self.prompt_template or self.messages_column):
             raise ValueError("input.format openai-batch takes its prompts from each line's body; "
                              "do not set input.prompt_column, prompt_template or messages_column")

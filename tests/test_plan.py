@@ -86,3 +86,27 @@ def test_fsspec_urls_read_like_local_paths(tmp_path):
     source = open_source(spec_for(f"file://{src}", 13).input)
     ids = [i for s in url.shards for i in source.read(url.units, s.fragments, ["id"]).column("id").to_pylist()]
     assert ids == list(range(100))
+
+
+def test_hf_streaming_is_planned_by_the_datasets_own_shards(tmp_path):
+    """streaming: an IterableDataset's shards (its files) are the units; no shard spans two; every row once."""
+    sizes = (23, 17, 31)
+    start = 0
+    for i, n in enumerate(sizes):
+        write_parquet(tmp_path / "pq" / f"part-{i}.parquet",
+                      pa.table({"id": list(range(start, start + n)), "prompt": [f"q{j}" for j in range(n)]}),
+                      row_group_size=7)
+        start += n
+    spec = validate_spec({"engine": {"name": "echo"}, "output": {"dir": "/tmp/x"}, "shards": {"rows_per_shard": 10},
+                          "input": {"path": "parquet", "format": "hf", "streaming": True,
+                                    "data_files": str(tmp_path / "pq" / "*.parquet")}})
+    plan = make_plan(spec)
+    assert len(plan.units) == 3 and plan.unit_rows == sizes
+    assert all(len({f.unit for f in s.fragments}) == 1 for s in plan.shards)
+    assert [s.num_rows for s in plan.shards] == [10, 10, 3, 10, 7, 10, 10, 10, 1]
+    source = open_source(spec.input)
+    ids = [i for s in plan.shards for i in source.read(plan.units, s.fragments, ["id"]).column("id").to_pylist()]
+    assert ids == list(range(sum(sizes)))
+    with pytest.raises(Exception, match="input.streaming is for format hf"):
+        validate_spec({"engine": {"name": "echo"}, "output": {"dir": "/tmp/x"},
+                       "input": {"path": str(tmp_path / "pq"), "streaming": True}})

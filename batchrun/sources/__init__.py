@@ -15,7 +15,7 @@ def open_source(spec: InputSpec) -> Source:
     if spec.format == "hf":
         from batchrun.sources.hf import HFSource
 
-        return HFSource(spec.path, spec.data_files, spec.split, spec.config)
+        return HFSource(spec.path, spec.data_files, spec.split, spec.config, spec.streaming)
     if spec.format in ("jsonl", "openai-batch"):
         from batchrun.sources.jsonl import JsonlSource
 

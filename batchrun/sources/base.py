@@ -8,6 +8,9 @@ from batchrun.plan import Fragment
 
 
 class Source(ABC):
+    #: shards must not span units (a unit is a stream that is read from its start)
+    per_unit: bool = False
+
     @abstractmethod
     def describe(self) -> tuple[list[str], list[int], list[str]]:
         """(units in a fixed order, rows per unit, column names). Raises SpecError on unreadable input."""

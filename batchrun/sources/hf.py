@@ -1,6 +1,9 @@
-"""Hugging Face datasets input: a `save_to_disk` dir, or a local builder (parquet/json/csv) via load_dataset.
+"""Hugging Face datasets input: a `save_to_disk` dir, a local builder (parquet/json/csv) or a hub dataset.
 
-Datasets are memory-mapped Arrow, so slicing a shard reads only its rows.
+Map-style datasets are memory-mapped Arrow, so slicing a shard reads only its rows. With `input.streaming`, the
+dataset is an IterableDataset: its own shards (one per data file, `n_shards`) are the plan's units, counted once at
+plan time, and a batchrun shard never spans two of them. A shard reads its unit's stream from the start, skipping
+the rows before it: set `shards.rows_per_shard` to at least a file's rows for a single pass over each file.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from batchrun.errors import SpecError
 from batchrun.plan import Fragment
 from batchrun.sources.base import Source
 
+COUNT_BATCH = 8192
+
 
 class HFSource(Source):
-    def __init__(self, path: str, data_files, split: str, config: str | None = None):
+    def __init__(self, path: str, data_files, split: str, config: str | None = None, streaming: bool = False):
         self.path, self.data_files, self.split, self.config = path, data_files, split, config
+        self.streaming = self.per_unit = streaming
         self._ds = None
 
     @property
@@ -32,19 +38,45 @@ class HFSource(Source):
         try:
             if os.path.isdir(self.path) and saved:  # a save_to_disk dir
                 ds = datasets.load_from_disk(self.path)
+                if self.streaming:
+                    ds = ds.to_iterable_dataset(num_shards=max(1, len(ds.cache_files))) \
+                        if isinstance(ds, datasets.Dataset) else datasets.IterableDatasetDict(
+                            {k: v.to_iterable_dataset(num_shards=max(1, len(v.cache_files))) for k, v in ds.items()})
             else:  # a local builder (parquet/json/csv + data_files) or a hub name where the hub is reachable
-                ds = datasets.load_dataset(self.path, self.config, data_files=self.data_files, split=self.split)
+                ds = datasets.load_dataset(self.path, self.config, data_files=self.data_files, split=self.split,
+                                           streaming=self.streaming)
         except Exception as e:
             raise SpecError(f"key 'input.path': cannot load HF dataset {self.path!r}: {e}") from None
-        if isinstance(ds, datasets.DatasetDict):
+        if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             if self.split not in ds:
                 raise SpecError(f"key 'input.split': {self.split!r} not in dataset splits {list(ds)}")
             ds = ds[self.split]
         return ds
 
     def describe(self):
-        return [self.path], [len(self.dataset)], list(self.dataset.column_names)
+        ds = self.dataset
+        if not self.streaming:
+            return [self.path], [len(ds)], list(ds.column_names)
+        columns = list(ds.column_names or next(iter(ds.take(1)), {}).keys())
+        if not columns:
+            raise SpecError(f"key 'input.path': the streamed dataset {self.path!r} has no columns or no rows")
+        units = [f"{self.path}#shard{i:05d}" for i in range(ds.num_shards)]
+        rows = [self._count(i, columns[0]) for i in range(ds.num_shards)]
+        return units, rows, columns
+
+    def _stream(self, index: int, columns: list[str]):
+        ds = self.dataset
+        return ds.shard(num_shards=ds.num_shards, index=index, contiguous=True).select_columns(columns) \
+            .with_format("arrow")
+
+    def _count(self, index: int, column: str) -> int:
+        return sum(batch.num_rows for batch in self._stream(index, [column]).iter(batch_size=COUNT_BATCH))
 
     def read_fragment(self, unit: str, fragment: Fragment, columns: list[str]) -> pa.Table:
-        table = self.dataset.with_format("arrow")[fragment.start : fragment.stop]
-        return table.select(columns)
+        if not self.streaming:
+            table = self.dataset.with_format("arrow")[fragment.start : fragment.stop]
+            return table.select(columns)
+        index = int(unit.rpartition("#shard")[2])
+        stream = self._stream(index, columns).skip(fragment.start).take(fragment.stop - fragment.start)
+        batches = list(stream.iter(batch_size=COUNT_BATCH))
+        return pa.concat_tables(batches) if batches else pa.table({c: [] for c in columns})
