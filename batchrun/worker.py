@@ -276,6 +276,8 @@ class Worker:
                 engine.submit(current.requests[cursor])
                 in_flight += current.requests[cursor].sampling.n  # counted in samples: one completion each
                 cursor += 1
+                if cursor == len(current.requests):  # all submitted: the engine holds them now, drop our copies
+                    current.requests, cursor = [], 0
                 self.stats["first_submit_at"] = self.stats["first_submit_at"] or time.time()
             if exhausted and in_flight == 0:
                 return

@@ -45,8 +45,13 @@ def make_model(kind: str, path: Path, dtype: str) -> Path:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+    if kind == "llama-tiny":  # a CPU stand-in with the 1B's shape of work (no EOS: every row runs its budget)
+        cfg = LlamaConfig(vocab_size=len(build_tokenizer()), hidden_size=256, intermediate_size=688,
+                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=2048)
+    else:
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                          num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(eos_token_id=None, pad_token_id=0)
@@ -198,7 +203,7 @@ def run_batchrun(model_path, prompts, budgets, dtype, options, workers: int, gpu
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo", help="demo | llama-1b | a local model dir")
+    ap.add_argument("--model", default="demo", help="demo | llama-1b | llama-tiny (CPU) | a local model dir")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, nargs=2, default=(4, 60))
     ap.add_argument("--out-len", type=int, nargs=2, default=(4, 60))
@@ -217,8 +222,8 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpus = 1 if device == "cuda" else 0
-    path = make_model(args.model, Path(tempfile.gettempdir()) / "batchrun-llama-1b", args.dtype) \
-        if args.model in ("demo", "llama-1b") else Path(args.model)
+    path = make_model(args.model, Path(tempfile.gettempdir()) / f"batchrun-{args.model}", args.dtype) \
+        if args.model in ("demo", "llama-1b", "llama-tiny") else Path(args.model)
     prompts, budgets = workload(args.n, tuple(args.prompt_len), tuple(args.out_len))
     tok, model = load(path, args.dtype, device)
     ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
