@@ -91,3 +91,28 @@ def test_hf_tensor_parallel_2_equals_1_through_the_runner(tmp_path, ray_cluster,
         outputs[tp] = {r["id"]: (r["generated_text"], r["finish_reason"]) for r in read_output(tmp_path / f"tp{tp}").to_pylist()}
     assert outputs[2] == outputs[1]
     assert wait_gone(pids_where(lambda cmd: "mpi4py.futures" in cmd)) == []
+
+
+def test_hf_tensor_parallel_samples_like_one_rank(demo_model):
+    """RowSampler runs on every rank from the same broadcast request states: TP=2 must draw what TP=1 draws."""
+    from batchrun.engines.base import Request, Sampling, row_seed
+    from batchrun.engines.hf import HFEngine
+
+    prompts = [f"{a}+{b}=" for a in range(10, 90, 9) for b in (3, 44)]
+    outputs = {}
+    for tp in (1, 2):
+        engine = HFEngine(str(demo_model), Sampling(max_tokens=6, temperature=1.8, seed=5), dtype="float32",
+                          tensor_parallel_size=tp)
+        try:
+            ids = engine.encode(prompts)
+            for i, p in enumerate(prompts):
+                engine.submit(Request(f"0:{i}", p, ids[i], Sampling(max_tokens=6, temperature=1.8, seed=row_seed(5, i))))
+            got: dict = {}
+            deadline = time.time() + 120
+            while len(got) < len(prompts) and time.time() < deadline:
+                got.update({c.request_id: c.text for c in engine.poll(1.0)})
+        finally:
+            engine.close()
+        outputs[tp] = got
+    assert len(outputs[1]) == len(prompts) and outputs[2] == outputs[1]
+    assert len(set(outputs[1].values())) > len(prompts) // 2
