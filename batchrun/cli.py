@@ -34,11 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--format", choices=["openai-batch"], default="openai-batch")
     ex.add_argument("-o", "--output", default=None,
                     help="file to write (default: OUT_DIR/_batch_output.jsonl; '-' for stdout)")
+    from batchrun.bench import add_parser as add_bench, cmd_bench
+
+    add_bench(sub)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "build": cmd_build,
-                "export": cmd_export}[args.cmd](args)
+                "export": cmd_export, "bench": cmd_bench}[args.cmd](args)
     except BatchrunError as e:
         print(f"batchrun: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -251,3 +251,27 @@ def test_guided_decoding_and_top_logprobs(tllm, demo_model):
     assert c.logprobs == [-0.5] * 3  # the sampled token's entry, not the likeliest other one
     assert [sorted(step) for step in c.top_logprobs] == [sorted([t, t + 1]) for t in c.token_ids]
     assert all(step[t] == -0.5 for step, t in zip(c.top_logprobs, c.token_ids))
+
+
+def test_engine_comparison_bench(demo_model, tmp_path, capsys, monkeypatch):
+    """`batchrun bench --engines hf,trtllm`: every installed engine on the same prompts, the others listed as such."""
+    import json
+
+    from batchrun.cli import main
+
+    args = ["bench", "--engines", "hf,trtllm", "--model", str(demo_model), "--dtype", "float32", "--n", "24",
+            "--max-tokens", "4", "--json", str(tmp_path / "b.json")]
+    monkeypatch.setattr("batchrun.bench.installed", lambda e: e == "hf")  # this machine, whatever is on sys.path
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| trtllm | not installed |" in out and "| hf | ok | 24 |" in out
+    hf = json.loads((tmp_path / "b.json").read_text())[0]
+    assert hf["tokens"] > 24 and hf["tok_s"] > 0 and 0 < hf["first_output_s"] <= hf["seconds"]
+    assert hf["peak_memory_mb"] > 0
+    monkeypatch.undo()
+    monkeypatch.syspath_prepend(DOUBLES)  # the documented-API double stands in for an installed TensorRT-LLM
+    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert main(args) == 0
+    rows = {r["engine"]: r for r in json.loads((tmp_path / "b.json").read_text())}
+    assert rows["trtllm"]["status"] == "ok" and rows["trtllm"]["requests"] == 24
