@@ -74,6 +74,28 @@ def cuda_available() -> bool:
         return False
 
 
+def drive(engine, requests: list[Request], window: int | None = None) -> tuple[int, float, float]:
+    """Keep up to `window` (default: the engine's max_in_flight) requests submitted until all finish, as a worker
+    does. Returns (generated tokens, seconds, seconds to the first finished request)."""
+    window = window or engine.max_in_flight
+    pending = list(reversed(requests))
+    done = tokens = in_flight = 0
+    first = None
+    t0 = time.perf_counter()
+    while done < len(requests):
+        while pending and in_flight < window:
+            engine.submit(pending.pop())
+            in_flight += 1
+        out = engine.poll(0.05)
+        if out and first is None:
+            first = time.perf_counter() - t0
+        done += len(out)
+        in_flight -= len(out)
+        tokens += sum(c.num_generated_tokens for c in out)
+    seconds = time.perf_counter() - t0
+    return tokens, seconds, first if first is not None else seconds
+
+
 def run_engine(name: str, model: str, prompts: list[str], max_tokens: int, dtype: str, max_in_flight: int,
                options: dict) -> EngineResult:
     if not installed(name):
@@ -89,22 +111,7 @@ def run_engine(name: str, model: str, prompts: list[str], max_tokens: int, dtype
     try:
         ids = engine.encode(prompts) or [None] * len(prompts)
         sampling = Sampling(max_tokens=max_tokens)
-        pending = [Request(f"0:{i}", p, ids[i], sampling) for i, p in enumerate(prompts)]
-        pending.reverse()
-        done = tokens = in_flight = 0
-        first = None
-        t0 = time.perf_counter()
-        while done < len(prompts):
-            while pending and in_flight < engine.max_in_flight:
-                engine.submit(pending.pop())
-                in_flight += 1
-            out = engine.poll(0.05)
-            if out and first is None:
-                first = time.perf_counter() - t0
-            done += len(out)
-            in_flight -= len(out)
-            tokens += sum(c.num_generated_tokens for c in out)
-        seconds = time.perf_counter() - t0
+        tokens, seconds, first = drive(engine, [Request(f"0:{i}", p, ids[i], sampling) for i, p in enumerate(prompts)])
     finally:
         engine.close()
     if gpu:
@@ -112,7 +119,7 @@ def run_engine(name: str, model: str, prompts: list[str], max_tokens: int, dtype
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process RSS (no GPU)"
     return EngineResult(name, "ok", len(prompts), tokens, seconds, tokens / seconds, len(prompts) / seconds,
-                        first or seconds, peak, kind)
+                        first, peak, kind)
 
 
 def load_prompts(path: str | None, n: int) -> list[str]:

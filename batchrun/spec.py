@@ -10,7 +10,8 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -88,6 +89,31 @@ class InputSpec(_Section):
         return bool(self.chat or self.messages_column)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class RowRule(NamedTuple):
+    """What one row's value of a sampling.per_row column must be (the job-level bounds below), and its type."""
+
+    ok: Callable[[Any], bool]
+    expected: str
+    convert: Callable[[Any], Any] = lambda v: v
+
+
+PER_ROW_RULES = {
+    "max_tokens": RowRule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "temperature": RowRule(lambda v: _is_number(v) and v >= 0, "a number >= 0", float),
+    "top_p": RowRule(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", float),
+    "top_k": RowRule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "seed": RowRule(lambda v: _is_int(v) and 0 <= v < 2**63, "an integer in [0, 2**63)"),
+}
+
+
 class SamplingSpec(_Section):
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
@@ -99,7 +125,7 @@ class SamplingSpec(_Section):
     logprobs: bool = False  # a `logprobs` column: the log probability of each generated token
     top_logprobs: int = Field(0, ge=0, le=20)  # > 0: a `top_logprobs` column, the k likeliest tokens at each step
     # sampling key -> input column: a row's own value (null: the job's); a seed column seeds that row alone
-    per_row: dict[Literal["max_tokens", "temperature", "top_p", "top_k", "seed"], str] = Field(default_factory=dict)
+    per_row: dict[Literal[tuple(PER_ROW_RULES)], str] = Field(default_factory=dict)
 
 
 class ParseSpec(_Section):

@@ -30,30 +30,11 @@ from batchrun.prompts import PromptBuilder, fit_to_context
 from batchrun.queue import DONE, WAIT
 from batchrun.sink import ManifestEntry, OutputDir, ids_digest
 from batchrun.sources import open_source
-from batchrun.spec import JobSpec
+from batchrun.spec import PER_ROW_RULES, JobSpec
 
 log = logging.getLogger("batchrun.worker")
 ROW_INDEX = "row_index"  # the generated id column when the input names none
 
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-# sampling.per_row: what a row's value must be, and how the error names it
-ROW_VALUE_OK = {
-    "max_tokens": lambda v: _is_int(v) and v >= 1,
-    "temperature": lambda v: _is_number(v) and v >= 0,
-    "top_p": lambda v: _is_number(v) and 0 < v <= 1,
-    "top_k": lambda v: _is_int(v) and v >= 0,
-    "seed": lambda v: _is_int(v) and 0 <= v < 2**63,
-}
-ROW_VALUE_EXPECTED = {"max_tokens": "an integer >= 1", "temperature": "a number >= 0", "top_p": "a number in (0, 1]",
-                      "top_k": "an integer >= 0", "seed": "an integer in [0, 2**63)"}
 
 OUTPUT_SCHEMA = [
     ("generated_text", pa.string()),
@@ -390,11 +371,11 @@ class Worker:
                 v = values[i]
                 if v is None:  # no override in this row: the job's setting
                     continue
-                if not ROW_VALUE_OK[key](v):
-                    error = (f"column {self.per_row[key]!r} (sampling.per_row.{key}): expected "
-                             f"{ROW_VALUE_EXPECTED[key]}, got {v!r}")
+                rule = PER_ROW_RULES[key]
+                if not rule.ok(v):
+                    error = f"column {self.per_row[key]!r} (sampling.per_row.{key}): expected {rule.expected}, got {v!r}"
                     break
-                changes[key] = float(v) if key in ("temperature", "top_p") else v
+                changes[key] = rule.convert(v)
             if error is not None:
                 out.append(error)
                 continue

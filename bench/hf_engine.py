@@ -151,21 +151,17 @@ def run_static(model, ids, budgets, batch: int) -> dict:
 
 def run_tp(model_path, ids, budgets, tp: int, dtype: str, options: dict) -> dict:
     """batchrun's HF engine in this process; tp > 1 spawns the ranks through the mpi4py launcher."""
+    from batchrun.bench import drive
     from batchrun.engines.base import Request, Sampling
     from batchrun.engines.hf import HFEngine
 
     engine = HFEngine(str(model_path), Sampling(max_tokens=max(budgets)), dtype=dtype, tensor_parallel_size=tp,
                       **options)
-    t0 = time.perf_counter()
-    for i, (x, b) in enumerate(zip(ids, budgets)):
-        engine.submit(Request(f"0:{i}", "", x, Sampling(max_tokens=b)))
-    done, tokens = 0, 0
-    while done < len(ids):
-        out = engine.poll(1.0)
-        done += len(out)
-        tokens += sum(c.num_generated_tokens for c in out)
-    elapsed = time.perf_counter() - t0
-    engine.close()
+    try:  # every prompt submitted at once, as the bare run does
+        requests = [Request(f"0:{i}", "", x, Sampling(max_tokens=b)) for i, (x, b) in enumerate(zip(ids, budgets))]
+        tokens, elapsed, _ = drive(engine, requests, window=len(requests))
+    finally:
+        engine.close()
     return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
 
 

@@ -52,9 +52,8 @@ def test_output_mapping(tllm):
     for reason in ("timeout", "cancelled"):
         c = to_completion("x", out(text="a", token_ids=[5], finish_reason=reason), ())
         assert c.finish_reason == "error" and reason in c.error
-    class LP:  # noqa: E306  tensorrt_llm.executor.result.Logprob
-        def __init__(self, v):
-            self.logprob = v
+    from tensorrt_llm.executor.result import Logprob as LP
+
     c = to_completion("x", out(text="a", token_ids=[5, 6], finish_reason="length",
                                logprobs=[{5: LP(-0.1), 9: LP(-2.0)}, {6: LP(-0.3)}]), ())
     assert c.logprobs == [-0.1, -0.3]
