@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark, as run through the device tool (one command per call; see bench/RESULTS.md).
-#   bash bench/gpu.sh engines   # bare engine vs batchrun per CB config, and static batching (1 GPU)
+#   bash bench/gpu.sh engines   # GPU tests; bare engine per attention/CB config with profiles, batchrun, static (1 GPU)
 #   bash bench/gpu.sh scale     # TP=2 vs TP=1 through the mpi4py launcher, 2 workers vs 1 (2 GPUs)
 # Needs .devwheels/ray-py312.tar.xz (bash ../shared/device/pack-ray.sh 2.60.0 transformers==5.24.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5; the image's huggingface_hub 1.33 is kept).
 set -euo pipefail
@@ -11,7 +11,9 @@ python3 -c "import ray, transformers, torch; print('ray', ray.__version__, 'tran
 nvidia-smi -L
 COMMON=(--model llama-1b --dtype bfloat16 --n 256 --prompt-len 64 512 --out-len 16 512 --window 512 --rows-per-shard 64)
 case "${1:-engines}" in
-  engines) python3 bench/hf_engine.py "${COMMON[@]}" --configs default,graphs16k,graphs32k --runs bare,batchrun,static \
+  engines) python3 -m pytest -q -p no:cacheprovider tests/test_hf_attention.py 2>&1 | tail -5 | tee "$OUT/tests.log" || true
+           python3 bench/hf_engine.py "${COMMON[@]}" --configs "${2:-default,graphs32k,varlen,varlen-graphs,varlen-graphs32k}" \
+             --batchrun-configs "${3:-varlen-graphs32k}" --profile graphs32k,varlen-graphs32k --runs bare,batchrun,static \
              --json "$OUT/engines.json" 2>&1 | grep --line-buffered -v -E "it/s\]|Loading weights" | tee "$OUT/engines.log" ;;
   scale)   python3 bench/hf_engine.py "${COMMON[@]}" --configs "${2:-graphs16k}" --runs tp,workers \
              --json "$OUT/scale.json" 2>&1 | grep --line-buffered -v -E "it/s\]|Loading weights" | tee "$OUT/scale.log" ;;

@@ -27,10 +27,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = {  # ContinuousBatchingConfig settings to compare ("default" = transformers' own choices)
-    "default": {},
-    "graphs16k": {"use_cuda_graph": True, "max_batch_tokens": 16384},
-    "graphs32k": {"use_cuda_graph": True, "max_batch_tokens": 32768, "max_memory_percent": 0.9},
+# Engine settings to compare: ContinuousBatchingConfig fields plus attn_implementation (engines/hf_attention.py).
+# "default" is transformers as shipped on a machine without the flash-attn package: SDPA, its own CB choices.
+GRAPHS = {"use_cuda_graph": True}
+BIG = {"max_batch_tokens": 32768, "max_memory_percent": 0.9}
+CONFIGS = {
+    "default": {"attn_implementation": "sdpa"},
+    "graphs16k": {"attn_implementation": "sdpa", **GRAPHS, "max_batch_tokens": 16384},
+    "graphs32k": {"attn_implementation": "sdpa", **GRAPHS, **BIG},
+    "varlen": {"attn_implementation": "varlen"},
+    "varlen-graphs": {"attn_implementation": "varlen", **GRAPHS},
+    "varlen-graphs16k": {"attn_implementation": "varlen", **GRAPHS, "max_batch_tokens": 16384},
+    "varlen-graphs32k": {"attn_implementation": "varlen", **GRAPHS, **BIG},
 }
 
 
@@ -93,10 +101,12 @@ def run_bare(model, ids, budgets, options: dict) -> dict:
     from transformers.generation import ContinuousBatchingConfig
 
     from batchrun.engines.hf import CPU_CB_DEFAULTS
+    from batchrun.engines.hf_attention import apply_attention
 
     cb = dict(options)
     if model.device.type == "cpu":
         cb = {**CPU_CB_DEFAULTS, **cb}  # the same paged cache batchrun's engine gets on a CPU
+    apply_attention(model, cb.pop("attn_implementation", "auto"))  # as batchrun's engine chooses it
     manager = model.init_continuous_batching(generation_config=no_eos_generation_config(model, max(budgets)),
                                              continuous_batching_config=ContinuousBatchingConfig(**cb))
     manager.start()
@@ -124,10 +134,29 @@ def run_bare(model, ids, budgets, options: dict) -> dict:
     return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
 
 
+def profile_bare(model, ids, budgets, options: dict, top: int = 12) -> dict:
+    """The bare engine under torch.profiler: where device time goes, and how busy the GPU is over the run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        r = run_bare(model, ids, budgets, options)
+    kernels = [(e.key, e.self_device_time_total / 1e6, e.count) for e in prof.key_averages()
+               if e.self_device_time_total > 0]
+    kernels.sort(key=lambda x: -x[1])
+    busy = sum(t for _, t, _ in kernels)
+    attn = sum(t for name, t, _ in kernels if any(w in name.lower() for w in ("flash", "fmha", "attention", "efficient")))
+    r.update(gpu_busy_s=busy, gpu_busy_frac=busy / r["seconds"], attention_frac=attn / max(busy, 1e-9),
+             top_kernels=[{"name": n[:90], "s": round(t, 3), "calls": c} for n, t, c in kernels[:top]])
+    return r
+
+
 def run_static(model, ids, budgets, batch: int) -> dict:
     """Padded static batches in input order; each batch runs until its longest budget (the usual generate loop)."""
     import torch
 
+    from batchrun.engines.hf_attention import apply_attention
+
+    apply_attention(model, "sdpa")  # padded batches with a mask: the usual generate path
     gen = no_eos_generation_config(model, max(budgets))
     t0 = time.perf_counter()
     useful = 0
@@ -211,6 +240,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--rows-per-shard", type=int, default=64)
+    ap.add_argument("--batchrun-configs", default=None, help="configs to run batchrun with (default: all of --configs)")
+    ap.add_argument("--profile", default="", help="comma list of configs to profile (bare engine, first --profile-n prompts)")
+    ap.add_argument("--profile-n", type=int, default=96)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -230,12 +262,17 @@ def main() -> None:
         if "bare" in runs:
             results[f"bare[{name}]"] = run_bare(model, ids, budgets, opts)
             print("bare", name, results[f"bare[{name}]"], flush=True)
-        if "batchrun" in runs:
+        if "batchrun" in runs and name in (args.batchrun_configs or args.configs).split(","):
             results[f"batchrun[{name}]"] = run_batchrun(path, prompts, budgets, args.dtype, opts, 1, gpus,
                                                         args.window, args.rows_per_shard)
             print("batchrun", name, results[f"batchrun[{name}]"], flush=True)
     best = args.configs.split(",")[-1]
     opts = CONFIGS[best] if device == "cuda" else {}
+    profiles = {}
+    for name in filter(None, args.profile.split(",")):
+        n = args.profile_n
+        profiles[name] = profile_bare(model, ids[:n], budgets[:n], CONFIGS[name] if device == "cuda" else {})
+        print("profile", name, json.dumps(profiles[name]), flush=True)
     if "static" in runs:
         results[f"static[batch {args.static_batch}]"] = run_static(model, ids, budgets, args.static_batch)
         print("static", results[f"static[batch {args.static_batch}]"], flush=True)
@@ -258,6 +295,11 @@ def main() -> None:
     print(f"{'run':<34} {'tokens':>9} {'seconds':>8} {'tok/s':>9} {'x first':>8}")
     for name, r in results.items():
         print(f"{name:<34} {r['tokens']:>9} {r['seconds']:>8.2f} {r['tok_s']:>9.1f} {r['tok_s'] / base['tok_s']:>8.2f}")
+    for name, p in profiles.items():
+        print(f"profile {name} (bare, {args.profile_n} prompts): {p['tok_s']:.0f} tok/s under the profiler, GPU busy "
+              f"{p['gpu_busy_frac']:.0%} of the wall, attention kernels {p['attention_frac']:.0%} of GPU time")
+        for k in p["top_kernels"][:6]:
+            print(f"    {k['s']:>8.3f} s {k['calls']:>7} calls  {k['name']}")
     pairs = [(f"batchrun[{c}]", f"bare[{c}]") for c in args.configs.split(",")]
     pairs += [(f"batchrun[{best}]", f"static[batch {args.static_batch}]"), (f"bare[{best}]", "bare[default]"),
               (f"engine tp={args.tp}[{best}]", f"engine tp=1[{best}]"),
@@ -266,7 +308,7 @@ def main() -> None:
         if a in results and b in results and a != b:
             print(f"ratio {a} / {b} = {results[a]['tok_s'] / results[b]['tok_s']:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({**results, "profiles": profiles}, indent=2))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
     from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.generation import ContinuousBatchingConfig
 
+    from batchrun.engines.hf_attention import apply_attention
     from batchrun.engines.hf_sampling import ChoiceTrie, RowSampler
 
     device = cfg.device
@@ -94,6 +95,8 @@ def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
     gen.num_return_sequences = s.n if cfg.may_sample else 1
     cb_options = dict(CPU_CB_DEFAULTS) if model.device.type == "cpu" else {}
     cb_options.update(dict(cfg.options))
+    attention = apply_attention(model, cb_options.pop("attn_implementation", "auto"))
+    log.info("HF engine: attention %s, continuous batching %s", attention, cb_options)
     if s.seed is not None:
         cb_options.setdefault("seed", s.seed)
     if s.logprobs:
