@@ -11,10 +11,11 @@ python3 -c "import ray, transformers, torch; print('ray', ray.__version__, 'tran
 nvidia-smi -L
 COMMON=(--model llama-1b --dtype bfloat16 --n 256 --prompt-len 64 512 --out-len 16 512 --window 512 --rows-per-shard 64)
 case "${1:-engines}" in
-  engines) python3 -m pytest -q -p no:cacheprovider tests/test_hf_attention.py 2>&1 | tail -5 | tee "$OUT/tests.log" || true
+  engines) python3 -m pytest -q -rA --tb=short -p no:cacheprovider tests/test_hf_attention.py > "$OUT/tests.log" 2>&1 || true
+           grep -E "varlen kernel|passed|failed|Error|error" "$OUT/tests.log" | tail -25
            python3 bench/hf_engine.py "${COMMON[@]}" --configs "${2:-default,graphs32k,varlen,varlen-graphs,varlen-graphs32k}" \
-             --batchrun-configs "${3:-varlen-graphs32k}" --profile graphs32k,varlen-graphs32k --runs bare,batchrun,static \
+             --batchrun-configs "${3:-varlen-graphs32k}" --profile "${4:-graphs32k,varlen-graphs32k}" --runs bare,batchrun,static \
              --json "$OUT/engines.json" 2>&1 | grep --line-buffered -v -E "it/s\]|Loading weights" | tee "$OUT/engines.log" ;;
-  scale)   python3 bench/hf_engine.py "${COMMON[@]}" --configs "${2:-graphs16k}" --runs tp,workers \
+  scale)   python3 bench/hf_engine.py "${COMMON[@]}" --n 1024 --configs "${2:-varlen-graphs32k}" --runs tp,workers \
              --json "$OUT/scale.json" 2>&1 | grep --line-buffered -v -E "it/s\]|Loading weights" | tee "$OUT/scale.log" ;;
 esac

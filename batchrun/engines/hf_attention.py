@@ -37,15 +37,35 @@ VARLEN = "batchrun_flash_varlen"
 
 @functools.cache
 def _varlen_kwargs() -> tuple | None:
-    """(varlen_attn, its causal/GQA/scale keyword support) or None where PyTorch has no varlen_attn."""
+    """(varlen_attn, its causal keywords, how it takes grouped KV heads, whether it takes a scale), or None where
+    PyTorch has no varlen_attn. Grouped heads: "flag" (enable_gqa=True), "native" (fewer KV heads accepted as they
+    are, as FlashAttention-2's kernel does) or "repeat" (KV heads repeated first: one extra copy of the batch's keys
+    and values per layer and step)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    # torch 2.9-2.11 take is_causal; later releases take window_size=(-1, 0) for causal
+    # torch 2.9-2.10 take is_causal; later releases take window_size=(-1, 0) for causal
     causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    return varlen_attn, causal, "enable_gqa" in params, "scale" in params
+    gqa = "flag" if "enable_gqa" in params else _probe_native_gqa(varlen_attn, causal)
+    return varlen_attn, causal, gqa, "scale" in params
+
+
+def _probe_native_gqa(varlen_attn, causal: dict) -> str:
+    """torch 2.11's varlen_attn has no enable_gqa: see once whether the kernel takes fewer KV heads as they are."""
+    if not torch.cuda.is_available():
+        return "repeat"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(8, 4, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(8, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    cu = torch.tensor([0, 3, 8], device="cuda", dtype=torch.int32)
+    try:
+        native = varlen_attn(q, k, v, cu, cu, 5, 5, **causal)
+    except (RuntimeError, ValueError):
+        return "repeat"
+    repeated = varlen_attn(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), cu, cu, 5, 5, **causal)
+    return "native" if torch.allclose(native.float(), repeated.float(), atol=1e-2) else "repeat"
 
 
 def varlen_available(device_type: str, dtype) -> bool:
@@ -56,13 +76,13 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
                      cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
     """AttentionInterface function: query [1, heads, total_q, dim], key/value [1, kv_heads, total_k, dim] (the
     batch's requests packed one after another), cumulative lengths per request. Returns [1, total_q, heads, dim]."""
-    varlen_attn, causal, native_gqa, takes_scale = _varlen_kwargs()
+    varlen_attn, causal, gqa, takes_scale = _varlen_kwargs()
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [tokens, heads, dim], as FlashAttention takes
     extra = dict(causal)
     if q.shape[1] != k.shape[1]:
-        if native_gqa:
+        if gqa == "flag":
             extra["enable_gqa"] = True
-        else:  # FlashAttention-2 reads grouped heads natively; older wrappers still check that the counts match
+        elif gqa == "repeat":
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if takes_scale:
