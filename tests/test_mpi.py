@@ -116,3 +116,28 @@ def test_hf_tensor_parallel_samples_like_one_rank(demo_model):
         outputs[tp] = got
     assert len(outputs[1]) == len(prompts) and outputs[2] == outputs[1]
     assert len(set(outputs[1].values())) > len(prompts) // 2
+
+
+def test_a_process_whose_rank_died_mid_task_still_exits_after_close(tmp_path):
+    """The GPU machine's TP=2 bench never exited: a rank gone mid-task leaves mpi4py's manager thread waiting for its
+    result, and mpi4py joins that thread at interpreter exit. close() must deregister it."""
+    import subprocess
+
+    from tests.conftest import PYTHON, ROOT, cli_env
+
+    script = tmp_path / "dies.py"
+    script.write_text(
+        "import time, psutil\n"
+        "from batchrun.engines.mpi import RankPool\n"
+        "pool = RankPool(2, timeout_s=60)\n"
+        "pool.submit_all(time.sleep, 300)\n"
+        "time.sleep(1)\n"
+        "psutil.Process(pool.pids[1]).kill()\n"
+        "t0 = time.monotonic()\n"
+        "pool.close(timeout_s=3)\n"
+        "print('closed', round(time.monotonic() - t0), flush=True)\n"
+    )
+    t0 = time.monotonic()
+    proc = subprocess.run([PYTHON, str(script)], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert "closed" in proc.stdout, proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 120, "the process hung at exit"

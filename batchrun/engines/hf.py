@@ -21,7 +21,10 @@ from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_s
 log = logging.getLogger(__name__)
 
 # On a CPU the manager cannot size its KV cache from GPU memory: give it a small paged cache that holds the window.
-CPU_CB_DEFAULTS = {"num_blocks": 256, "max_batch_tokens": 512}
+# No CUDA graphs or async batching either: transformers decides those from the machine's accelerator, not from the
+# model's device, and a model kept on the CPU of a GPU machine would fail ("Async batching requires a device type in
+# ('cuda', 'xpu')", continuous_batching/initialization.py).
+CPU_CB_DEFAULTS = {"num_blocks": 256, "max_batch_tokens": 512, "use_cuda_graph": False, "use_async_batching": False}
 
 
 class EngineDead(RuntimeError):

@@ -18,6 +18,7 @@ handled here:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -25,6 +26,8 @@ import time
 from concurrent.futures import Future, wait
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 
 class SpawnError(RuntimeError):
@@ -149,12 +152,13 @@ class RankPool:
         """Shut the ranks down; kill whichever is still alive after timeout_s. Safe to call twice."""
         pool, self.pool = getattr(self, "pool", None), None
         if pool is not None:
+            manager = getattr(pool, "_pool", None)  # taken first: shutdown(wait=True) clears it before it joins
             closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True},
                                       daemon=True)
             closer.start()
             closer.join(timeout_s)
             if closer.is_alive():
-                _abandon_manager_thread(pool)
+                _abandon_manager_thread(manager)
         procs = []
         for pid in self.pids:
             try:
@@ -166,13 +170,24 @@ class RankPool:
             p.kill()
 
 
-def _abandon_manager_thread(pool) -> None:
-    """A pool whose ranks died mid-shutdown leaves mpi4py's manager thread blocked in MPI forever, and mpi4py joins it
-    at interpreter exit: the process would never exit. Deregister it (mpi4py.futures._core.THREADS_QUEUES, as
-    TensorRT-LLM's mpi_session.py does) so that exit proceeds; the ranks themselves are killed by close()."""
+def _abandon_manager_thread(manager) -> None:
+    """A pool whose ranks died mid-task leaves mpi4py's manager thread waiting for their results forever
+    (futures/_core.py, client_exec). That thread is not a daemon, and mpi4py also joins it at interpreter exit: the
+    process would never exit (seen on the GPU machine after a TP=2 run, reproduced in tests/test_mpi.py). Take it off
+    both joins: mpi4py's registry (futures/_core.py THREADS_QUEUES, as TensorRT-LLM's mpi_session.py does) and the
+    interpreter's list of non-daemon threads to wait for (threading._shutdown_locks, CPython 3.11-3.12). The ranks
+    themselves are killed by close()."""
     import sys
 
-    thread = getattr(getattr(pool, "_pool", None), "thread", None)
+    thread = getattr(manager, "thread", None)
+    if thread is None:
+        return
     registry = getattr(sys.modules.get("mpi4py.futures._core"), "THREADS_QUEUES", None)
-    if thread is not None and registry is not None:
+    if registry is not None:
         registry.pop(thread, None)
+    lock, locks = getattr(thread, "_tstate_lock", None), getattr(threading, "_shutdown_locks", None)
+    if lock is not None and locks is not None:
+        with threading._shutdown_locks_lock:
+            locks.discard(lock)
+    else:
+        log.warning("mpi4py's manager thread is stuck on ranks that died; this Python may wait for it at exit")
