@@ -188,6 +188,9 @@ class ResourcesSpec(_Section):
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
     placement: Literal["spread", "pack"] = "spread"  # workers over as many nodes as possible, or as few
+    # CPU priority of each worker and the engine ranks it spawns. Ray starts workers at niceness 15, behind every
+    # other process on the node, but a worker's engine loop is the job's critical path. null keeps Ray's.
+    niceness: int | None = Field(0, ge=-20, le=19)
 
 
 class ShardsSpec(_Section):

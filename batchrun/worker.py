@@ -126,6 +126,27 @@ def node_name() -> str:
         return socket.gethostname()
 
 
+def set_niceness(value: int | None) -> int:
+    """Give every thread of this process the niceness `value` (Linux niceness is per thread; threads and processes
+    started afterwards, such as the engine's loop and its MPI ranks, inherit it). Returns the niceness in effect.
+    Going below the current value needs CAP_SYS_NICE (root in containers); without it the worker keeps Ray's."""
+    if value is not None and hasattr(os, "setpriority"):
+        try:
+            tids = [int(t) for t in os.listdir("/proc/self/task")]
+        except OSError:
+            tids = [0]
+        for tid in tids:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, value)
+            except ProcessLookupError:  # a thread that just ended
+                pass
+            except PermissionError:
+                log.warning("cannot set the worker's niceness to %s (needs CAP_SYS_NICE); it stays at %s", value,
+                            os.getpriority(os.PRIO_PROCESS, 0))
+                break
+    return os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
+
+
 def peak_rss_mb() -> float:
     import resource
 
@@ -139,6 +160,7 @@ class Worker:
         self.worker_id = worker_id
         self.tags = {"run_id": run_id, "worker": worker_id}  # metric tags
         self.spec = JobSpec.model_validate_json(spec_json)
+        niceness = set_niceness(self.spec.resources.niceness)  # before any engine thread or rank exists
         self.units = units
         self.queue = shard_queue
         self.node = node_name()
@@ -159,7 +181,7 @@ class Worker:
         self.read_columns = list(dict.fromkeys(self.read_columns + self.score_columns))
         self.engine = None
         self.stats = {"rows": 0, "shards": 0, "generated_tokens": 0, "prompt_tokens": 0, "in_flight": 0,
-                      "since_progress_s": 0.0,
+                      "since_progress_s": 0.0, "niceness": niceness,
                       "first_submit_at": 0.0, "last_completion_at": 0.0}  # the engine's busy window, for benchmarks
         self._last_progress = time.monotonic()
         self._stop = threading.Event()

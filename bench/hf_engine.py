@@ -239,6 +239,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=1, help="alternate bare/batchrun runs this many times; report medians")
     ap.add_argument("--rows-per-shard", type=int, default=64)
     ap.add_argument("--batchrun-configs", default=None, help="configs to run batchrun with (default: all of --configs)")
     ap.add_argument("--profile", default="", help="comma list of configs to profile (bare engine, first --profile-n prompts)")
@@ -257,15 +258,22 @@ def main() -> None:
     ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
     runs = args.runs.split(",")
     results: dict[str, dict] = {}
-    for name in args.configs.split(","):
-        opts = CONFIGS[name] if device == "cuda" else {}
-        if "bare" in runs:
-            results[f"bare[{name}]"] = run_bare(model, ids, budgets, opts)
-            print("bare", name, results[f"bare[{name}]"], flush=True)
-        if "batchrun" in runs and name in (args.batchrun_configs or args.configs).split(","):
-            results[f"batchrun[{name}]"] = run_batchrun(path, prompts, budgets, args.dtype, opts, 1, gpus,
-                                                        args.window, args.rows_per_shard)
-            print("batchrun", name, results[f"batchrun[{name}]"], flush=True)
+    repeats: dict[str, list] = {}
+    for rep in range(args.repeat):  # bare and batchrun alternate, so drift on a shared machine hits both alike
+        for name in args.configs.split(","):
+            opts = CONFIGS[name] if device == "cuda" else {}
+            if "bare" in runs:
+                r = repeats.setdefault(f"bare[{name}]", [])
+                r.append(run_bare(model, ids, budgets, opts))
+                print("bare", name, rep, r[-1], flush=True)
+            if "batchrun" in runs and name in (args.batchrun_configs or args.configs).split(","):
+                r = repeats.setdefault(f"batchrun[{name}]", [])
+                r.append(run_batchrun(path, prompts, budgets, args.dtype, opts, 1, gpus, args.window,
+                                      args.rows_per_shard))
+                print("batchrun", name, rep, r[-1], flush=True)
+    for key, runs_of in repeats.items():  # the median run by tok/s, with every run's tok/s beside it
+        results[key] = dict(sorted(runs_of, key=lambda r: r["tok_s"])[len(runs_of) // 2],
+                            all_tok_s=[round(r["tok_s"], 1) for r in runs_of])
     best = args.configs.split(",")[-1]
     opts = CONFIGS[best] if device == "cuda" else {}
     profiles = {}
@@ -307,6 +315,9 @@ def main() -> None:
     for a, b in pairs:
         if a in results and b in results and a != b:
             print(f"ratio {a} / {b} = {results[a]['tok_s'] / results[b]['tok_s']:.3f}")
+            if a in repeats and b in repeats and args.repeat > 1:
+                each = [x["tok_s"] / y["tok_s"] for x, y in zip(repeats[a], repeats[b])]
+                print(f"    per repeat: {', '.join(f'{r:.3f}' for r in each)}")
     if args.json:
         Path(args.json).write_text(json.dumps({**results, "profiles": profiles}, indent=2))
 

@@ -188,3 +188,25 @@ def test_eval_example_accuracy_equals_a_plain_generate_loop(tmp_path, ray_cluste
     assert summary["metrics"]["score_mean"] == pytest.approx(right / len(source))
     assert summary["metrics"]["rows"] == 128 and sum(r["score"] for r in rows) == right
     assert f"score: {right / len(source):.4f} mean over 128 rows" in proc.stdout
+
+
+@pytest.mark.parametrize("niceness", [0, 7, None])
+def test_worker_runs_at_the_niceness_asked_for(tmp_path, ray_cluster, niceness):
+    """Ray starts workers at its own niceness (15), behind every daemon on the node; the engine worker is the job's
+    critical path and runs at resources.niceness (0 by default), its threads and children with it."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def ray_default_niceness():
+        import os
+
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+    write_parquet(tmp_path / "in.parquet", pa.table({"prompt": [f"p{i}" for i in range(20)]}))
+    spec = validate_spec({"engine": {"name": "echo"}, "input": {"path": str(tmp_path / "in.parquet")},
+                          "output": {"dir": str(tmp_path / "out")}, "shards": {"rows_per_shard": 2},
+                          "resources": {"num_workers": 2, "niceness": niceness}})
+    summary = JobRunner(spec, show_progress=False).run().summary
+    expected = ray.get(ray_default_niceness.remote()) if niceness is None else niceness
+    assert len(summary["worker_niceness"]) == 2 and set(summary["worker_niceness"].values()) == {expected}
+    assert niceness is not None or expected != 0  # the test cluster does nice its workers
