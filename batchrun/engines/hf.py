@@ -63,6 +63,10 @@ class ModelConfig:
     def row_sampler_needed(self) -> bool:
         return self.may_sample or bool(self.choices)
 
+    @property
+    def results_per_request(self) -> int:
+        return self.sampling.n if self.may_sample else 1  # sampled n > 1: one result per child request
+
 
 def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
     """Load the model and start a ContinuousBatchingManager on it. Returns (model, manager, eos ids)."""
@@ -115,7 +119,33 @@ def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
             trie=ChoiceTrie([list(c) for c in cfg.choices], eos_ids) if cfg.choices else None,
             use_top_k=bool(s.top_k) or "top_k" in cfg.row_keys, use_top_p=s.top_p < 1 or "top_p" in cfg.row_keys)
     manager.start()
+    if not tp_plan:  # under tensor parallelism only rank 0 takes requests: it warms up in hf_tp._drive
+        warm_up(manager, cfg.results_per_request)
     return model, manager, eos_ids
+
+
+def warm_up(manager, results: int, timeout_s: float = 600.0) -> None:
+    """One tiny request through the whole loop before any real one: CUDA graph capture, kernel selection and lazy
+    initialisation happen at start, outside the job's first shard, and an engine that cannot generate at all fails
+    here, in the worker's start(), rather than on every shard it is handed."""
+    import time
+
+    # 8 prompt tokens: a 1-token warm-up prompt with n > 1 failed inside transformers 5.24 ("cannot reshape tensor of
+    # 0 elements"), though 1-token rows of a job did not
+    manager.add_request(input_ids=[0] * 8, request_id="batchrun-warmup", max_new_tokens=2)
+    deadline = time.monotonic() + timeout_s
+    while results:
+        r = manager.get_result(timeout=1.0)
+        if r is None:
+            if not manager.is_running():
+                raise EngineDead(f"the generation loop stopped during warm-up: "
+                                 f"{manager.background_thread_status.fatal_error!r}")
+            if time.monotonic() > deadline:
+                raise EngineDead(f"the engine did not finish a 2-token warm-up request in {timeout_s:g}s")
+        elif r.is_finished():
+            if r.error is not None:
+                raise EngineDead(f"the engine's warm-up request failed: {r.error}")
+            results -= 1
 
 
 def drain(manager, timeout: float) -> list[RawResult]:

@@ -15,7 +15,7 @@ import socket
 import threading
 from multiprocessing.connection import Client, Listener
 
-from batchrun.engines.hf import EngineDead, ModelConfig, RawResult, drain, start_manager
+from batchrun.engines.hf import EngineDead, ModelConfig, RawResult, drain, start_manager, warm_up
 from batchrun.engines.mpi import RankPool, actor_gpu_ids, torch_dist_env
 
 
@@ -41,6 +41,7 @@ def hf_rank_main(cfg: ModelConfig, master_port: int, address: tuple, authkey: by
     model, manager, eos_ids = start_manager(cfg, tp_plan="auto")
     try:
         if rank == 0:
+            warm_up(manager, cfg.results_per_request)
             _drive(manager, Client(address, authkey=authkey),
                    getattr(model.config, "max_position_embeddings", None), eos_ids)
         else:
