@@ -363,10 +363,12 @@ class WorkerPool:
             remove_placement_group(self.placement_groups.pop(wid))
 
     def drain(self, timeout_s: float = 60.0) -> None:
-        """After the last commit: wait (bounded) for workers to finish run() and retire them cleanly."""
+        """After the last commit: wait (bounded) for workers to finish run() and retire them cleanly. A worker whose
+        engine never loaded (still loading, or its actor still waiting for resources the others held) has no results
+        to hand back: shutdown() kills it without waiting."""
         import ray
 
-        refs = {entry[1]: wid for wid, entry in self.live.items()}
+        refs = {entry[1]: wid for wid, entry in self.live.items() if ray.wait([entry[3]], timeout=0)[0]}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
         for ref in ready:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import subprocess
 from pathlib import Path
 
@@ -210,3 +211,16 @@ def test_worker_runs_at_the_niceness_asked_for(tmp_path, ray_cluster, niceness):
     expected = ray.get(ray_default_niceness.remote()) if niceness is None else niceness
     assert len(summary["worker_niceness"]) == 2 and set(summary["worker_niceness"].values()) == {expected}
     assert niceness is not None or expected != 0  # the test cluster does nice its workers
+
+
+def test_a_worker_the_cluster_cannot_place_does_not_hold_up_the_end(tmp_path, ray_cluster):
+    """Three workers of 3 CPUs on the session's 8-CPU cluster: the third waits for resources the whole job. Once
+    the two others have committed every shard, the job ends; it used to wait out drain()'s 60 s for the third."""
+    write_parquet(tmp_path / "in.parquet", pa.table({"prompt": [f"p{i}" for i in range(40)]}))
+    spec = validate_spec({"engine": {"name": "echo"}, "input": {"path": str(tmp_path / "in.parquet")},
+                          "output": {"dir": str(tmp_path / "out")}, "shards": {"rows_per_shard": 5},
+                          "resources": {"num_workers": 3, "cpus_per_worker": 3}})
+    t0 = time.monotonic()
+    summary = JobRunner(spec, show_progress=False).run().summary
+    assert summary["rows"] == 40 and len(summary["worker_niceness"]) == 2
+    assert time.monotonic() - t0 < 45, "the job waited for a worker that never started"
