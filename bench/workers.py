@@ -37,11 +37,11 @@ def cpu_by_group(stop: threading.Event, out: Counter) -> None:
             except (psutil.Error, AttributeError):
                 continue
             group = next((g for key, g in GROUPS if key in cmd), "other")
-            first.setdefault(p.info["pid"], (group, t))
-            last[p.info["pid"]] = (group, t)
+            first.setdefault(p.info["pid"], t)
+            last[p.info["pid"]] = (group, t)  # the last title counts: an actor starts as ray::IDLE
         stop.wait(0.5)  # psutil over every process costs CPU too: sample sparingly
     for pid, (group, t) in last.items():
-        out[group] += t - first[pid][1]
+        out[group] += t - first[pid]
 
 
 def main() -> None:
