@@ -2,6 +2,7 @@
 # The GPU benchmark, as run through the device tool (one command per call; see bench/RESULTS.md).
 #   bash bench/gpu.sh engines   # GPU tests; bare engine per attention/CB config with profiles, batchrun, static (1 GPU)
 #   bash bench/gpu.sh scale     # TP=2 vs TP=1 through the mpi4py launcher, 2 workers vs 1 (2 GPUs)
+#   bash bench/gpu.sh verify    # GPU tests, a short TP=2 run that must exit by itself, `batchrun bench` on the 1B
 # Needs .devwheels/ray-py312.tar.xz (bash ../shared/device/pack-ray.sh 2.60.0 transformers==5.24.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5; the image's huggingface_hub 1.33 is kept).
 set -euo pipefail
 mkdir -p /tmp/site && tar -xJf .devwheels/ray-py312.tar.xz -C /tmp/site
@@ -18,4 +19,12 @@ case "${1:-engines}" in
              --json "$OUT/engines.json" 2>&1 | grep --line-buffered -v -E "it/s\]|Loading weights" | tee "$OUT/engines.log" ;;
   scale)   python3 bench/hf_engine.py "${COMMON[@]}" --n 1024 --configs "${2:-varlen-graphs32k}" --runs tp,workers \
              --json "$OUT/scale.json" 2>&1 | grep --line-buffered -v -E "it/s\]|Loading weights" | tee "$OUT/scale.log" ;;
+  verify)  python3 -m pytest -q -rA --tb=short -p no:cacheprovider tests/test_hf_attention.py \
+             "tests/test_mpi.py::test_a_process_whose_rank_died_mid_task_still_exits_after_close" > "$OUT/tests.log" 2>&1 || true
+           grep -E "varlen kernel|passed|failed|Error" "$OUT/tests.log" | tail -25
+           rc=0; timeout 300 python3 bench/hf_engine.py --model llama-1b --dtype bfloat16 --n 64 --prompt-len 64 128 \
+             --out-len 16 64 --configs varlen --runs tp > "$OUT/tp.log" 2>&1 || rc=$?
+           grep -E "^engine|^ratio" "$OUT/tp.log" || true; echo "TP run exit code: $rc (124: it hung at exit)"
+           python3 -m batchrun.cli bench --engines hf,trtllm --model /tmp/batchrun-llama-1b --dtype bfloat16 --n 256 \
+             --max-tokens 256 --max-in-flight 256 --json "$OUT/engines-cli.json" 2>&1 | grep -v -E "it/s\]|Loading weights" | tail -12 ;;
 esac

@@ -99,7 +99,7 @@ def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
     # each extra sample is a child request "<id>__child#k" (continuous_api.py); greedy samples are identical, so
     # HFEngine copies the one result instead. Set after construction: validate() refuses n > 1 with do_sample off,
     # which is how RowSampler's Gumbel-max sampling runs (the noise is in the scores, the argmax picks).
-    gen.num_return_sequences = s.n if cfg.may_sample else 1
+    gen.num_return_sequences = cfg.results_per_request
     cb_options = dict(CPU_CB_DEFAULTS) if model.device.type == "cpu" else {}
     cb_options.update(dict(cfg.options))
     attention = apply_attention(model, cb_options.pop("attn_implementation", "auto"))
