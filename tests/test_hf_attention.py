@@ -40,6 +40,8 @@ def test_auto_keeps_sdpa_on_a_cpu_and_varlen_is_refused_there(demo_model):
     assert hf_attention.apply_attention(model, "auto") == "sdpa"
     with pytest.raises(ValueError, match="attn_implementation 'varlen' needs a CUDA device"):
         hf_attention.apply_attention(model, "varlen")
+    with pytest.raises(ValueError, match="engine.options.attn_implementation 'varlne': .*not supported"):
+        hf_attention.apply_attention(model, "varlne")
 
 
 @pytest.mark.parametrize("gqa", ["flag", "native", "repeat"])

@@ -129,5 +129,8 @@ def apply_attention(model, choice: str = "auto") -> str:
         AttentionInterface.register(VARLEN, varlen_attention)
         model.config._attn_implementation = VARLEN
         return VARLEN
-    model.set_attn_implementation(choice)
+    try:
+        model.set_attn_implementation(choice)
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"engine.options.attn_implementation {choice!r}: {e}") from None
     return choice
