@@ -20,7 +20,7 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from memory import run_job, write_input  # noqa: E402
+from memory import run_job, write_input
 
 GROUPS = (("ray::Worker", "workers"), ("ray::ShardQueue", "queue actor"), ("batchrun.cli", "driver"),
           ("raylet", "raylet"), ("gcs_server", "gcs"))

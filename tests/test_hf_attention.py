@@ -14,7 +14,7 @@ from batchrun.engines import hf_attention
 from batchrun.engines.base import Request, Sampling
 from batchrun.engines.hf import HFEngine
 from tests.test_e2e import varied_prompts
-from tests.varlen_ref import as_varlen_kwargs, varlen_reference
+from tests.varlen_ref import varlen_reference
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
 
@@ -56,8 +56,8 @@ def test_varlen_path_generates_what_sdpa_generates(demo_model, monkeypatch, gqa)
     # on the CPU: the reference syncs with the host, which no CUDA graph capture allows
     expected = generate(demo_model, prompts, device="cpu", attn_implementation="sdpa")
     monkeypatch.setattr(hf_attention, "varlen_available", lambda device, dtype: True)
-    _, causal, _, scale = as_varlen_kwargs()
-    monkeypatch.setattr(hf_attention, "_varlen_kwargs", lambda: (kernel, causal, gqa, scale))
+    # what _varlen_kwargs returns for a PyTorch whose varlen_attn takes window_size and scale
+    monkeypatch.setattr(hf_attention, "_varlen_kwargs", lambda: (kernel, {"window_size": (-1, 0)}, gqa, True))
     assert generate(demo_model, prompts, device="cpu", attn_implementation="varlen") == expected
     assert any(n > 1 for n, *_ in calls), "never saw a batch of several requests"
     assert any(mq == 1 and mk > 1 for _, mq, mk, *_ in calls), "never saw a decode step"

@@ -3,7 +3,7 @@
 Follows the documented contract of `torch.nn.attention.varlen.varlen_attn`: packed [tokens, heads, dim] inputs,
 cumulative sequence offsets, causal masking aligned to the end of each sequence (FlashAttention >= 2.1: query i of a
 sequence with q queries and k keys sees keys 0 .. k - q + i), grouped KV heads. Written with one SDPA call per
-sequence, in float64 when asked.
+sequence, in the inputs' dtype (pass float64 inputs for a high-precision reference).
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import torch
 
 
 def varlen_reference(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, window_size=None,
-                     enable_gqa=False, scale=None, dtype=None):
+                     enable_gqa=False, scale=None):
     causal = is_causal or tuple(window_size or ()) == (-1, 0)
     out = torch.empty_like(q)
     for i in range(len(cu_seq_q) - 1):
         qs, qe, ks, ke = int(cu_seq_q[i]), int(cu_seq_q[i + 1]), int(cu_seq_k[i]), int(cu_seq_k[i + 1])
         if qe == qs:
             continue
-        qi, ki, vi = (x.transpose(0, 1).to(dtype or x.dtype) for x in (q[qs:qe], k[ks:ke], v[ks:ke]))
+        qi, ki, vi = (x.transpose(0, 1) for x in (q[qs:qe], k[ks:ke], v[ks:ke]))
         if ki.shape[0] != qi.shape[0]:  # grouped KV heads, read as FlashAttention-2 reads them
             ki = ki.repeat_interleave(qi.shape[0] // ki.shape[0], dim=0)
             vi = vi.repeat_interleave(qi.shape[0] // vi.shape[0], dim=0)
@@ -29,10 +29,5 @@ def varlen_reference(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=Fal
             mask = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
             mask = mask.to(q.device)
         o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
-        out[qs:qe] = o.transpose(0, 1).to(q.dtype)
+        out[qs:qe] = o.transpose(0, 1)
     return out
-
-
-def as_varlen_kwargs():
-    """What hf_attention._varlen_kwargs returns, with the reference standing in for varlen_attn."""
-    return varlen_reference, {"window_size": (-1, 0)}, "flag", True

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_stop
@@ -128,8 +129,6 @@ def warm_up(manager, results: int, timeout_s: float = 600.0) -> None:
     """One tiny request through the whole loop before any real one: CUDA graph capture, kernel selection and lazy
     initialisation happen at start, outside the job's first shard, and an engine that cannot generate at all fails
     here, in the worker's start(), rather than on every shard it is handed."""
-    import time
-
     # 8 prompt tokens: a 1-token warm-up prompt with n > 1 failed inside transformers 5.24 ("cannot reshape tensor of
     # 0 elements"), though 1-token rows of a job did not
     manager.add_request(input_ids=[0] * 8, request_id="batchrun-warmup", max_new_tokens=2)

@@ -94,12 +94,14 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.unsqueeze(0), None
 
 
-def _unsupported(config) -> str | None:
-    """Why the varlen function cannot serve this model, or None."""
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
-    if getattr(config, "attn_logit_softcapping", None):
-        return "attention logit soft-capping"
+def _varlen_refusal(model) -> str | None:
+    """Why the varlen function cannot serve this model here, as the end of a sentence; None if it can."""
+    if not varlen_available(model.device.type, model.dtype):
+        return "needs a CUDA device, dtype float16 or bfloat16 and a PyTorch with torch.nn.attention.varlen"
+    if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True):
+        return "does not support sliding-window attention"
+    if getattr(model.config, "attn_logit_softcapping", None):
+        return "does not support attention logit soft-capping"
     return None
 
 
@@ -108,27 +110,19 @@ def apply_attention(model, choice: str = "auto") -> str:
     import transformers
     from transformers import AttentionInterface
 
-    if choice == "auto":
-        if model.device.type == "cuda" and (transformers.utils.is_flash_attn_3_available()
-                                            or transformers.utils.is_flash_attn_2_available()):
+    if choice in ("auto", "varlen"):
+        if choice == "auto" and model.device.type == "cuda" and (transformers.utils.is_flash_attn_3_available()
+                                                                 or transformers.utils.is_flash_attn_2_available()):
             return model.config._attn_implementation  # transformers switches to flash on its own (auto_switch_to_flash)
-        if not varlen_available(model.device.type, model.dtype):
-            return model.config._attn_implementation
-        why = _unsupported(model.config)
-        if why:
-            log.info("attn_implementation auto: %s, so the model keeps %s", why, model.config._attn_implementation)
-            return model.config._attn_implementation
-        choice = "varlen"
-    if choice == "varlen":
-        if not varlen_available(model.device.type, model.dtype):
-            raise ValueError("engine.options.attn_implementation 'varlen' needs a CUDA device, dtype float16 or "
-                             "bfloat16 and a PyTorch with torch.nn.attention.varlen")
-        why = _unsupported(model.config)
-        if why:
-            raise ValueError(f"engine.options.attn_implementation 'varlen' does not support {why}")
-        AttentionInterface.register(VARLEN, varlen_attention)
-        model.config._attn_implementation = VARLEN
-        return VARLEN
+        why = _varlen_refusal(model)
+        if why is None:
+            AttentionInterface.register(VARLEN, varlen_attention)
+            model.config._attn_implementation = VARLEN
+            return VARLEN
+        if choice == "varlen":
+            raise ValueError(f"engine.options.attn_implementation 'varlen' {why}")
+        log.info("attn_implementation auto: varlen %s, so the model keeps %s", why, model.config._attn_implementation)
+        return model.config._attn_implementation
     try:
         model.set_attn_implementation(choice)
     except (ValueError, ImportError) as e:
