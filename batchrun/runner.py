@@ -194,6 +194,8 @@ class JobRunner:
             "metrics": score_metrics(entries),
             "worker_peak_rss_mb": {w: i.get("peak_rss_mb") for w, i in {**snap["workers"], **pool.results}.items()},
             "worker_niceness": {w: i.get("niceness") for w, i in pool.results.items()},
+            # the batch a worker's engine can hold (HF engine): a small one caps throughput whatever max_in_flight is
+            "worker_kv_cache_tokens": {w: i.get("kv_cache_tokens") for w, i in pool.results.items()},
             # first request submitted .. last completion, per worker: the engine's share of the wall time
             "worker_engine_window_s": {w: round(i["last_completion_at"] - i["first_submit_at"], 3)
                                        for w, i in pool.results.items() if i.get("first_submit_at")},

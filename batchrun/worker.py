@@ -204,6 +204,9 @@ class Worker:
             # Ray sets OMP_NUM_THREADS=1 in workers; a CPU engine should use the CPUs its actor reserved.
             torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_worker)))
         self.engine = create_engine(self.spec.engine, self.spec.sampling, self.spec.output.parse)
+        self.stats["kv_cache_tokens"] = self.engine.kv_cache_tokens
+        if self.engine.kv_cache_tokens is not None:
+            log.info("worker %s: the engine's KV cache holds %d tokens", self.worker_id, self.engine.kv_cache_tokens)
         self._beat()
         return {"worker": self.worker_id, "node": self.node, "pid": os.getpid()}
 

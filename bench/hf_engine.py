@@ -95,12 +95,12 @@ def load(model_path: Path, dtype: str, device: str):
     return tok, model
 
 
-def run_bare(model, ids, budgets, options: dict) -> dict:
+def run_bare(model, ids, budgets, options: dict, keep_gpu_cache: bool = False) -> dict:
     """The engine driven directly: all prompts submitted to one manager in a loop, outputs only collected."""
     import torch
     from transformers.generation import ContinuousBatchingConfig
 
-    from batchrun.engines.hf import CPU_CB_DEFAULTS
+    from batchrun.engines.hf import CPU_CB_DEFAULTS, kv_cache_tokens
     from batchrun.engines.hf_attention import apply_attention
 
     cb = dict(options)
@@ -130,8 +130,26 @@ def run_bare(model, ids, budgets, options: dict) -> dict:
             gen = r.generated_tokens
             tokens += len(gen) - (bool(gen) and gen[-1] in eos)  # batchrun counts tokens without the EOS
     elapsed = time.perf_counter() - t0
+    kv = kv_cache_tokens(manager)
     manager.stop(block=True)
-    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed}
+    manager.destroy()
+    del manager
+    if not keep_gpu_cache:
+        free_gpu()
+    return {"tokens": tokens, "seconds": elapsed, "tok_s": tokens / elapsed, "kv_cache_tokens": kv}
+
+
+def free_gpu() -> None:
+    """Hand this process's cached GPU memory back. transformers sizes a manager's KV cache from the memory free on
+    the device when it starts, so memory a finished run left in this process's caching allocator would shrink the
+    next engine's cache, most of all a batchrun worker's, which lives in another process."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def profile_bare(model, ids, budgets, options: dict, top: int = 12) -> dict:
@@ -223,7 +241,8 @@ def run_batchrun(model_path, prompts, budgets, dtype, options, workers: int, gpu
     engine_window = max(windows) if windows else wall
     tokens = s["generated_tokens"]
     return {"tokens": tokens, "seconds": engine_window, "tok_s": tokens / engine_window,
-            "wall_s": wall, "tok_s_wall": tokens / wall, "workers": len(s["workers"])}
+            "wall_s": wall, "tok_s_wall": tokens / wall, "workers": len(s["workers"]),
+            "kv_cache_tokens": list(s["worker_kv_cache_tokens"].values())}
 
 
 def main() -> None:
@@ -238,14 +257,18 @@ def main() -> None:
     ap.add_argument("--runs", default="bare,batchrun,static", help="comma list of bare,batchrun,static,tp,workers")
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--window", type=int, default=None,
+                    help="batchrun's max_in_flight (default: --n, every prompt in flight as in the bare run)")
     ap.add_argument("--repeat", type=int, default=1, help="alternate bare/batchrun runs this many times; report medians")
     ap.add_argument("--rows-per-shard", type=int, default=64)
     ap.add_argument("--batchrun-configs", default=None, help="configs to run batchrun with (default: all of --configs)")
     ap.add_argument("--profile", default="", help="comma list of configs to profile (bare engine, first --profile-n prompts)")
     ap.add_argument("--profile-n", type=int, default=96)
+    ap.add_argument("--keep-gpu-cache", action="store_true",
+                    help="leave the bare run's cached GPU memory in this process (how sessions 1-3 measured batchrun)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    args.window = args.window or args.n
 
     import torch
 
@@ -264,7 +287,7 @@ def main() -> None:
             opts = CONFIGS[name] if device == "cuda" else {}
             if "bare" in runs:
                 r = repeats.setdefault(f"bare[{name}]", [])
-                r.append(run_bare(model, ids, budgets, opts))
+                r.append(run_bare(model, ids, budgets, opts, args.keep_gpu_cache))
                 print("bare", name, rep, r[-1], flush=True)
             if "batchrun" in runs and name in (args.batchrun_configs or args.configs).split(","):
                 r = repeats.setdefault(f"batchrun[{name}]", [])

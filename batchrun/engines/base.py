@@ -52,6 +52,8 @@ class Engine(ABC):
     max_in_flight: int = 64
     #: the model's context in tokens (prompt + generated), or None when unbounded (echo)
     context_length: int | None = None
+    #: tokens of KV cache the engine holds for the whole batch (prompts + outputs), where it can tell; None otherwise
+    kv_cache_tokens: int | None = None
 
     def encode(self, texts: list[str]) -> list[list[int]] | None:
         """Token ids of each prompt, or None if the engine takes text. Called off the engine's critical path."""

@@ -147,6 +147,15 @@ def warm_up(manager, results: int, timeout_s: float = 600.0) -> None:
             results -= 1
 
 
+def kv_cache_tokens(manager) -> int | None:
+    """The paged cache's capacity in tokens, once the loop has built it (cache.py: num_blocks of page_size tokens).
+    Sized from the GPU memory free at start: another process on the same GPU shrinks it, and with it the batch."""
+    try:
+        return int(manager.batch_processor.cache.num_blocks) * int(manager.continuous_batching_config.page_size)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def drain(manager, timeout: float) -> list[RawResult]:
     """Finished results from the manager: wait up to `timeout` for the first, then take what is ready."""
     out = []
@@ -165,6 +174,7 @@ class LocalBackend:
     def __init__(self, cfg: ModelConfig):
         self.model, self.manager, self.eos_ids = start_manager(cfg)
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        self.kv_cache_tokens = kv_cache_tokens(self.manager)
 
     def add(self, request_id: str, ids: list[int], max_new_tokens: int, row_sampling: dict) -> None:
         if self.manager.add_request(input_ids=ids, request_id=request_id, max_new_tokens=max_new_tokens,
@@ -203,6 +213,7 @@ class HFEngine(Engine):
         else:
             self.backend = LocalBackend(cfg)
         self.context_length = self.backend.context_length
+        self.kv_cache_tokens = getattr(self.backend, "kv_cache_tokens", None)
         self.eos_ids = set(self.backend.eos_ids)
         self.max_in_flight = max_in_flight
         self.stop = sampling.stop  # job-level stop strings, cut from the text when a request finishes

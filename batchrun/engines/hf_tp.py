@@ -15,7 +15,7 @@ import socket
 import threading
 from multiprocessing.connection import Client, Listener
 
-from batchrun.engines.hf import EngineDead, ModelConfig, RawResult, drain, start_manager, warm_up
+from batchrun.engines.hf import EngineDead, ModelConfig, RawResult, drain, kv_cache_tokens, start_manager, warm_up
 from batchrun.engines.mpi import RankPool, actor_gpu_ids, torch_dist_env
 
 
@@ -43,7 +43,7 @@ def hf_rank_main(cfg: ModelConfig, master_port: int, address: tuple, authkey: by
         if rank == 0:
             warm_up(manager, cfg.results_per_request)
             _drive(manager, Client(address, authkey=authkey),
-                   getattr(model.config, "max_position_embeddings", None), eos_ids)
+                   ("ready", getattr(model.config, "max_position_embeddings", None), eos_ids, kv_cache_tokens(manager)))
         else:
             manager._generation_thread.join()  # follows rank 0's batches until rank 0 stops the manager
     finally:
@@ -53,8 +53,8 @@ def hf_rank_main(cfg: ModelConfig, master_port: int, address: tuple, authkey: by
     return f"rank {rank} done"
 
 
-def _drive(manager, conn, context_length, eos_ids) -> None:
-    conn.send(("ready", context_length, eos_ids))
+def _drive(manager, conn, ready: tuple) -> None:
+    conn.send(ready)
     stop = threading.Event()
 
     def send_results():
@@ -87,9 +87,10 @@ class TPBackend:
         self.conn = self._accept(listener, timeout_s)
         self.pending: list[tuple] = []
         self.buffered: list[RawResult] = []
-        kind, self.context_length, self.eos_ids = self._recv(timeout_s)
-        if kind != "ready":
-            raise EngineDead(f"rank 0 said {kind!r} instead of ready")
+        msg = self._recv(timeout_s)
+        if msg[0] != "ready":
+            raise EngineDead(f"rank 0 said {msg[0]!r} instead of ready")
+        _, self.context_length, self.eos_ids, self.kv_cache_tokens = msg
 
     def _accept(self, listener, timeout_s):
         box = {}
