@@ -35,10 +35,15 @@ case "${1:-engines}" in
            python3 bench/hf_engine.py "${COMMON[@]}" "${cfg[@]}" --runs bare,batchrun --repeat 3 \
              --json "$OUT/overhead.json" 2>&1 | grep -v -E "$QUIET" | tee "$OUT/overhead.log"
            spy=(.devwheels/py-spy record --gil --threads --nonblocking -r 100 -f raw)
-           "${spy[@]}" -o "$OUT/bare.raw" -- python3 bench/hf_engine.py "${COMMON[@]}" "${cfg[@]}" --runs bare \
+           "${spy[@]}" -o /tmp/bare.raw -- python3 bench/hf_engine.py "${COMMON[@]}" "${cfg[@]}" --runs bare \
              2>&1 | grep -E "^bare|py-spy>" | tee "$OUT/bare-spy.log" || true
-           "${spy[@]}" --subprocesses -o "$OUT/batchrun.raw" -- python3 bench/hf_engine.py "${COMMON[@]}" "${cfg[@]}" \
+           "${spy[@]}" --subprocesses -o /tmp/batchrun.raw -- python3 bench/hf_engine.py "${COMMON[@]}" "${cfg[@]}" \
              --runs batchrun 2>&1 | grep -E "^batchrun|py-spy>" | tee "$OUT/batchrun-spy.log" || true
-           for f in bare batchrun; do echo "== py-spy --gil: $f"; python3 bench/pyspy_raw.py "$OUT/$f.raw" --top 6 \
-             --seconds "$(grep -oP "^$f .*'seconds': \K[0-9.]+" "$OUT/$f-spy.log" | head -1)" | head -60 || true; done ;;
+           # GIL samples per thread over the measured window (the profiles span start-up too: read the engine's and
+           # batchrun's threads, and the worker's main thread only inside its loop)
+           span() { grep -oP "^$1 .*'seconds': \K[0-9.]+" "$OUT/$1-spy.log" | head -1; }
+           for args in "bare.raw --seconds $(span bare)" "batchrun.raw --match default_worker --seconds $(span batchrun)" \
+                       "batchrun.raw --match default_worker --frame Worker._generate --seconds $(span batchrun)"; do
+             echo "== py-spy --gil: $args"; python3 bench/pyspy_raw.py /tmp/$args --top 6 | cut -c1-160 | head -50 || true
+           done ;;
 esac

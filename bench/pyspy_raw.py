@@ -4,7 +4,7 @@ and thread, and the functions each thread spends them in.
 With --gil a sample is kept only for the thread that holds the GIL, so a thread's samples over `rate x seconds` is its
 share of the GIL; without it, its share of the wall.
 
-  python bench/pyspy_raw.py profile.raw --rate 100 [--match Worker] [--top 8]
+  python bench/pyspy_raw.py profile.raw --rate 100 [--match default_worker] [--frame Worker._generate] [--top 8]
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ def parse(path: str):
         if not stack or not count.isdigit():
             continue
         parts = stack.split(";")
-        process = parts.pop(0) if parts[0].startswith("process ") else ""
+        process = ""
+        while parts and parts[0].startswith("process "):  # --subprocesses: the chain of parents, the process last
+            process = parts.pop(0)
         thread = parts.pop(0) if parts and parts[0].startswith("thread ") else ""
         if parts and not FRAME.match(parts[0]):  # the thread's name, when py-spy knows it
             thread = f"{thread} {parts.pop(0)}"
@@ -53,6 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("raw")
     ap.add_argument("--match", default="", help="only processes whose line contains this")
+    ap.add_argument("--frame", default="", help="only samples whose stack has a frame starting with this, e.g. "
+                    "Worker._generate: the worker's main thread while it drives the engine, not while it loads it")
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=0, help="the profiled span, for shares of the wall (or GIL)")
     ap.add_argument("--rate", type=float, default=100)
@@ -64,6 +68,8 @@ def main() -> None:
     places: dict[tuple, Counter] = defaultdict(Counter)
     for process, thread, frames, n in parse(args.raw):
         if args.match and args.match not in process:
+            continue
+        if args.frame and not any(f.startswith(args.frame) for f in frames):
             continue
         key = (process[:70], re.sub(r"^thread \((0x[0-9a-f]+|\d+)\):? ?", "", thread).strip() or thread)
         threads[key] += n

@@ -58,8 +58,9 @@ def read_output(out_dir) -> pa.Table:
 
 
 def cli_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    return env
+    # ROOT first, and whatever PYTHONPATH already holds after it (the GPU machine carries its packages there)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
 
 
 PYTHON = sys.executable
