@@ -51,6 +51,14 @@ def test_hf_runner_equals_generate_per_prompt(tmp_path, ray_cluster, demo_model)
     summary = JobRunner(spec, show_progress=False).run().summary
     assert summary["rows"] == 72 and summary["error_rows"] == 0
     assert len(summary["workers"]) == 2
+    # each worker reports its engine's KV cache: on a CPU, at least the CPU default of num_blocks pages
+    from transformers.generation import ContinuousBatchingConfig
+
+    from batchrun.engines.hf import CPU_CB_DEFAULTS
+
+    least = CPU_CB_DEFAULTS["num_blocks"] * ContinuousBatchingConfig().page_size
+    kv = summary["worker_kv_cache_tokens"]
+    assert len(kv) == 2 and all(least <= t < 2 * least for t in kv.values()), kv
 
     got = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
     tok = AutoTokenizer.from_pretrained(demo_model)

@@ -88,6 +88,8 @@ def test_hf_tensor_parallel_2_equals_1_through_the_runner(tmp_path, ray_cluster,
         })
         summary = JobRunner(spec, show_progress=False).run().summary
         assert summary["rows"] == 40 and summary["error_rows"] == 0
+        kv = list(summary["worker_kv_cache_tokens"].values())  # rank 0 reports its cache through the launcher
+        assert len(kv) == 1 and isinstance(kv[0], int) and kv[0] > 0, kv
         outputs[tp] = {r["id"]: (r["generated_text"], r["finish_reason"]) for r in read_output(tmp_path / f"tp{tp}").to_pylist()}
     assert outputs[2] == outputs[1]
     assert wait_gone(pids_where(lambda cmd: "mpi4py.futures" in cmd)) == []
