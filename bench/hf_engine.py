@@ -39,6 +39,9 @@ CONFIGS = {
     "varlen-graphs": {"attn_implementation": "varlen", **GRAPHS},
     "varlen-graphs16k": {"attn_implementation": "varlen", **GRAPHS, "max_batch_tokens": 16384},
     "varlen-graphs32k": {"attn_implementation": "varlen", **GRAPHS, **BIG},
+    # torch.compile of the forward passes (ContinuousBatchingConfig.default_compile_level: 1-3, longer warm-ups)
+    **{f"varlen-graphs32k-c{level}": {"attn_implementation": "varlen", **GRAPHS, **BIG, "default_compile_level": level}
+       for level in (1, 2, 3)},
 }
 
 
@@ -286,9 +289,14 @@ def main() -> None:
         for name in args.configs.split(","):
             opts = CONFIGS[name] if device == "cuda" else {}
             if "bare" in runs:
-                r = repeats.setdefault(f"bare[{name}]", [])
-                r.append(run_bare(model, ids, budgets, opts, args.keep_gpu_cache))
-                print("bare", name, rep, r[-1], flush=True)
+                try:
+                    result = run_bare(model, ids, budgets, opts, args.keep_gpu_cache)
+                except Exception as e:  # a config this machine cannot run (e.g. a compile level) must not end the rest
+                    print("bare", name, rep, "FAILED", repr(e)[:500], flush=True)
+                    free_gpu()
+                    continue
+                repeats.setdefault(f"bare[{name}]", []).append(result)
+                print("bare", name, rep, result, flush=True)
             if "batchrun" in runs and name in (args.batchrun_configs or args.configs).split(","):
                 r = repeats.setdefault(f"batchrun[{name}]", [])
                 r.append(run_batchrun(path, prompts, budgets, args.dtype, opts, 1, gpus, args.window,
