@@ -30,7 +30,7 @@ case "${1:-engines}" in
            grep -E "^engine|^ratio" "$OUT/tp.log" || true; echo "TP run exit code: $rc (124: it hung at exit)"
            python3 -m batchrun.cli bench --engines hf,trtllm --model /tmp/batchrun-llama-1b --dtype bfloat16 --n 256 \
              --max-tokens 256 --max-in-flight 256 --json "$OUT/engines-cli.json" 2>&1 | grep -v -E "$QUIET" | tail -12 ;;
-  compile) timeout "${2:-540}" python3 bench/hf_engine.py "${COMMON[@]}" --runs bare \
+  compile) timeout "${2:-540}" python3 bench/hf_engine.py "${COMMON[@]}" --runs bare --repeat 2 \
              --configs varlen-graphs32k,varlen-graphs32k-c1,varlen-graphs32k-c2,varlen-graphs32k-c3 \
              --json "$OUT/compile.json" 2>&1 | grep --line-buffered -E "^bare|^ratio|^cuda|^run|Error" | tee "$OUT/compile.log" || true ;;
   overhead) cfg=(--configs "${2:-varlen-graphs32k}")
