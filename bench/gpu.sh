@@ -3,7 +3,7 @@
 #   bash bench/gpu.sh engines   # GPU tests; bare engine per attention/CB config with profiles, batchrun, static (1 GPU)
 #   bash bench/gpu.sh scale     # TP=2 vs TP=1 through the mpi4py launcher, 2 workers vs 1 (2 GPUs)
 #   bash bench/gpu.sh verify    # GPU tests, a short TP=2 run that must exit by itself, `batchrun bench` on the 1B
-#   bash bench/gpu.sh compile   # the bare engine at varlen-graphs32k without and with torch.compile levels 1-3 (1 GPU)
+#   bash bench/gpu.sh compile [timeout] [configs]  # bare engine without and with torch.compile levels 1-3 (1 GPU)
 #   bash bench/gpu.sh overhead  # batchrun vs bare (repeated), the old measurement, py-spy GIL profiles of both (1 GPU)
 # Needs .devwheels/ray-py312.tar.xz (bash ../shared/device/pack-ray.sh 2.60.0 transformers==5.24.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5; the image's huggingface_hub 1.33 is kept).
 set -euo pipefail
@@ -31,7 +31,7 @@ case "${1:-engines}" in
            python3 -m batchrun.cli bench --engines hf,trtllm --model /tmp/batchrun-llama-1b --dtype bfloat16 --n 256 \
              --max-tokens 256 --max-in-flight 256 --json "$OUT/engines-cli.json" 2>&1 | grep -v -E "$QUIET" | tail -12 ;;
   compile) timeout "${2:-540}" python3 bench/hf_engine.py "${COMMON[@]}" --runs bare --repeat 2 \
-             --configs varlen-graphs32k,varlen-graphs32k-c1,varlen-graphs32k-c2,varlen-graphs32k-c3 \
+             --configs "${3:-varlen-graphs32k,varlen-graphs32k-c1,varlen-graphs32k-c2,varlen-graphs32k-c3}" \
              --json "$OUT/compile.json" 2>&1 | grep --line-buffered -E "^bare|^ratio|^cuda|^run|Error" | tee "$OUT/compile.log" || true ;;
   overhead) cfg=(--configs "${2:-varlen-graphs32k}")
            python3 bench/hf_engine.py "${COMMON[@]}" "${cfg[@]}" --runs bare,batchrun --keep-gpu-cache \
