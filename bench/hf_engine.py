@@ -1,6 +1,7 @@
 """HF engine benchmarks, side by side in one run (issue: performance), on CPU or GPU:
 
   bare      the engine alone: every prompt submitted to one ContinuousBatchingManager in a loop, results collected
+  bare-ray  the bare engine inside a Ray task: what running under Ray costs, apart from batchrun's code
   batchrun  the same prompts end to end through batchrun (Parquet in -> Ray worker -> engine -> Parquet out)
   static    the usual approach: padded `model.generate` batches in input order, each batch running to its longest
   tp        the same engine with tensor_parallel_size ranks spawned through batchrun's mpi4py launcher
@@ -204,6 +205,34 @@ def run_static(model, ids, budgets, batch: int) -> dict:
     return {"tokens": useful, "seconds": elapsed, "tok_s": useful / elapsed}
 
 
+def run_bare_in_ray(model_path, ids, budgets, options: dict, dtype: str, gpus: float) -> dict:
+    """The bare engine, but inside a Ray actor process like a batchrun worker's (same niceness, threads, neighbours):
+    batchrun vs this is the cost of batchrun's own code; this vs bare is the cost of running under Ray at all."""
+    import ray
+
+    from batchrun.worker import set_niceness
+
+    def task(model_path, ids, budgets, options, dtype):
+        import torch
+
+        set_niceness(0)  # as a batchrun worker with the default resources.niceness
+        if not torch.cuda.is_available():
+            torch.set_num_threads(os.cpu_count() or 1)  # as the bench's batchrun worker (cpus_per_worker)
+        _, model = load(Path(model_path), dtype, "cuda" if torch.cuda.is_available() else "cpu")
+        return run_bare(model, ids, budgets, options)
+
+    cpus = 1 if gpus else (os.cpu_count() or 1)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(task)
+        return ray.get(remote.remote(str(model_path), ids, budgets, options, dtype))
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def run_tp(model_path, ids, budgets, tp: int, dtype: str, options: dict) -> dict:
     """batchrun's HF engine in this process; tp > 1 spawns the ranks through the mpi4py launcher."""
     from batchrun.bench import drive
@@ -262,7 +291,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--static-batch", type=int, default=64)
     ap.add_argument("--configs", default="default", help=f"comma list of {', '.join(CONFIGS)}")
-    ap.add_argument("--runs", default="bare,batchrun,static", help="comma list of bare,batchrun,static,tp,workers")
+    ap.add_argument("--runs", default="bare,batchrun,static", help="comma list of bare,bare-ray,batchrun,static,tp,workers")
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--window", type=int, default=None,
@@ -302,6 +331,10 @@ def main() -> None:
                     continue
                 repeats.setdefault(f"bare[{name}]", []).append(result)
                 print("bare", name, rep, result, flush=True)
+            if "bare-ray" in runs:
+                r = repeats.setdefault(f"bare in Ray[{name}]", [])
+                r.append(run_bare_in_ray(path, ids, budgets, opts, args.dtype, gpus))
+                print("bare-ray", name, rep, r[-1], flush=True)
             if "batchrun" in runs and name in (args.batchrun_configs or args.configs).split(","):
                 r = repeats.setdefault(f"batchrun[{name}]", [])
                 r.append(run_batchrun(path, prompts, budgets, args.dtype, opts, 1, gpus, args.window,
@@ -345,6 +378,8 @@ def main() -> None:
         for k in p["top_kernels"][:6]:
             print(f"    {k['s']:>8.3f} s {k['calls']:>7} calls  {k['name']}")
     pairs = [(f"batchrun[{c}]", f"bare[{c}]") for c in args.configs.split(",")]
+    pairs += [(f"batchrun[{c}]", f"bare in Ray[{c}]") for c in args.configs.split(",")]
+    pairs += [(f"bare in Ray[{c}]", f"bare[{c}]") for c in args.configs.split(",")]
     pairs += [(f"batchrun[{best}]", f"static[batch {args.static_batch}]"), (f"bare[{best}]", "bare[default]"),
               (f"engine tp={args.tp}[{best}]", f"engine tp=1[{best}]"),
               (f"batchrun {args.workers} workers[{best}]", f"batchrun 1 workers[{best}]")]
