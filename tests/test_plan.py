@@ -110,3 +110,90 @@ def test_hf_streaming_is_planned_by_the_datasets_own_shards(tmp_path):
     with pytest.raises(Exception, match="input.streaming is for format hf"):
         validate_spec({"engine": {"name": "echo"}, "output": {"dir": "/tmp/x"},
                        "input": {"path": str(tmp_path / "pq"), "streaming": True}})
+
+
+def uneven_groups(path, sizes=(7, 30, 1, 12, 50, 3)):
+    """One file whose row groups have the given sizes; ids are the file's row numbers."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([("id", pa.int64()), ("prompt", pa.string()), ("other", pa.int64())])
+    n = 0
+    with pq.ParquetWriter(path, schema) as w:
+        for size in sizes:
+            ids = list(range(n, n + size))
+            w.write_table(pa.table({"id": ids, "prompt": [f"p {i}" for i in ids], "other": [-i for i in ids]},
+                                   schema=schema))
+            n += size
+    return path, n
+
+
+@pytest.mark.parametrize("order", ["forward", "backward", "two workers", "shuffled"])
+def test_shard_reads_are_exact_in_any_order_and_across_row_groups(tmp_path, order):
+    import random
+
+    path, total = uneven_groups(tmp_path / "in" / "f.parquet")
+    plan = make_plan(spec_for(path, 5))
+    source = open_source(spec_for(path, 5).input)
+    shards = list(plan.shards)
+    if order == "backward":
+        shards.reverse()
+    elif order == "two workers":  # each worker's source sees every other shard
+        shards = shards[::2] + shards[1::2]
+    elif order == "shuffled":
+        random.Random(3).shuffle(shards)
+    for k, shard in enumerate(shards):
+        columns = ["id", "prompt"] if k % 3 else ["other", "id"]  # a second column set: its own cursor
+        t = source.read(plan.units, shard.fragments, columns)
+        want = list(range(shard.row_start, shard.row_start + shard.num_rows))
+        assert t.column_names == columns and t.column("id").to_pylist() == want, (order, shard)
+        if "prompt" in columns:
+            assert t.column("prompt").to_pylist() == [f"p {i}" for i in want]
+    assert sum(s.num_rows for s in shards) == total
+
+
+def test_shards_of_one_big_row_group_read_the_file_about_once(tmp_path, monkeypatch):
+    """pyarrow writes up to 1Mi rows per row group: 1,000-row shards must not each decode the whole group."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "in" / "big.parquet"
+    path.parent.mkdir(parents=True)
+    ids = list(range(20_000))
+    pq.write_table(pa.table({"id": ids, "prompt": [f"prompt number {i}" for i in ids]}), path, compression="none")
+    source = open_source(spec_for(path, 1000).input)
+    plan = make_plan(spec_for(path, 1000))
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1 and len(plan.shards) == 20
+    read = [0]
+
+    class Counting(io.FileIO):
+        def read(self, n=-1):
+            data = super().read(n)
+            read[0] += len(data)
+            return data
+
+    monkeypatch.setattr(source, "_file", lambda name, pf=pq.ParquetFile(Counting(str(path))): pf)
+    got = []
+    for shard in plan.shards:
+        got += source.read(plan.units, shard.fragments, ["id", "prompt"]).column("id").to_pylist()
+    assert got == ids
+    assert read[0] < 2 * path.stat().st_size, (read[0], path.stat().st_size)
+
+
+@pytest.mark.parametrize("env,expected", [(None, {"jemalloc", "system"}), ("mimalloc", {"mimalloc"})])
+def test_workers_use_an_arrow_pool_that_returns_memory_unless_told(env, expected):
+    """mimalloc kept ~60 MB of pages freed by Parquet decoding; a worker switches pools unless the user chose one."""
+    import subprocess
+
+    from tests.conftest import PYTHON, ROOT, cli_env
+
+    code = ("import pyarrow as pa; from batchrun.worker import use_steady_arrow_pool as u; "
+            "print(u(), pa.default_memory_pool().backend_name)")
+    run_env = cli_env()
+    run_env.pop("ARROW_DEFAULT_MEMORY_POOL", None)
+    if env:
+        run_env["ARROW_DEFAULT_MEMORY_POOL"] = env
+    out = subprocess.run([PYTHON, "-c", code], cwd=ROOT, env=run_env, capture_output=True, text=True, check=True)
+    chosen, in_use = out.stdout.split()
+    assert chosen == in_use and chosen in expected, (out.stdout, out.stderr)
