@@ -9,6 +9,7 @@ from there, skipping whole row groups without decoding them, and only a batch of
 from __future__ import annotations
 
 import bisect
+
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
