@@ -164,6 +164,15 @@ def use_steady_arrow_pool() -> str:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux the high-water mark of its own address space (VmHWM):
+    ru_maxrss survives exec, so a process started by a large parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB

@@ -21,19 +21,20 @@ HERE = Path(__file__).resolve().parent
 WORDS = "the of and to in is was for on that with as by at from his her an were are which this be".split()
 
 
-def write_input(path: Path, rows: int, seed: int = 0) -> Path:
-    """Ids and prompts of 1-40 words, written in row groups so no step needs the whole input in memory."""
-    if path.exists() and pq.ParquetFile(path).metadata.num_rows == rows:
+def write_input(path: Path, rows: int, seed: int = 0, row_group_size: int = 20_000) -> Path:
+    """Ids and prompts of 1-40 words, written in row groups of `row_group_size` rows (pyarrow's own default is 1Mi)."""
+    if path.exists() and pq.ParquetFile(path).metadata.num_rows == rows \
+            and pq.ParquetFile(path).metadata.row_group(0).num_rows == min(rows, row_group_size):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    chunk = 100_000
+    chunk = max(100_000, row_group_size)  # one write per row group at most: a group never spans two writes
     with pq.ParquetWriter(path, pa.schema([("id", pa.int64()), ("prompt", pa.string())])) as w:
         for start in range(0, rows, chunk):
             n = min(chunk, rows - start)
             prompts = [" ".join(rng.choices(WORDS, k=rng.randint(1, 40))) for _ in range(n)]
             w.write_table(pa.table({"id": pa.array(range(start, start + n), pa.int64()), "prompt": prompts}),
-                          row_group_size=20_000)
+                          row_group_size=row_group_size)
     return path
 
 
@@ -60,10 +61,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--rows-per-shard", type=int, default=10_000)
+    ap.add_argument("--row-group-size", type=int, default=20_000)
     args = ap.parse_args()
     results = []
     for n in args.rows:
-        inp = write_input(HERE / "out" / f"input-{n}.parquet", n)
+        inp = write_input(HERE / "out" / f"input-{n}-rg{args.row_group_size}.parquet", n,
+                          row_group_size=args.row_group_size)
         s = run_job(inp, HERE / "out" / f"mem-{n}", args.rows_per_shard)
         workers = [v for v in s["worker_peak_rss_mb"].values() if v]
         results.append((n, s["driver_peak_rss_mb"], max(workers) if workers else float("nan"),

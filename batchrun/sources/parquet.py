@@ -45,7 +45,9 @@ class ParquetSource(Source):
         if self.fs is None:  # a worker reads by file name: it needs the filesystem, not the listing
             self.fs, _ = fsspec.core.url_to_fs(self.path)
         try:
-            pf = pq.ParquetFile(self.fs.open(name, "rb"), pre_buffer=False)
+            # no pre-buffering, and column chunks read in 1 MiB steps: only the pages being decoded are in memory,
+            # however large the row group (pyarrow's default reads whole column chunks)
+            pf = pq.ParquetFile(self.fs.open(name, "rb"), pre_buffer=False, buffer_size=1 << 20)
         except Exception as e:  # pyarrow raises several types for a corrupt or non-Parquet file
             raise SpecError(f"input file {name}: not a readable Parquet file ({e})") from None
         self._open[name] = pf
