@@ -3,7 +3,9 @@
 FROM nvcr.io/nvidia/tensorrt-llm/release:1.0.0
 
 # Open MPI inside containers: ranks talk over loopback/shared memory; these match batchrun/engines/mpi.py.
+# Arrow on jemalloc: pyarrow's default (mimalloc) keeps the pages Parquet decoding frees (batchrun/worker.py).
 ENV OMPI_MCA_btl_vader_single_copy_mechanism=none \
+    ARROW_DEFAULT_MEMORY_POOL=jemalloc \
     PYTHONUNBUFFERED=1 \
     RAY_USAGE_STATS_ENABLED=0
 

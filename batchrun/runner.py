@@ -19,7 +19,7 @@ from batchrun.prompts import PromptBuilder
 from batchrun.queue import ShardQueue
 from batchrun.sink import OutputDir, committed_totals
 from batchrun.spec import JobSpec, model_files
-from batchrun.worker import Worker, peak_rss_mb
+from batchrun.worker import Worker, peak_rss_mb, steady_arrow_pool
 
 log = logging.getLogger("batchrun")
 
@@ -194,6 +194,7 @@ class JobRunner:
             "metrics": score_metrics(entries),
             "worker_peak_rss_mb": {w: i.get("peak_rss_mb") for w, i in {**snap["workers"], **pool.results}.items()},
             "worker_niceness": {w: i.get("niceness") for w, i in pool.results.items()},
+            "worker_arrow_pool": {w: i.get("arrow_pool") for w, i in pool.results.items()},
             # the batch a worker's engine can hold (HF engine): a small one caps throughput whatever max_in_flight is
             "worker_kv_cache_tokens": {w: i.get("kv_cache_tokens") for w, i in pool.results.items()},
             # first request submitted .. last completion, per worker: the engine's share of the wall time
@@ -410,5 +411,7 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:  # the local cluster's processes inherit this environment: workers start on that allocator
+        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", steady_arrow_pool())
     ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING,
              include_dashboard=False if address is None else None)

@@ -147,20 +147,31 @@ def set_niceness(value: int | None) -> int:
     return os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
 
 
-def use_steady_arrow_pool() -> str:
-    """Arrow's allocator for this worker: jemalloc (else the system's) unless ARROW_DEFAULT_MEMORY_POOL names one.
+def steady_arrow_pool() -> str:
+    """The Arrow allocator workers use unless ARROW_DEFAULT_MEMORY_POOL names one: jemalloc, else the system's.
 
     pyarrow's default on Linux, mimalloc, keeps the pages that Parquet decoding frees on its thread pool: a worker
-    reading 1,000-row shards grew by ~60 MB over its first 200 shards with 4 MB live in the pool, then plateaued
-    (bench/RESULTS.md, memory). jemalloc and the system allocator return them, and the worker stays flat."""
+    grew by ~60 MB over its first 200 shards with 4 MB live in the pool, then plateaued (bench/RESULTS.md, memory).
+    jemalloc and the system allocator return them. Best set in the environment of the node's Ray processes, so that
+    Arrow's C++ code, which never sees pa.set_memory_pool, uses it from the start: batchrun does that for the local
+    cluster it starts, the Docker image and launch/ scripts for theirs. Elsewhere the worker switches pyarrow's pool
+    itself (use_steady_arrow_pool). A runtime_env would also do it, but costs each job a fresh worker process start."""
     if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        return pa.default_memory_pool().backend_name
+        return os.environ["ARROW_DEFAULT_MEMORY_POOL"]
     try:
-        pool = pa.jemalloc_memory_pool()
+        pa.jemalloc_memory_pool()
+        return "jemalloc"
     except NotImplementedError:  # a pyarrow built without jemalloc
-        pool = pa.system_memory_pool()
-    pa.set_memory_pool(pool)
-    return pool.backend_name
+        return "system"
+
+
+def use_steady_arrow_pool() -> str:
+    """In a worker that started on pyarrow's default allocator with nobody choosing one: switch pyarrow's pool (the
+    tables batchrun builds, the Parquet it reads and writes). Returns the pool in use."""
+    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL") and pa.default_memory_pool().backend_name == "mimalloc":
+        name = steady_arrow_pool()
+        pa.set_memory_pool(pa.jemalloc_memory_pool() if name == "jemalloc" else pa.system_memory_pool())
+    return pa.default_memory_pool().backend_name
 
 
 def peak_rss_mb() -> float:
@@ -186,7 +197,6 @@ class Worker:
         self.tags = {"run_id": run_id, "worker": worker_id}  # metric tags
         self.spec = JobSpec.model_validate_json(spec_json)
         niceness = set_niceness(self.spec.resources.niceness)  # before any engine thread or rank exists
-        self.arrow_pool = use_steady_arrow_pool()  # before the worker reads or builds any table
         self.units = units
         self.queue = shard_queue
         self.node = node_name()
@@ -207,7 +217,7 @@ class Worker:
         self.read_columns = list(dict.fromkeys(self.read_columns + self.score_columns))
         self.engine = None
         self.stats = {"rows": 0, "shards": 0, "generated_tokens": 0, "prompt_tokens": 0, "in_flight": 0,
-                      "since_progress_s": 0.0, "niceness": niceness,
+                      "since_progress_s": 0.0, "niceness": niceness, "arrow_pool": use_steady_arrow_pool(),
                       "first_submit_at": 0.0, "last_completion_at": 0.0}  # the engine's busy window, for benchmarks
         self._last_progress = time.monotonic()
         self._stop = threading.Event()

@@ -10,6 +10,8 @@ PORT="${RAY_PORT:-6379}"
 DASH="${RAY_DASHBOARD_PORT:-8265}"
 METRICS="${RAY_METRICS_PORT:-8080}"
 export RAY_AUTH_MODE=token
+# Arrow on jemalloc in every Ray process (pyarrow's mimalloc keeps freed Parquet pages: batchrun/worker.py)
+export ARROW_DEFAULT_MEMORY_POOL="${ARROW_DEFAULT_MEMORY_POOL:-jemalloc}"
 [ -f "$HOME/.ray/auth_token" ] || [ -n "${RAY_AUTH_TOKEN:-}" ] || ray get-auth-token --generate >/dev/null
 ray start --head --node-ip-address=127.0.0.1 --port="$PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASH" \
   --metrics-export-port="$METRICS" --disable-usage-stats

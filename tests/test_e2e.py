@@ -102,7 +102,10 @@ def test_echo_every_row_exactly_once_with_passthrough(tmp_path, ray_cluster):
         "resources": {"num_workers": 2},
         "shards": {"rows_per_shard": 333},
     })
-    JobRunner(spec, show_progress=False).run()
+    summary = JobRunner(spec, show_progress=False).run().summary
+    from batchrun.worker import steady_arrow_pool
+
+    assert list(summary["worker_arrow_pool"].values()) == [steady_arrow_pool()] * 2  # set from the worker's start
     out = read_output(tmp_path / "out")
     assert out.num_rows == len(expected)
     rows = out.to_pylist()
