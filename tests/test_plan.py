@@ -190,3 +190,33 @@ def test_workers_get_an_arrow_pool_that_returns_memory_unless_told(monkeypatch, 
     if env:
         monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", env)
     assert steady_arrow_pool() in expected
+
+
+@pytest.mark.parametrize("order", ["forward", "backward", "two workers"])
+def test_jsonl_shard_reads_continue_instead_of_rescanning(tmp_path, monkeypatch, order):
+    """Each JSONL shard used to scan its file from the first line: quadratic over a file's shards."""
+    import json
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": f"p {i}"}) + ("\n\n" if i % 5 == 0 else "\n")
+                            for i in range(103)))
+    spec = spec_for(path, 10, format="jsonl")
+    plan, source = make_plan(spec), open_source(spec.input)
+    opened = []
+    real_open = source.fs.open
+    def counting_open(path, mode="rb", *a, **k):
+        if "t" in mode:  # fsspec opens text by reopening binary: count the reader's own calls
+            opened.append(path)
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(source.fs, "open", counting_open)
+    shards = list(plan.shards)
+    if order == "backward":
+        shards.reverse()
+    elif order == "two workers":
+        shards = shards[::2] + shards[1::2]
+    for shard in shards:
+        t = source.read(plan.units, shard.fragments, ["id", "prompt"])
+        assert t.column("id").to_pylist() == list(range(shard.row_start, shard.row_start + shard.num_rows))
+    # forward: one pass over the file; backward: a new pass per shard, as any stream read backwards needs
+    assert len(opened) == {"forward": 1, "backward": len(shards), "two workers": 2}[order]

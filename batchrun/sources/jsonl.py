@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
+from collections.abc import Iterator
 
 import pyarrow as pa
 
@@ -18,6 +20,9 @@ class JsonlSource(Source):
         self.path = path
         self.openai_batch = openai_batch  # OpenAI Batch API request lines, flattened to rows
         self.fs, self.files = list_files(path, (".jsonl", ".json", ".ndjson"))
+        # per file: (line number it stands at, the open line iterator). The next shard of a file continues from the
+        # last one instead of scanning the file from its start again (quadratic over a file's shards).
+        self._cursors: dict[str, tuple[int, Iterator[str]]] = {}
 
     def _lines(self, name: str):
         with self.fs.open(name, "rt") as fh:
@@ -42,8 +47,17 @@ class JsonlSource(Source):
         return obj if isinstance(obj, dict) else {"__error__": f"{name} line {lineno}: not a JSON object"}
 
     def read_fragment(self, unit: str, fragment: Fragment, columns: list[str]) -> pa.Table:
-        lines = itertools.islice(self._lines(unit), fragment.start, fragment.stop)
-        rows = [self._row(unit, line, fragment.start + i + 1) for i, line in enumerate(lines)]
+        pos, lines = self._cursors.pop(unit, (0, None))
+        if lines is None or pos > fragment.start:
+            if lines is not None:
+                lines.close()
+            pos, lines = 0, self._lines(unit)
+        collections.deque(itertools.islice(lines, fragment.start - pos), maxlen=0)  # skip to the fragment
+        taken = list(itertools.islice(lines, fragment.stop - fragment.start))
+        self._cursors[unit] = (fragment.start + len(taken), lines)
+        if len(self._cursors) > 8:  # a worker reads a few files at a time: close the least recently used
+            self._cursors.pop(next(iter(self._cursors)))[1].close()
+        rows = [self._row(unit, line, fragment.start + i + 1) for i, line in enumerate(taken)]
         if len(rows) != fragment.stop - fragment.start:
             raise SpecError(f"input file {unit} changed while the job ran: expected {fragment.stop} rows")
         return pa.table({c: _column([r.get(c) for r in rows]) for c in columns})
