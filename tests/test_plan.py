@@ -107,6 +107,13 @@ def test_hf_streaming_is_planned_by_the_datasets_own_shards(tmp_path):
     source = open_source(spec.input)
     ids = [i for s in plan.shards for i in source.read(plan.units, s.fragments, ["id"]).column("id").to_pylist()]
     assert ids == list(range(sum(sizes)))
+    # each unit's stream stays open between shards; shards behind it (read backwards, or skipped over by another
+    # worker) restart it, and still read exactly their rows
+    for order in (plan.shards[::-1], plan.shards[::2] + plan.shards[1::2]):
+        source = open_source(spec.input)
+        for s in order:
+            got = source.read(plan.units, s.fragments, ["id", "prompt"]).column("id").to_pylist()
+            assert got == list(range(s.row_start, s.row_start + s.num_rows))
     with pytest.raises(Exception, match="input.streaming is for format hf"):
         validate_spec({"engine": {"name": "echo"}, "output": {"dir": "/tmp/x"},
                        "input": {"path": str(tmp_path / "pq"), "streaming": True}})

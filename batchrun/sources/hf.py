@@ -2,8 +2,9 @@
 
 Map-style datasets are memory-mapped Arrow, so slicing a shard reads only its rows. With `input.streaming`, the
 dataset is an IterableDataset: its own shards (one per data file, `n_shards`) are the plan's units, counted once at
-plan time, and a batchrun shard never spans two of them. A shard reads its unit's stream from the start, skipping
-the rows before it: set `shards.rows_per_shard` to at least a file's rows for a single pass over each file.
+plan time, and a batchrun shard never spans two of them. Each unit's stream stays open in the worker (a RowCursor):
+the worker's next shard of that unit continues it, and only a shard that lies behind the stream (another worker
+read the ones between) restarts it from the unit's start.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pyarrow as pa
 
 from batchrun.errors import SpecError
 from batchrun.plan import Fragment
-from batchrun.sources.base import Source
+from batchrun.sources.base import CursorCache, RowCursor, Source
 
 COUNT_BATCH = 8192
 
@@ -24,6 +25,7 @@ class HFSource(Source):
         self.path, self.data_files, self.split, self.config = path, data_files, split, config
         self.streaming = self.per_unit = streaming
         self._ds = None
+        self._cursors = CursorCache()  # (unit, columns) -> the open stream, where the last shard stopped
 
     @property
     def dataset(self):
@@ -76,7 +78,12 @@ class HFSource(Source):
         if not self.streaming:
             table = self.dataset.with_format("arrow")[fragment.start : fragment.stop]
             return table.select(columns)
-        index = int(unit.rpartition("#shard")[2])
-        stream = self._stream(index, columns).skip(fragment.start).take(fragment.stop - fragment.start)
-        batches = list(stream.iter(batch_size=COUNT_BATCH))
-        return pa.concat_tables(batches) if batches else pa.table({c: [] for c in columns})
+        key = (unit, tuple(columns))
+        cursor = self._cursors.get(key, fragment.start)
+        if cursor is None:
+            stream = self._stream(int(unit.rpartition("#shard")[2]), columns)
+            cursor = RowCursor(iter(stream.iter(batch_size=COUNT_BATCH)), 0,
+                               pa.schema([pa.field(c, pa.null()) for c in columns]), unit)
+        table = cursor.take(fragment.start, fragment.stop)
+        self._cursors.put(key, cursor)
+        return table

@@ -6,12 +6,13 @@ import collections
 import itertools
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from batchrun.errors import SpecError
 from batchrun.plan import Fragment
-from batchrun.sources.base import Source
+from batchrun.sources.base import CursorCache, Source
 from batchrun.sources.files import list_files
 
 
@@ -20,9 +21,9 @@ class JsonlSource(Source):
         self.path = path
         self.openai_batch = openai_batch  # OpenAI Batch API request lines, flattened to rows
         self.fs, self.files = list_files(path, (".jsonl", ".json", ".ndjson"))
-        # per file: (line number it stands at, the open line iterator). The next shard of a file continues from the
+        # per file: the open line iterator and the line it stands at. The next shard of a file continues from the
         # last one instead of scanning the file from its start again (quadratic over a file's shards).
-        self._cursors: dict[str, tuple[int, Iterator[str]]] = {}
+        self._cursors = CursorCache()
 
     def _lines(self, name: str):
         with self.fs.open(name, "rt") as fh:
@@ -47,20 +48,21 @@ class JsonlSource(Source):
         return obj if isinstance(obj, dict) else {"__error__": f"{name} line {lineno}: not a JSON object"}
 
     def read_fragment(self, unit: str, fragment: Fragment, columns: list[str]) -> pa.Table:
-        pos, lines = self._cursors.pop(unit, (0, None))
-        if lines is None or pos > fragment.start:
-            if lines is not None:
-                lines.close()
-            pos, lines = 0, self._lines(unit)
-        collections.deque(itertools.islice(lines, fragment.start - pos), maxlen=0)  # skip to the fragment
-        taken = list(itertools.islice(lines, fragment.stop - fragment.start))
-        self._cursors[unit] = (fragment.start + len(taken), lines)
-        if len(self._cursors) > 8:  # a worker reads a few files at a time: close the least recently used
-            self._cursors.pop(next(iter(self._cursors)))[1].close()
+        cursor = self._cursors.get(unit, fragment.start) or LineCursor(self._lines(unit))
+        collections.deque(itertools.islice(cursor.lines, fragment.start - cursor.pos), maxlen=0)  # skip ahead
+        taken = list(itertools.islice(cursor.lines, fragment.stop - fragment.start))
+        cursor.pos = fragment.start + len(taken)
+        self._cursors.put(unit, cursor)  # an evicted or replaced cursor's file closes with its generator
         rows = [self._row(unit, line, fragment.start + i + 1) for i, line in enumerate(taken)]
         if len(rows) != fragment.stop - fragment.start:
             raise SpecError(f"input file {unit} changed while the job ran: expected {fragment.stop} rows")
         return pa.table({c: _column([r.get(c) for r in rows]) for c in columns})
+
+
+@dataclass
+class LineCursor:
+    lines: Iterator[str]  # the file's non-empty lines from `pos` on
+    pos: int = 0
 
 
 def _column(values: list) -> pa.Array:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from batchrun.errors import SpecError
 from batchrun.plan import Fragment
-from batchrun.sources.base import Source
+from batchrun.sources.base import CursorCache, RowCursor, Source
 from batchrun.sources.files import list_files
 
 
@@ -25,7 +25,7 @@ class ParquetSource(Source):
         self.path = path
         self.fs = None
         self._open: dict[str, pq.ParquetFile] = {}  # footers of recently read files, in use order
-        self._cursors: dict[tuple, _Cursor] = {}  # (file, columns) -> where the last read of it stopped
+        self._cursors = CursorCache()  # (file, columns) -> where the last read of it stopped
 
     def describe(self):
         self.fs, files = list_files(self.path, (".parquet", ".parq", ".pq"))
@@ -57,53 +57,19 @@ class ParquetSource(Source):
 
     def read_fragment(self, unit: str, fragment: Fragment, columns: list[str]) -> pa.Table:
         pf = self._file(unit)
+        starts = [0]  # first row of each row group, and the file's row count last
+        for i in range(pf.metadata.num_row_groups):
+            starts.append(starts[-1] + pf.metadata.row_group(i).num_rows)
         key = (unit, tuple(columns))
-        cursor = self._cursors.pop(key, None)
-        if cursor is None or not cursor.can_reach(fragment.start):
-            cursor = _Cursor(pf, fragment.start, columns, batch_rows=max(1024, fragment.stop - fragment.start))
-        self._cursors[key] = cursor  # most recently used last
-        if len(self._cursors) > 8:
-            self._cursors.pop(next(iter(self._cursors)))
-        return cursor.take(fragment.start, fragment.stop)
-
-
-class _Cursor:
-    """One file read forward in batches from a row on. `take` returns a row range at or after the cursor, decoding
-    only the row groups that hold it (and the rows of its first group before it); rows past the range stay buffered
-    for the next call."""
-
-    def __init__(self, pf: pq.ParquetFile, start: int, columns: list[str], batch_rows: int):
-        meta = pf.metadata
-        self.starts = [0]
-        for i in range(meta.num_row_groups):
-            self.starts.append(self.starts[-1] + meta.row_group(i).num_rows)
-        first = max(0, bisect.bisect_right(self.starts, start) - 1)
-        self.schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
-        self.batches = pf.iter_batches(batch_size=batch_rows, row_groups=range(first, meta.num_row_groups),
-                                       columns=columns)
-        self.pos = self.starts[first]  # file row of self.pending's first row (or of the next batch)
-        self.pending: pa.RecordBatch | None = None
-
-    def can_reach(self, start: int) -> bool:
-        """Worth continuing: the range is ahead, and no whole row group lies between (a new cursor skips those)."""
-        group_end = self.starts[min(bisect.bisect_right(self.starts, self.pos), len(self.starts) - 1)]
-        return self.pos <= start < group_end
-
-    def take(self, start: int, stop: int) -> pa.Table:
-        out = []
-        while self.pos < stop:
-            batch, self.pending = self.pending, None
-            if batch is None:
-                batch = next(self.batches, None)
-                if batch is None:
-                    raise RuntimeError(f"the file ended at row {self.pos}, before row {stop}: did the input change?")
-            end = self.pos + batch.num_rows
-            if end > start:
-                lo, hi = max(start - self.pos, 0), min(stop, end) - self.pos
-                out.append(batch.slice(lo, hi - lo))
-                if end > stop:  # the rest of the batch belongs to the next range
-                    self.pending = batch.slice(hi)
-                    self.pos = stop
-                    break
-            self.pos = end
-        return pa.Table.from_batches(out, schema=self.schema)
+        cursor = self._cursors.get(key, fragment.start)
+        group_end = starts[min(bisect.bisect_right(starts, cursor.pos), len(starts) - 1)] if cursor else 0
+        if cursor is not None and fragment.start >= group_end:
+            cursor = None  # whole row groups lie between: a new cursor skips them without decoding them
+        if cursor is None:
+            first = bisect.bisect_right(starts, fragment.start) - 1
+            batches = pf.iter_batches(batch_size=max(1024, fragment.stop - fragment.start),
+                                      row_groups=range(first, len(starts) - 1), columns=columns)
+            cursor = RowCursor(batches, starts[first], pa.schema([pf.schema_arrow.field(c) for c in columns]), unit)
+        table = cursor.take(fragment.start, fragment.stop)
+        self._cursors.put(key, cursor)
+        return table
