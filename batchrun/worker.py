@@ -197,6 +197,7 @@ class Worker:
         self.tags = {"run_id": run_id, "worker": worker_id}  # metric tags
         self.spec = JobSpec.model_validate_json(spec_json)
         niceness = set_niceness(self.spec.resources.niceness)  # before any engine thread or rank exists
+        arrow_pool = use_steady_arrow_pool()  # before the worker reads or builds any table
         self.units = units
         self.queue = shard_queue
         self.node = node_name()
@@ -217,7 +218,7 @@ class Worker:
         self.read_columns = list(dict.fromkeys(self.read_columns + self.score_columns))
         self.engine = None
         self.stats = {"rows": 0, "shards": 0, "generated_tokens": 0, "prompt_tokens": 0, "in_flight": 0,
-                      "since_progress_s": 0.0, "niceness": niceness, "arrow_pool": use_steady_arrow_pool(),
+                      "since_progress_s": 0.0, "niceness": niceness, "arrow_pool": arrow_pool,
                       "first_submit_at": 0.0, "last_completion_at": 0.0}  # the engine's busy window, for benchmarks
         self._last_progress = time.monotonic()
         self._stop = threading.Event()

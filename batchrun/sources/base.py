@@ -69,7 +69,7 @@ class CursorCache:
         cursor = self.cursors.pop(key, None)
         return cursor if cursor is not None and cursor.pos <= start else None
 
-    def put(self, key, cursor: RowCursor) -> None:
+    def put(self, key, cursor) -> None:
         self.cursors[key] = cursor
         if len(self.cursors) > self.size:
             self.cursors.pop(next(iter(self.cursors)))
