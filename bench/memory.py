@@ -60,7 +60,7 @@ def run_job(inp: Path, out: Path, rows_per_shard: int, workers: int = 1) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    ap.add_argument("--rows-per-shard", type=int, default=10_000)
+    ap.add_argument("--rows-per-shard", type=int, default=1000, help="default: the job's own default shard size")
     ap.add_argument("--row-group-size", type=int, default=20_000)
     args = ap.parse_args()
     results = []
