@@ -147,6 +147,13 @@ def set_niceness(value: int | None) -> int:
     return os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
 
 
+def _steady_pool() -> pa.MemoryPool:
+    try:
+        return pa.jemalloc_memory_pool()
+    except NotImplementedError:  # a pyarrow built without jemalloc
+        return pa.system_memory_pool()
+
+
 def steady_arrow_pool() -> str:
     """The Arrow allocator workers use unless ARROW_DEFAULT_MEMORY_POOL names one: jemalloc, else the system's.
 
@@ -156,21 +163,14 @@ def steady_arrow_pool() -> str:
     Arrow's C++ code, which never sees pa.set_memory_pool, uses it from the start: batchrun does that for the local
     cluster it starts, the Docker image and launch/ scripts for theirs. Elsewhere the worker switches pyarrow's pool
     itself (use_steady_arrow_pool). A runtime_env would also do it, but costs each job a fresh worker process start."""
-    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        return os.environ["ARROW_DEFAULT_MEMORY_POOL"]
-    try:
-        pa.jemalloc_memory_pool()
-        return "jemalloc"
-    except NotImplementedError:  # a pyarrow built without jemalloc
-        return "system"
+    return os.environ.get("ARROW_DEFAULT_MEMORY_POOL") or _steady_pool().backend_name
 
 
 def use_steady_arrow_pool() -> str:
     """In a worker that started on pyarrow's default allocator with nobody choosing one: switch pyarrow's pool (the
     tables batchrun builds, the Parquet it reads and writes). Returns the pool in use."""
     if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL") and pa.default_memory_pool().backend_name == "mimalloc":
-        name = steady_arrow_pool()
-        pa.set_memory_pool(pa.jemalloc_memory_pool() if name == "jemalloc" else pa.system_memory_pool())
+        pa.set_memory_pool(_steady_pool())
     return pa.default_memory_pool().backend_name
 
 

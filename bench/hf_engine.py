@@ -109,7 +109,7 @@ def run_bare(model, ids, budgets, options: dict, keep_gpu_cache: bool = False) -
     import torch
     from transformers.generation import ContinuousBatchingConfig
 
-    from batchrun.engines.hf import CPU_CB_DEFAULTS, kv_cache_tokens
+    from batchrun.engines.hf import CPU_CB_DEFAULTS, kv_cache_tokens, warm_up
     from batchrun.engines.hf_attention import apply_attention
 
     cb = dict(options)
@@ -121,9 +121,7 @@ def run_bare(model, ids, budgets, options: dict, keep_gpu_cache: bool = False) -
     manager.start()
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) - {None}
-    warm = manager.add_request(input_ids=ids[0], request_id="warmup", max_new_tokens=4)
-    while (r := manager.get_result(timeout=60)) is None or r.request_id != warm or not r.is_finished():
-        pass
+    warm_up(manager, 1)  # the same warm-up a batchrun worker's engine runs at start
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
