@@ -69,8 +69,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_build(args) -> int:
+    from batchrun.engines import check_engine
     from batchrun.errors import SpecError
-    from batchrun.runner import check_engine
     from batchrun.spec import load_spec
 
     spec = load_spec(args.job, args.overrides)
@@ -81,7 +81,8 @@ def cmd_build(args) -> int:
 
     try:
         path, built = build_engine(spec.engine.model, spec.engine.tensor_parallel_size, spec.engine.dtype,
-                                   spec.engine.trust_remote_code, spec.engine.options)
+                                   spec.engine.trust_remote_code, spec.engine.options,
+                                   logprobs=bool(spec.sampling.logprobs or spec.sampling.top_logprobs))
     except ValueError as e:
         raise SpecError(str(e)) from None
     print(f"{'built' if built else 'already built (same fingerprint)'}: {path}")

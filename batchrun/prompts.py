@@ -125,14 +125,18 @@ class PromptBuilder:
         return Prompts(texts, errors)
 
 
-def fit_to_context(ids: list[int], max_tokens: int, context: int | None, policy: str) -> tuple[list[int] | None, str | None]:
-    """Apply the truncation policy. Returns (token ids, None) or (None, error message)."""
-    if context is None or len(ids) + max_tokens <= context:
+def fit_to_context(ids: list[int], max_tokens: int, context: int | None, policy: str,
+                   max_prompt: int | None = None) -> tuple[list[int] | None, str | None]:
+    """Apply the truncation policy to a prompt: prompt + max_tokens must fit the context, and the prompt alone the
+    engine's prompt limit (max_prompt, e.g. a TensorRT engine's max_input_len). Returns (ids, None) or (None, why)."""
+    by_context = context - max_tokens if context is not None else None
+    room = min((n for n in (by_context, max_prompt) if n is not None), default=None)
+    if room is None or len(ids) <= room:
         return ids, None
-    room = context - max_tokens
     if policy == "error" or room <= 0:
-        return None, (
-            f"prompt has {len(ids)} tokens; with max_tokens={max_tokens} it exceeds the model's context of "
-            f"{context} tokens (input.truncation: {policy})"
-        )
+        if by_context is not None and by_context == room:
+            why = f"with max_tokens={max_tokens} it exceeds the model's context of {context} tokens"
+        else:
+            why = f"it exceeds the engine's longest prompt of {max_prompt} tokens"
+        return None, f"prompt has {len(ids)} tokens; {why} (input.truncation: {policy})"
     return (ids[-room:] if policy == "left" else ids[:room]), None

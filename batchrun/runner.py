@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from batchrun.engines import check_engine
 from batchrun.errors import JobFailed, SpecError
 from batchrun.plan import Plan, make_plan
 from batchrun.progress import Progress
@@ -42,23 +43,6 @@ def check_input(spec: JobSpec, plan: Plan) -> None:
     for key, col in named:
         if col and col not in columns:
             raise SpecError(f"key '{key}': column {col!r} not in the input (columns: {', '.join(columns)})")
-
-
-def check_engine(spec: JobSpec) -> None:
-    if spec.engine.name in ("hf", "trtllm") and "://" not in spec.engine.model:
-        if not os.path.isdir(spec.engine.model):
-            raise SpecError(f"key 'engine.model': {spec.engine.model} is not a directory (expected a local model dir)")
-    if spec.engine.name == "trtllm":
-        from pydantic import ValidationError
-
-        from batchrun.engines.trtllm import TRTLLMOptions
-
-        try:
-            TRTLLMOptions(**spec.engine.options)
-        except ValidationError as e:
-            err = e.errors()[0]
-            key = ".".join(["engine.options", *map(str, err["loc"])])
-            raise SpecError(f"key '{key}': {err['msg']} (given: {err.get('input')!r})") from None
 
 
 def input_signature(plan: Plan) -> dict:
@@ -184,6 +168,7 @@ class JobRunner:
             "shards_quarantined": report["quarantined"],
             "shard_failures": snap["shard_failures"],
             "worker_restarts": pool.restarts,
+            "close_wait_s": pool.close_wait_s,  # the end of the job waiting for engines to close, all in parallel
             "prompt_tokens": totals["prompt_tokens"],
             "generated_tokens": totals["generated_tokens"],
             "this_run": {"rows": rows_run, "generated_tokens": gen, "wall_s": round(wall, 3),
@@ -248,6 +233,8 @@ class WorkerPool:
         self.last_error = ""
         self.results: dict[str, dict] = {}  # final counters returned by workers' run()
         self.placement_groups: dict = {}  # worker id -> its placement group, removed with the worker
+        self.closing: dict[str, tuple] = {}  # retired worker id -> (actor, close ref): killed once close() returns
+        self.close_wait_s = 0.0  # how long the job's end waited for engines to close
         self.loaded_any = False  # has any worker ever loaded its engine?
         self.load_failures = 0
 
@@ -284,6 +271,7 @@ class WorkerPool:
                 self._retire(wid)
             except Exception as e:  # the actor died (killed, OOM, node lost) or the engine raised
                 self.replace(wid, self._load_error(self.live[wid][3]) or _short_error(e))
+        self.reap_closed()
         now = time.time()
         for wid, (_, _, started_at, start_ref) in list(self.live.items()):
             if now - started_at > self.spec.faults.startup_timeout_s and not self._loaded(start_ref):
@@ -348,14 +336,22 @@ class WorkerPool:
         return True
 
     def _retire(self, wid: str) -> None:
+        """A worker that finished its run: ask it to close its engine (free the GPU, end its ranks) without waiting
+        here. The driver goes on; reap_closed() kills it once close() returns, or at the close deadline."""
+        actor = self.live.pop(wid)[0]
+        self.closing[wid] = (actor, actor.close.remote())
+
+    def reap_closed(self, timeout: float = 0.0) -> None:
+        """Kill the retired workers whose close() has returned (or failed), waiting at most `timeout` seconds."""
         import ray
 
-        actor = self.live.pop(wid)[0]
-        try:
-            ray.get(actor.close.remote(), timeout=60)
-        except Exception:
-            pass
-        self._kill(wid, actor)
+        refs = {ref: wid for wid, (_, ref) in self.closing.items()}
+        if not refs:
+            return
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        for ref in ready:
+            wid = refs[ref]
+            self._kill(wid, self.closing.pop(wid)[0])
 
     def _kill(self, wid: str, actor) -> None:
         import ray
@@ -365,10 +361,11 @@ class WorkerPool:
         if wid in self.placement_groups:
             remove_placement_group(self.placement_groups.pop(wid))
 
-    def drain(self, timeout_s: float = 60.0) -> None:
-        """After the last commit: wait (bounded) for workers to finish run() and retire them cleanly. A worker whose
-        engine never loaded (still loading, or its actor still waiting for resources the others held) has no results
-        to hand back: shutdown() kills it without waiting."""
+    def drain(self, timeout_s: float = 60.0, close_timeout_s: float = 60.0) -> None:
+        """After the last commit: wait (bounded) for workers to finish run(), then close every engine in parallel
+        under one deadline (a job with N workers waits once, not N times). A worker whose engine never loaded (still
+        loading, or its actor still waiting for resources the others held) has no results to hand back: shutdown()
+        kills it without waiting."""
         import ray
 
         refs = {entry[1]: wid for wid, entry in self.live.items() if ray.wait([entry[3]], timeout=0)[0]}
@@ -376,16 +373,25 @@ class WorkerPool:
         for ref in ready:
             try:
                 self.results[refs[ref]] = ray.get(ref)
-                self._retire(refs[ref])
             except Exception:
-                pass  # it died after the last commit: nothing is lost; shutdown() kills what is left
+                continue  # it died after the last commit: nothing is lost; shutdown() kills what is left
+            self._retire(refs[ref])
+        started = time.monotonic()
+        self.reap_closed(timeout=close_timeout_s)
+        if self.closing:
+            log.warning("workers %s did not close their engines within %gs; killing them",
+                        sorted(self.closing), close_timeout_s)
+        self.close_wait_s = round(time.monotonic() - started, 3)
 
     def shutdown(self) -> None:
-        """Workers still live here are mid-run (the job failed or was interrupted): kill them, do not wait."""
-
+        """Workers still live here are mid-run (the job failed or was interrupted), and retired workers whose close()
+        has not returned by now: kill them, do not wait."""
         for wid, entry in list(self.live.items()):
             self._kill(wid, entry[0])
             del self.live[wid]
+        for wid, (actor, _) in list(self.closing.items()):
+            self._kill(wid, actor)
+            del self.closing[wid]
 
 
 def score_metrics(entries) -> dict:

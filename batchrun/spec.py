@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from batchrun.errors import SpecError
 
-BUILTIN_ENGINES = ("hf", "trtllm", "echo")
+BUILTIN_ENGINES = ("hf", "trtllm", "echo")  # modules of batchrun.engines (its registry)
 # An engine name may also be an explicit `module:Class` hook: the only way a job file names code.
 HOOK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -42,9 +42,7 @@ class EngineSpec(_Section):
     def _check(self) -> EngineSpec:
         if self.name not in BUILTIN_ENGINES and not HOOK_RE.match(self.name):
             raise ValueError(f"engine.name must be one of {', '.join(BUILTIN_ENGINES)} or 'module:Class'; got {self.name!r}")
-        if self.name in ("hf", "trtllm") and not self.model:
-            raise ValueError(f"engine.model is required for engine {self.name!r} (a local model directory)")
-        return self
+        return self  # what each engine needs (a model, option values, key combinations) is its own check()
 
 
 class InputSpec(_Section):
@@ -230,24 +228,6 @@ class JobSpec(_Section):
     shards: ShardsSpec = Field(default_factory=ShardsSpec)
     faults: FaultsSpec = Field(default_factory=FaultsSpec)
     score: ScoreSpec | None = None  # evals: a score column per row and the job's mean score
-
-    @model_validator(mode="after")
-    def _engine_can(self) -> JobSpec:
-        """What the built-in HF engine cannot do is refused here, before any work, rather than ignored."""
-        if self.engine.name != "hf":
-            return self
-        s, parse = self.sampling, self.output.parse
-        if s.top_logprobs:
-            raise ValueError("sampling.top_logprobs needs engine trtllm: transformers' continuous batching returns "
-                             "only the chosen token's logprob (use sampling.logprobs)")
-        if parse is not None and parse.guided and parse.kind != "choice":
-            raise ValueError(f"output.parse.guided with kind {parse.kind!r} needs engine trtllm "
-                             "(engine hf constrains to choices only)")
-        per_row_sampling = {"temperature", "seed"} & set(s.per_row)
-        if s.logprobs and per_row_sampling:
-            raise ValueError(f"sampling.per_row.{sorted(per_row_sampling)[0]} with sampling.logprobs needs engine "
-                             "trtllm: engine hf samples batch-invariantly (per-row seeds) only without logprobs")
-        return self
 
     @property
     def rows_per_shard(self) -> int:

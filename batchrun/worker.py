@@ -235,11 +235,6 @@ class Worker:
 
     def start(self) -> dict:
         """Load the engine. A failure here surfaces to the driver as this call's error."""
-        if self.spec.engine.name == "hf" and not self.spec.resources.gpus_per_worker:
-            import torch
-
-            # Ray sets OMP_NUM_THREADS=1 in workers; a CPU engine should use the CPUs its actor reserved.
-            torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_worker)))
         self.engine = create_engine(self.spec.engine, self.spec.sampling, self.spec.output.parse)
         self.stats["kv_cache_tokens"] = self.engine.kv_cache_tokens
         if self.engine.kv_cache_tokens is not None:
@@ -387,7 +382,8 @@ class Worker:
         for j, i in enumerate(ok):
             sampling, ids = samplings[i], token_ids[j] if token_ids is not None else None
             if ids is not None:
-                ids, errors[i] = fit_to_context(ids, sampling.max_tokens, context, self.spec.input.truncation)
+                ids, errors[i] = fit_to_context(ids, sampling.max_tokens, context, self.spec.input.truncation,
+                                                getattr(self.engine, "max_prompt_tokens", None))
                 if errors[i] is None and not ids:
                     errors[i] = "prompt is empty (0 tokens)"
                 if errors[i] is not None:

@@ -63,6 +63,10 @@ CASES = {
     "top_p out of range": (lambda j, t: set_key(j, "sampling.top_p", 1.5), ["sampling.top_p", "1.5"]),
     "hf top_logprobs": (lambda j, t: (set_key(j, "engine.name", "hf"), set_key(j, "engine.model", str(t)), set_key(j, "sampling.top_logprobs", 3)), ["sampling.top_logprobs", "engine trtllm"]),
     "hf guided json": (lambda j, t: (set_key(j, "engine.name", "hf"), set_key(j, "engine.model", str(t)), set_key(j, "output.parse", {"kind": "json", "guided": True})), ["output.parse.guided", "'json'", "engine trtllm"]),
+    "hf option typo": (lambda j, t: (set_key(j, "engine.name", "hf"), set_key(j, "engine.model", str(t)), set_key(j, "engine.options", {"use_cuda_grap": True})), ["unknown key 'engine.options.use_cuda_grap'", "use_cuda_graph", "attn_implementation"]),
+    "echo option wrong type": (lambda j, t: set_key(j, "engine.options", {"delay_s": "slow"}), ["engine.options.delay_s", "'slow'"]),
+    "engine hook class typo": (lambda j, t: set_key(j, "engine.name", "tests.engines:CountingEko"), ["engine.name", "tests.engines:CountingEko", "CountingEko"]),
+    "engine hook module typo": (lambda j, t: set_key(j, "engine.name", "tests.enignes:CountingEcho"), ["engine.name", "No module named 'tests.enignes'"]),
     "per-row key unknown": (lambda j, t: set_key(j, "sampling.per_row", {"temprature": "t"}), ["sampling.per_row", "temprature"]),
     "per-row column missing": (lambda j, t: set_key(j, "sampling.per_row", {"max_tokens": "budget"}), ["sampling.per_row.max_tokens", "'budget'"]),
 }

@@ -1,14 +1,24 @@
-"""The trtllm adapter against the tensorrt_llm test double (tests/doubles), which follows the documented LLM API."""
+"""The trtllm adapter against the strict tensorrt_llm double (tests/doubles/tensorrt_llm, rules in its UPSTREAM.md).
+
+One test per way the adapter used to fail on its first real run (each failed on the code before this double), the
+keyword-set check, plan-time refusals, and bounded shutdown."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pytest
+import yaml
 
 from batchrun.engines.base import Request, Sampling
-from tests.conftest import ROOT
+from tests.conftest import PYTHON, ROOT, cli_env, write_parquet
+from tests.procs import pids_where, wait_gone
 
 DOUBLES = str(ROOT / "tests" / "doubles")
 
@@ -19,50 +29,363 @@ def tllm(monkeypatch):
     for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
         monkeypatch.delitem(sys.modules, name)
     import tensorrt_llm
+    from tensorrt_llm._common import BaseLLM
 
-    tensorrt_llm.LLM.instances.clear()
+    BaseLLM.instances.clear()
+    BaseLLM.calibrations.clear()
     return tensorrt_llm
+
+
+def make_engine(model, sampling=None, **options):
+    from batchrun.engines.trtllm import TRTLLMEngine
+
+    return TRTLLMEngine(str(model), sampling or Sampling(max_tokens=4), dtype="float32", max_in_flight=16, **options)
+
+
+def collect(engine, requests, expect: int, timeout: float = 10.0) -> list:
+    for r in requests:
+        engine.submit(r)
+    got, deadline = [], time.time() + timeout
+    while len(got) < expect and time.time() < deadline:
+        got += engine.poll(0.05)
+    return got
+
+
+def model_with_knobs(tmp_path, demo_model, **knobs):
+    """A copy of the demo model dir (links) with the double's knob file."""
+    d = tmp_path / "model"
+    d.mkdir()
+    for f in demo_model.iterdir():
+        (d / f.name).symlink_to(f)
+    (d / "tllm_double.json").write_text(json.dumps(knobs))
+    return d
+
+
+def output(tllm, outputs, prompt_ids=(1, 2, 3)):
+    from tensorrt_llm._common import GenerationResult
+
+    result = GenerationResult(1, list(prompt_ids), None)
+    result.outputs = outputs
+    return tllm.RequestOutput._from_generation_result(result, "p")
+
+
+# ---------------------------------------------------------------- the double keeps upstream's rules
+
+
+def test_double_is_as_strict_as_upstream(tllm, demo_model, monkeypatch):
+    from tensorrt_llm.llmapi import GuidedDecodingParams, SamplingParams
+
+    with pytest.raises(ValueError, match="Greedy decoding"):  # S3: top_k=1 with n > 1, whatever the temperature
+        SamplingParams(top_k=1, n=2, temperature=0.8)
+    SamplingParams(top_p=0.9, n=2)  # not greedy
+    monkeypatch.setenv("TLLM_ALLOW_N_GREEDY_DECODING", "1")
+    SamplingParams(top_k=1, n=2)
+    with pytest.raises(TypeError):  # kw_only
+        SamplingParams(4)
+    with pytest.raises(ValueError, match="Only one guide"):
+        SamplingParams(guided_decoding=GuidedDecodingParams(regex="a", json_object=True))
+    with pytest.raises(RuntimeError, match="_from_generation_result"):
+        tllm.RequestOutput()
+    with pytest.raises(ValueError, match="got invalid argument: max_in_flight"):  # L1: ValueError, not TypeError
+        tllm.LLM(str(demo_model), max_in_flight=4)
+    from tensorrt_llm.llmapi import BuildConfig
+
+    with pytest.raises(ValueError, match="specific to TensorRT backend"):  # L3
+        tllm.LLM(str(demo_model), build_config=BuildConfig())
+    llm = tllm.LLM(str(demo_model))
+    with pytest.raises(TypeError):  # L7: no **kwargs
+        llm.generate_async([1, 2], sampling_params=SamplingParams(), priority=1)
+    llm.shutdown()
+
+
+# ---------------------------------------------------------------- defect 1: n > 1 with greedy decoding
 
 
 def test_sampling_mapping(tllm):
     from batchrun.engines.trtllm import sampling_params
 
-    greedy = sampling_params(tllm, Sampling(max_tokens=7))
-    assert (greedy.max_tokens, greedy.temperature, greedy.top_k, greedy.n) == (7, 0.0, 1, 1)
-    assert greedy.include_stop_str_in_output is False and greedy.seed is None and greedy.stop is None
+    greedy = sampling_params(tllm, Sampling(max_tokens=7, n=4))
+    assert (greedy.max_tokens, greedy.top_k, greedy.n, greedy.best_of) == (7, 1, 1, 1)  # one generation, fanned out
+    assert greedy._greedy_decoding and greedy.include_stop_str_in_output is False and greedy.stop is None
     sampled = sampling_params(tllm, Sampling(max_tokens=5, temperature=0.7, top_p=0.9, top_k=40, seed=3,
-                                             stop=("\n", "###")), n=4, logprobs=2)
-    assert (sampled.temperature, sampled.top_p, sampled.top_k, sampled.seed) == (0.7, 0.9, 40, 3)
-    assert sampled.stop == ["\n", "###"] and sampled.n == 4 and sampled.logprobs == 2
+                                             stop=("\n", "###"), n=4), logprobs=2)
+    assert (sampled.temperature, sampled.top_p, sampled.top_k, sampled.seed, sampled.n) == (0.7, 0.9, 40, 3, 4)
+    assert sampled.stop == ["\n", "###"] and sampled.logprobs == 2
+    assert not sampling_params(tllm, Sampling(max_tokens=5, temperature=1.0, n=3))._greedy_decoding
+
+
+def test_greedy_n_samples_are_rows_not_a_failed_shard(tllm, demo_model):
+    engine = make_engine(demo_model)
+    ids = engine.encode(["12+3="])[0]
+    got = collect(engine, [Request("0:0", "12+3=", ids, Sampling(max_tokens=3, n=3))], expect=3)
+    engine.close()
+    assert sorted(c.sample_index for c in got) == [0, 1, 2]
+    assert all(c.error is None and c.token_ids == list(reversed(ids))[:3] for c in got)
+
+
+def test_anything_submit_raises_is_that_requests_error_rows(tllm, demo_model, monkeypatch):
+    engine = make_engine(demo_model)
+    real = tllm.SamplingParams
+
+    def picky(**kw):  # upstream validates in __post_init__ (S2): a request it refuses raises in submit()
+        if kw.get("seed") == 13:
+            raise ValueError("refused by SamplingParams")
+        return real(**kw)
+
+    monkeypatch.setattr(tllm, "SamplingParams", picky)
+    ids = engine.encode(["1+1=", "2+2="])
+    got = collect(engine, [Request("0:0", "1+1=", ids[0], Sampling(max_tokens=2, seed=13, n=2, temperature=0.5)),
+                           Request("0:1", "2+2=", ids[1], Sampling(max_tokens=2))], expect=3)
+    engine.close()
+    bad = [c for c in got if c.request_id == "0:0"]
+    assert sorted(c.sample_index for c in bad) == [0, 1] and all("refused by SamplingParams" in c.error for c in bad)
+    assert [c.error for c in got if c.request_id == "0:1"] == [None]
+
+
+# ---------------------------------------------------------------- defect 2: logprobs on the TensorRT backend
+
+
+def test_logprobs_on_the_tensorrt_backend(tllm, demo_model, tmp_path):
+    from batchrun.engines.trtllm import TRTLLMOptions, build_fingerprint
+
+    engine = make_engine(demo_model, Sampling(max_tokens=3, logprobs=True), backend="tensorrt")
+    ids = engine.encode(["12+3="])[0]
+    got = collect(engine, [Request("0:0", "12+3=", ids, Sampling(max_tokens=3, logprobs=True))], expect=1)
+    engine.close()
+    assert got[0].error is None and got[0].logprobs == [-0.5] * 3
+    llm = tllm.LLM.instances[-1]
+    assert llm.args["gather_generation_logits"] is True and llm.build_config.gather_generation_logits
+    opts = TRTLLMOptions(backend="tensorrt", engine_cache=str(tmp_path))
+    assert build_fingerprint(str(demo_model), 1, opts, True) != build_fingerprint(str(demo_model), 1, opts, False)
+
+
+# ---------------------------------------------------------------- defect 3 and 4: KV cache dtypes, calibration
+
+
+def plan(tmp_path, capsys, engine: dict, sampling: dict | None = None) -> tuple[int, str]:
+    from batchrun.cli import main
+
+    write_parquet(tmp_path / "in.parquet", pa.table({"prompt": ["a"]}))
+    job = {"engine": {"name": "trtllm", **engine}, "input": {"path": str(tmp_path / "in.parquet")},
+           "sampling": sampling or {}, "output": {"dir": str(tmp_path / "out")}}
+    (tmp_path / "j.yaml").write_text(yaml.safe_dump(job))
+    code = main(["plan", str(tmp_path / "j.yaml")])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options,sampling,words", [
+    ({"quantization": {"kv_cache": "INT8"}}, None,
+     ["engine.options.quantization.kv_cache", "INT8", "PyTorch backend", "FP8"]),
+    ({"quantization": {"kv_cache": "NVFP4"}}, None, ["engine.options.quantization.kv_cache", "NVFP4"]),
+    ({"quantization": {"algo": "FP8"}}, None, ["engine.options.quantization.algo", "backend: tensorrt"]),
+    ({"backend": "tensorrt", "quantization": {"algo": "FP8"}}, None,
+     ["engine.options.quantization.algo", "calib_dataset", "cnn_dailymail", "_requires_calibration"]),
+    ({"backend": "tensorrt", "quantization": {"algo": "NO_QUANT", "kv_cache": "FP8"}}, None,
+     ["engine.options.quantization.kv_cache", "calib_dataset"]),
+    ({"backend": "tensorrt", "quantization": {"algo": "W4A16_AWQ", "calib_dataset": "/no/such/data"}}, None,
+     ["engine.options.quantization.calib_dataset", "/no/such/data", "does not exist"]),
+    ({"max_batch_size": 4}, {"n": 8, "temperature": 1.0}, ["sampling.n", "engine.options.max_batch_size"]),
+])
+def test_plan_refuses_what_upstream_refuses(tllm, demo_model, tmp_path, capsys, options, sampling, words):
+    code, err = plan(tmp_path, capsys, {"model": str(demo_model), "options": options}, sampling)
+    assert code == 2, err
+    for w in words:
+        assert w in err, f"{w!r} not in {err}"
+
+
+def test_plan_accepts_what_runs(tllm, demo_model, tmp_path, capsys):
+    for options in ({"quantization": {"kv_cache": "FP8"}}, {"backend": "tensorrt", "quantization": {"algo": "W8A16"}},
+                    {"backend": "tensorrt", "quantization": {"algo": "FP8", "calib_dataset": str(tmp_path)}}):
+        code, err = plan(tmp_path, capsys, {"model": str(demo_model), "options": options})
+        assert code == 0, (options, err)
+
+
+def test_kv_cache_dtypes_per_backend(tllm, demo_model):
+    from batchrun.engines.trtllm import TRTLLMOptions, llm_class_and_kwargs
+
+    cls, kw = llm_class_and_kwargs(tllm, str(demo_model), 1, "auto", False,
+                                   TRTLLMOptions(quantization={"kv_cache": "FP8"}, enable_chunked_prefill=True))
+    assert cls is tllm.LLM and kw["kv_cache_config"].dtype == "fp8" and "quant_config" not in kw
+    cls(**kw).shutdown()  # A4: fp8 loads on the PyTorch backend
+    cls, kw = llm_class_and_kwargs(tllm, str(demo_model), 1, "auto", False,
+                                   TRTLLMOptions(backend="tensorrt", quantization={"kv_cache": "INT8",
+                                                                                   "calib_dataset": str(demo_model)}))
+    assert kw["kv_cache_config"].dtype == "auto" and kw["quant_config"].kv_cache_quant_algo.value == "INT8"
+    assert kw["quant_config"].quant_algo is None  # NO_QUANT is never sent (it calibrates, A6)
+    cls(**kw).shutdown()  # A3: the TensorRT backend takes the KV dtype through QuantConfig only
+
+
+@pytest.mark.parametrize("quant,calibrates", [
+    ({"algo": "FP8"}, True), ({"algo": "W8A8_SQ_PER_CHANNEL"}, True), ({"algo": "W4A16_AWQ"}, True),
+    ({"algo": "W8A16"}, False), ({"kv_cache": "INT8"}, True), ({"algo": "NO_QUANT"}, False),
+])
+def test_calibration_uses_the_local_dataset(tllm, demo_model, tmp_path, quant, calibrates):
+    from batchrun.engines.trtllm import TRTLLMOptions, llm_class_and_kwargs
+    from tensorrt_llm._common import BaseLLM
+    from tensorrt_llm._tensorrt_engine import LLM as TrtLLM
+
+    data = tmp_path / "calib"
+    data.mkdir()
+    opts = TRTLLMOptions(backend="tensorrt", quantization={**quant, "calib_dataset": str(data)}, max_batch_size=64,
+                         max_num_tokens=4096, max_seq_len=96, kv_cache={"free_gpu_memory_fraction": 0.8,
+                                                                        "enable_block_reuse": False})
+    cls, kw = llm_class_and_kwargs(tllm, str(demo_model), 2, "bfloat16", False, opts)
+    assert cls is TrtLLM and kw["calib_config"].calib_dataset == str(data)
+    assert "quant_config" in kw or quant.get("algo") == "NO_QUANT"
+    b = kw["build_config"]
+    assert (b.max_batch_size, b.max_num_tokens, b.max_seq_len, b.max_input_len) == (64, 4096, 96, 96)
+    assert kw["kv_cache_config"].free_gpu_memory_fraction == 0.8 and kw["kv_cache_config"].enable_block_reuse is False
+    cls(**kw).shutdown()
+    assert BaseLLM.calibrations == ([(str(demo_model), str(data))] if calibrates else [])
+
+
+# ---------------------------------------------------------------- every keyword the adapter sends is upstream's
+
+
+def test_every_keyword_the_adapter_passes_is_recorded_upstream(tllm, demo_model, tmp_path, monkeypatch):
+    """L1, A1-A8, S1, S4: record what the adapter passes to each class over many option sets; compare with the
+    field sets recorded from upstream (tests/doubles/tensorrt_llm/_args.py, sampling_params.py)."""
+    import tensorrt_llm.llmapi as api
+    import tensorrt_llm.sampling_params as sampling_params_module
+    from tensorrt_llm import _args
+
+    from batchrun.engines import trtllm
+    from batchrun.spec import ParseSpec
+
+    seen: dict[str, set] = {}
+
+    def recording(name, cls):
+        def make(*args, **kwargs):
+            assert not args, f"{name} takes keywords only here"
+            seen.setdefault(name, set()).update(kwargs)
+            return cls(**kwargs)
+        return make
+
+    for name in ("KvCacheConfig", "BuildConfig", "QuantConfig", "CalibConfig", "GuidedDecodingParams"):
+        monkeypatch.setattr(api, name, recording(name, getattr(api, name)))
+    monkeypatch.setattr(tllm, "SamplingParams", recording("SamplingParams", tllm.SamplingParams))
+    data = str(tmp_path)
+    for opts in ({}, {"quantization": {"kv_cache": "FP8"}, "max_batch_size": 8, "max_num_tokens": 512,
+                      "max_seq_len": 128, "enable_chunked_prefill": True, "pipeline_parallel_size": 2},
+                 {"backend": "tensorrt", "quantization": {"algo": "FP8", "kv_cache": "INT8", "calib_dataset": data},
+                  "max_batch_size": 8, "max_num_tokens": 512, "max_seq_len": 128, "max_input_len": 100}):
+        for logprobs in (False, True):
+            cls, kw = trtllm.llm_class_and_kwargs(tllm, str(demo_model), 2, "auto", True,
+                                                  trtllm.TRTLLMOptions(**opts), logprobs)
+            allowed = _args.TRT_LLM_ARGS if opts.get("backend") == "tensorrt" else _args.TORCH_LLM_ARGS
+            assert set(kw) | {"tokenizer", "guided_decoding_backend"} <= allowed
+    for s in (Sampling(max_tokens=3), Sampling(4, 0.7, 0.9, 5, 3, ("x",), 2, True, 3)):
+        trtllm.sampling_params(tllm, s, logprobs=3, guide=trtllm.guided_decoding(
+            ParseSpec(kind="choice", choices=["a"], guided=True)))
+    for p in (ParseSpec(kind="regex", pattern="a", guided=True), ParseSpec(kind="json", guided=True),
+              ParseSpec(kind="json", guided=True, json_schema={"type": "object"})):
+        trtllm.guided_decoding(p)
+    fields = {
+        "KvCacheConfig": set(_args.KvCacheConfig.model_fields), "QuantConfig": set(_args.QuantConfig.model_fields),
+        "CalibConfig": set(_args.CalibConfig.model_fields),
+        "BuildConfig": {f.name for f in dataclasses.fields(_args.BuildConfig)},
+        "SamplingParams": {f.name for f in dataclasses.fields(sampling_params_module.SamplingParams)},
+        "GuidedDecodingParams": {f.name for f in dataclasses.fields(sampling_params_module.GuidedDecodingParams)},
+    }
+    assert set(seen) == set(fields)
+    for name, used in seen.items():
+        assert used <= fields[name], f"{name}: {sorted(used - fields[name])} not recorded upstream"
+
+
+# ---------------------------------------------------------------- defect 5: shutdown that never returns
+
+
+def test_close_is_bounded_and_leaves_no_rank(tllm, demo_model, tmp_path):
+    model = model_with_knobs(tmp_path, demo_model, shutdown_hangs=True)
+    engine = make_engine(model, tensor_parallel_size=2, shutdown_timeout_s=1)
+    ranks = pids_where(lambda c: "tllm-double-rank" in c)
+    assert len(ranks) == 2
+    started = time.monotonic()
+    engine.close()
+    assert time.monotonic() - started < 10
+    assert wait_gone(ranks, 5) == []
+
+
+def test_build_returns_when_shutdown_hangs(demo_model, tmp_path):
+    """`batchrun build` as a user runs it: a process whose LLM.shutdown() never returns still exits 0."""
+    model = model_with_knobs(tmp_path, demo_model, shutdown_hangs=True)
+    job = {"engine": {"name": "trtllm", "model": str(model), "tensor_parallel_size": 2,
+                      "options": {"backend": "tensorrt", "engine_cache": str(tmp_path / "engines"),
+                                  "shutdown_timeout_s": 1}},
+           "input": {"path": str(tmp_path / "in.parquet")}, "output": {"dir": str(tmp_path / "out")}}
+    (tmp_path / "j.yaml").write_text(yaml.safe_dump(job))
+    write_parquet(tmp_path / "in.parquet", pa.table({"prompt": ["a"]}))
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], DOUBLES])
+    started = time.monotonic()
+    proc = subprocess.run([PYTHON, "-m", "batchrun.cli", "build", str(tmp_path / "j.yaml")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - started < 60 and "built:" in proc.stdout
+    assert pids_where(lambda c: "tllm-double-rank" in c) == []
+
+
+def test_build_once_then_reuse(tllm, demo_model, tmp_path):
+    from tensorrt_llm._tensorrt_engine import LLM as TrtLLM
+
+    from batchrun.engines.trtllm import build_engine
+
+    options = {"backend": "tensorrt", "engine_cache": str(tmp_path / "engines"), "quantization": {"algo": "W8A16"},
+               "max_seq_len": 256}
+    builds = TrtLLM.builds
+    path, built = build_engine(str(demo_model), 1, "float16", False, options)
+    assert built and (path / "batchrun_build.json").exists() and TrtLLM.builds == builds + 1
+    path2, built2 = build_engine(str(demo_model), 1, "float16", False, options)
+    assert (path2, built2) == (path, False) and TrtLLM.builds == builds + 1  # same fingerprint: a no-op
+    other, built3 = build_engine(str(demo_model), 2, "float16", False, options)  # TP changes the fingerprint
+    assert built3 and other != path
+    engine = make_engine(demo_model, **options)  # workers load the built engine instead of building their own
+    assert tllm.LLM.instances[-1].model == str(path) and TrtLLM.builds == builds + 2
+    assert (engine.context_length, engine.max_prompt_tokens) == (256, 256)  # read back from the engine (A9)
+    engine.close()
+
+
+# ---------------------------------------------------------------- truncation knows the engine's context
+
+
+@pytest.mark.parametrize("options,context,prompt", [
+    ({"max_seq_len": 40}, 40, 40),  # PyTorch: max_num_tokens (8192) is looser than the context
+    ({"max_seq_len": 4096, "max_num_tokens": 64}, 4096, 64),
+    ({"max_seq_len": 4096, "max_num_tokens": 64, "enable_chunked_prefill": True}, 4096, None),
+    ({"backend": "tensorrt", "max_seq_len": 40}, 40, 40),
+    ({"backend": "tensorrt", "max_seq_len": 40, "max_input_len": 16}, 40, 16),
+])
+def test_engine_knows_its_context(tllm, demo_model, options, context, prompt):
+    engine = make_engine(demo_model, **options)
+    assert (engine.context_length, engine.max_prompt_tokens) == (context, prompt)
+    engine.close()
+    default = make_engine(demo_model)  # nothing set: the checkpoint's max_position_embeddings
+    assert default.context_length == json.loads((demo_model / "config.json").read_text())["max_position_embeddings"]
+    default.close()
+
+
+# ---------------------------------------------------------------- outputs
 
 
 def test_output_mapping(tllm):
-    from tensorrt_llm import CompletionOutput, RequestOutput
+    from tensorrt_llm.executor.result import CompletionOutput, Logprob
 
-    from batchrun.engines.trtllm import to_completion
+    from batchrun.engines.trtllm import to_completions
 
-    def out(**kw):
-        o = RequestOutput(1, "p", [1, 2, 3], None)
-        o.outputs = [CompletionOutput(0, **kw)]
-        return o
-
-    c = to_completion("0:1", out(text="ab", token_ids=[5, 6], finish_reason="stop"), ())
+    c = to_completions("0:1", output(tllm, [CompletionOutput(0, "ab", [5, 6], finish_reason="stop")]), ())[0]
     assert (c.text, c.finish_reason, c.num_prompt_tokens, c.num_generated_tokens, c.error) == ("ab", "stop", 3, 2, None)
-    assert to_completion("x", out(text="a", token_ids=[5], finish_reason="length"), ()).finish_reason == "length"
+    c = to_completions("x", output(tllm, [CompletionOutput(0, "a", [5], finish_reason="length")]), ())[0]
+    assert c.finish_reason == "length"
     for reason in ("timeout", "cancelled"):
-        c = to_completion("x", out(text="a", token_ids=[5], finish_reason=reason), ())
+        c = to_completions("x", output(tllm, [CompletionOutput(0, "a", [5], finish_reason=reason)]), ())[0]
         assert c.finish_reason == "error" and reason in c.error
-    from tensorrt_llm.executor.result import Logprob as LP
-
-    c = to_completion("x", out(text="a", token_ids=[5, 6], finish_reason="length",
-                               logprobs=[{5: LP(-0.1), 9: LP(-2.0)}, {6: LP(-0.3)}]), ())
+    c = to_completions("x", output(tllm, [CompletionOutput(0, "a", [5, 6], finish_reason="length",
+                                                           logprobs=[{5: Logprob(-0.1), 9: Logprob(-2.0)},
+                                                                     {6: Logprob(-0.3)}])]), ())[0]
     assert c.logprobs == [-0.1, -0.3]
-
-
-def make_engine(demo_model, **options):
-    from batchrun.engines.trtllm import TRTLLMEngine
-
-    return TRTLLMEngine(str(demo_model), Sampling(max_tokens=4), dtype="float32", max_in_flight=16, **options)
+    two = to_completions("3:4", output(tllm, [CompletionOutput(0, "a", [5], finish_reason="stop"),
+                                              CompletionOutput(1, "b", [6, 7], finish_reason="length")]), ())
+    assert [(c.sample_index, c.text, c.finish_reason) for c in two] == [(0, "a", "stop"), (1, "b", "length")]
 
 
 def test_windowed_async_submission_out_of_order(tllm, demo_model):
@@ -85,137 +408,25 @@ def test_windowed_async_submission_out_of_order(tllm, demo_model):
     c = done["0:12"]
     assert c.token_ids == list(reversed(ids[12]))[:3] and c.finish_reason == "length"
     engine.close()
-    assert llm.is_shutdown
+    assert llm._shutdown
 
 
-def test_per_request_error_becomes_an_error_row(tllm, demo_model):
+def test_per_request_engine_error_becomes_an_error_row(tllm, demo_model):
     engine = make_engine(demo_model)
     texts = ["1+1=", "FAILREQ", "2+2="]
-    for i, (t, ids) in enumerate(zip(texts, engine.encode(texts))):
-        engine.submit(Request(f"0:{i}", t, ids, Sampling(max_tokens=3)))
-    got = {}
-    deadline = time.time() + 10
-    while len(got) < 3 and time.time() < deadline:
-        got.update({c.request_id: c for c in engine.poll(0.05)})
+    got = {c.request_id: c for c in collect(engine, [Request(f"0:{i}", t, ids, Sampling(max_tokens=3))
+                                                     for i, (t, ids) in enumerate(zip(texts, engine.encode(texts)))],
+                                            expect=3)}
     assert got["0:1"].finish_reason == "error" and "rejected this request" in got["0:1"].error
     assert got["0:0"].error is None and got["0:2"].error is None
     engine.close()
 
 
-@pytest.mark.parametrize("quant,expect_algo,expect_kv", [
-    ({"algo": "FP8"}, "FP8", None),
-    ({"algo": "W8A8_SQ_PER_CHANNEL"}, "W8A8_SQ_PER_CHANNEL", None),  # SmoothQuant
-    ({"algo": "W4A16_AWQ"}, "W4A16_AWQ", None),
-    ({"algo": "W8A16"}, "W8A16", None),
-    ({"kv_cache": "INT8"}, None, "INT8"),
-    ({"algo": "FP8", "kv_cache": "FP8"}, "FP8", "FP8"),
-])
-def test_quantization_and_build_config_translation(tllm, demo_model, quant, expect_algo, expect_kv):
-    from batchrun.engines.trtllm import TRTLLMOptions, llm_class_and_kwargs
-    from tensorrt_llm._tensorrt_engine import LLM as TrtLLM
-
-    opts = TRTLLMOptions(backend="tensorrt", quantization=quant, max_batch_size=64, max_num_tokens=4096,
-                         max_seq_len=2048, kv_cache={"free_gpu_memory_fraction": 0.8, "enable_block_reuse": False})
-    cls, kw = llm_class_and_kwargs(tllm, str(demo_model), 2, "bfloat16", False, opts)
-    assert cls is TrtLLM
-    q = kw["quant_config"]
-    assert (q.quant_algo and q.quant_algo.value) == expect_algo
-    assert (q.kv_cache_quant_algo and q.kv_cache_quant_algo.value) == expect_kv
-    b = kw["build_config"]
-    assert (b.max_batch_size, b.max_num_tokens, b.max_seq_len) == (64, 4096, 2048)
-    assert kw["kv_cache_config"].free_gpu_memory_fraction == 0.8 and kw["kv_cache_config"].enable_block_reuse is False
-    assert kw["tensor_parallel_size"] == 2 and kw["dtype"] == "bfloat16"
-    cls(**kw)  # the double's constructor accepts exactly the documented keyword arguments
-
-
-def test_pytorch_backend_takes_kv_dtype_and_refuses_online_quantization(tllm, demo_model):
-    from batchrun.engines.trtllm import TRTLLMOptions, llm_class_and_kwargs
-
-    cls, kw = llm_class_and_kwargs(tllm, str(demo_model), 1, "auto", False,
-                                   TRTLLMOptions(quantization={"kv_cache": "FP8"}, enable_chunked_prefill=True))
-    assert cls is tllm.LLM and kw["kv_cache_config"].dtype == "fp8" and kw["enable_chunked_prefill"] is True
-    assert "build_config" not in kw and "quant_config" not in kw
-    cls(**kw)
-    with pytest.raises(ValueError, match="backend: tensorrt"):
-        llm_class_and_kwargs(tllm, str(demo_model), 1, "auto", False, TRTLLMOptions(quantization={"algo": "FP8"}))
-
-
 def test_bad_options_are_refused_with_the_key(tllm, demo_model, tmp_path, capsys):
-    import pyarrow as pa
-    import yaml
-
-    from batchrun.cli import main
-    from tests.conftest import write_parquet
-
-    write_parquet(tmp_path / "in.parquet", pa.table({"prompt": ["a"]}))
-    job = {"engine": {"name": "trtllm", "model": str(demo_model), "options": {"quantization": {"algo": "FP9"}}},
-           "input": {"path": str(tmp_path / "in.parquet")}, "output": {"dir": str(tmp_path / "out")}}
-    (tmp_path / "j.yaml").write_text(yaml.safe_dump(job))
     for cmd in ("plan", "run"):  # checked before any work, without importing tensorrt_llm
-        assert main([cmd, str(tmp_path / "j.yaml")]) == 2
-        err = capsys.readouterr().err
+        code, err = plan(tmp_path, capsys, {"model": str(demo_model), "options": {"quantization": {"algo": "FP9"}}})
+        assert code == 2
         assert "engine.options.quantization.algo" in err and "'FP9'" in err and "W4A16_AWQ" in err
-
-
-def test_build_once_then_reuse(tllm, demo_model, tmp_path, capsys):
-    from tensorrt_llm._tensorrt_engine import LLM as TrtLLM
-
-    from batchrun.engines.trtllm import build_engine
-
-    options = {"backend": "tensorrt", "engine_cache": str(tmp_path / "engines"), "quantization": {"algo": "FP8"},
-               "max_seq_len": 256}
-    builds = TrtLLM.builds
-    path, built = build_engine(str(demo_model), 1, "float16", False, options)
-    assert built and (path / "batchrun_build.json").exists() and TrtLLM.builds == builds + 1
-    path2, built2 = build_engine(str(demo_model), 1, "float16", False, options)
-    assert (path2, built2) == (path, False) and TrtLLM.builds == builds + 1  # same fingerprint: a no-op
-    other, built3 = build_engine(str(demo_model), 2, "float16", False, options)  # TP changes the fingerprint
-    assert built3 and other != path
-    engine = make_engine(demo_model, **options)  # workers load the built engine instead of building their own
-    assert tllm.LLM.instances[-1].model == str(path) and TrtLLM.builds == builds + 2
-    engine.close()
-
-
-@pytest.mark.slow
-def test_trtllm_engine_through_the_runner(tmp_path, ray_cluster, demo_model):
-    """Ray workers drive the adapter (and the double behind it) like any engine: every row once, right outputs."""
-    import pyarrow as pa
-    from transformers import AutoTokenizer
-
-    from batchrun.runner import JobRunner
-    from batchrun.spec import validate_spec
-    from tests.conftest import read_output, write_parquet
-
-    prompts = [f"{i}+{2 * i}=" for i in range(60)]
-    prompts[7] = "FAILREQ"
-    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(60)), "prompt": prompts}))
-    spec = validate_spec({
-        "engine": {"name": "trtllm", "model": str(demo_model), "max_in_flight": 8},
-        "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id"},
-        "sampling": {"max_tokens": 3}, "output": {"dir": str(tmp_path / "out")},
-        "resources": {"num_workers": 2}, "shards": {"rows_per_shard": 9},
-    })
-    JobRunner(spec, show_progress=False).run()
-    tok = AutoTokenizer.from_pretrained(demo_model)
-    rows = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
-    assert sorted(rows) == list(range(60))
-    assert rows[7]["finish_reason"] == "error" and "rejected" in rows[7]["error"]
-    for i, p in enumerate(prompts):
-        if i != 7:
-            ids = tok.encode(p, add_special_tokens=False)
-            assert rows[i]["generated_text"] == tok.decode(list(reversed(ids))[:3])
-
-
-def test_n_samples_map_to_sample_indexes(tllm):
-    from tensorrt_llm import CompletionOutput, RequestOutput
-
-    from batchrun.engines.trtllm import to_completions
-
-    o = RequestOutput(1, "p", [1, 2], None)
-    o.outputs = [CompletionOutput(0, "a", [5], finish_reason="stop"), CompletionOutput(1, "b", [6, 7], finish_reason="length")]
-    got = to_completions("3:4", o, ())
-    assert [(c.request_id, c.sample_index, c.text, c.finish_reason) for c in got] == \
-        [("3:4", 0, "a", "stop"), ("3:4", 1, "b", "length")]
 
 
 def test_guided_decoding_and_top_logprobs(tllm, demo_model):
@@ -234,43 +445,71 @@ def test_guided_decoding_and_top_logprobs(tllm, demo_model):
     assert guided_decoding(ParseSpec(kind="json", guided=True)).json_object is True
     assert guided_decoding(ParseSpec(kind="regex", pattern=r"\d+", guided=True)).regex == r"\d+"
 
-    from batchrun.engines.trtllm import TRTLLMEngine
-
-    engine = TRTLLMEngine(str(demo_model), Sampling(max_tokens=3), dtype="float32",
-                          guide=ParseSpec(kind="choice", choices=["1", "2"], guided=True))
+    engine = make_engine(demo_model, Sampling(max_tokens=3, logprobs=True, top_logprobs=2),
+                         guide=ParseSpec(kind="choice", choices=["1", "2"], guided=True))
     assert tllm.LLM.instances[-1].args["guided_decoding_backend"] == "xgrammar"
     ids = engine.encode(["12+3="])[0]
-    engine.submit(Request("0:0", "12+3=", ids, Sampling(max_tokens=3, logprobs=True, top_logprobs=2, seed=5)))
-    got = []
-    deadline = time.time() + 10
-    while not got and time.time() < deadline:
-        got = engine.poll(0.1)
+    c = collect(engine, [Request("0:0", "12+3=", ids, Sampling(max_tokens=3, logprobs=True, top_logprobs=2,
+                                                                temperature=0.5, seed=5))], expect=1)[0]
     engine.close()
-    c = got[0]
     assert c.logprobs == [-0.5] * 3  # the sampled token's entry, not the likeliest other one
     assert [sorted(step) for step in c.top_logprobs] == [sorted([t, t + 1]) for t in c.token_ids]
     assert all(step[t] == -0.5 for step, t in zip(c.top_logprobs, c.token_ids))
 
 
-def test_engine_comparison_bench(demo_model, tmp_path, capsys, monkeypatch):
-    """`batchrun bench --engines hf,trtllm`: every installed engine on the same prompts, the others listed as such."""
-    import json
+# ---------------------------------------------------------------- through the runner, on a real Ray cluster
 
-    from batchrun.cli import main
 
-    args = ["bench", "--engines", "hf,trtllm", "--model", str(demo_model), "--dtype", "float32", "--n", "24",
-            "--max-tokens", "4", "--json", str(tmp_path / "b.json")]
-    monkeypatch.setattr("batchrun.bench.installed", lambda e: e == "hf")  # this machine, whatever is on sys.path
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "| trtllm | not installed |" in out and "| hf | ok | 24 |" in out
-    hf = json.loads((tmp_path / "b.json").read_text())[0]
-    assert hf["tokens"] > 24 and hf["tok_s"] > 0 and 0 < hf["first_output_s"] <= hf["seconds"]
-    assert hf["peak_memory_mb"] > 0
-    monkeypatch.undo()
-    monkeypatch.syspath_prepend(DOUBLES)  # the documented-API double stands in for an installed TensorRT-LLM
-    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    assert main(args) == 0
-    rows = {r["engine"]: r for r in json.loads((tmp_path / "b.json").read_text())}
-    assert rows["trtllm"]["status"] == "ok" and rows["trtllm"]["requests"] == 24
+@pytest.mark.slow
+def test_trtllm_engine_through_the_runner(tmp_path, ray_cluster, demo_model):
+    """Ray workers drive the adapter (and the double behind it) like any engine: every row once, right outputs; a
+    prompt past the TensorRT engine's max_seq_len is cut (input.truncation: left), not refused by the engine."""
+    from transformers import AutoTokenizer
+
+    from batchrun.runner import JobRunner
+    from batchrun.spec import validate_spec
+    from tests.conftest import read_output
+
+    prompts = [f"{i}+{2 * i}=" for i in range(60)]
+    prompts[7] = "FAILREQ"
+    prompts[8] = "1+1=" * 20  # 80+ tokens; the engine holds 24
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(60)), "prompt": prompts}))
+    spec = validate_spec({
+        "engine": {"name": "trtllm", "model": str(demo_model), "max_in_flight": 8,
+                   "options": {"backend": "tensorrt", "max_seq_len": 24}},
+        "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id", "truncation": "left"},
+        "sampling": {"max_tokens": 3}, "output": {"dir": str(tmp_path / "out")},
+        "resources": {"num_workers": 2}, "shards": {"rows_per_shard": 9},
+    })
+    JobRunner(spec, show_progress=False).run()
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    rows = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
+    assert sorted(rows) == list(range(60))
+    assert rows[7]["finish_reason"] == "error" and "rejected" in rows[7]["error"]
+    assert rows[8]["error"] is None and rows[8]["num_prompt_tokens"] == 21
+    for i, p in enumerate(prompts):
+        if i not in (7, 8):
+            ids = tok.encode(p, add_special_tokens=False)
+            assert rows[i]["generated_text"] == tok.decode(list(reversed(ids))[:3])
+
+
+@pytest.mark.slow
+def test_job_ends_in_bounded_time_when_shutdown_hangs(tmp_path, ray_cluster, demo_model):
+    """3 workers whose LLM.shutdown() never returns: exit 0, every row, and the end waits once (in parallel), not
+    once per worker; no rank is left behind."""
+    from batchrun.runner import JobRunner
+    from batchrun.spec import validate_spec
+    from tests.conftest import read_output
+
+    model = model_with_knobs(tmp_path, demo_model, shutdown_hangs=True)
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(90)), "prompt": [f"{i}+1=" for i in range(90)]}))
+    spec = validate_spec({
+        "engine": {"name": "trtllm", "model": str(model), "options": {"shutdown_timeout_s": 3}},
+        "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id"},
+        "sampling": {"max_tokens": 2}, "output": {"dir": str(tmp_path / "out")},
+        "resources": {"num_workers": 3}, "shards": {"rows_per_shard": 10},
+    })
+    summary = JobRunner(spec, show_progress=False).run().summary
+    assert sorted(r["id"] for r in read_output(tmp_path / "out").to_pylist()) == list(range(90))
+    assert summary["status"] == "succeeded" and len(summary["worker_engine_window_s"]) == 3
+    assert 3 <= summary["close_wait_s"] < 20  # one shutdown timeout for all three, not 3 x 60 s

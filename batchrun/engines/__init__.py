@@ -1,11 +1,27 @@
-"""Engine adapters behind one interface (base.Engine). `create_engine` picks one from the job spec."""
+"""Engine adapters behind one interface (base.Engine), and the registry that maps `engine.name` to what each engine
+owns: its `options` model, its cross-key `check(spec)` and how it is built. The spec, runner and worker hold no
+engine-specific rule: `check_engine` runs an engine's rules in the driver before Ray starts (exit 2 on a mistake),
+and `create_engine` builds it in the worker.
+
+An engine module (or a `module:Class` hook) provides:
+- `options_model()`: the pydantic model of its `engine.options` (extra keys forbidden);
+- `check(spec)`: raises ValueError naming the job-file keys of a combination the engine cannot run;
+- `create(engine_spec, sampling_spec, parse)`: the Engine.
+A hook class may define `Options` and a `check` classmethod; it is built as `Class(model=, sampling=, ...)`.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel, ValidationError
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling
-from batchrun.spec import EngineSpec, ParseSpec, SamplingSpec
+from batchrun.errors import SpecError
+from batchrun.spec import BUILTIN_ENGINES, EngineSpec, JobSpec, ParseSpec, SamplingSpec
 
 
 def sampling_from_spec(s: SamplingSpec) -> Sampling:
@@ -13,31 +29,95 @@ def sampling_from_spec(s: SamplingSpec) -> Sampling:
                     s.top_logprobs)
 
 
+def model_args(spec: EngineSpec, options: dict) -> dict:
+    """The constructor arguments every model-backed engine takes."""
+    return dict(tokenizer=spec.tokenizer, dtype=spec.dtype, device=spec.device,
+                trust_remote_code=spec.trust_remote_code, tensor_parallel_size=spec.tensor_parallel_size,
+                max_in_flight=spec.max_in_flight, **options)
+
+
+def require_model_dir(spec: JobSpec) -> None:
+    """For engines that load a local model: engine.model must name a directory (a URL is left to the engine)."""
+    model = spec.engine.model
+    if not model:
+        raise ValueError(f"engine.model is required for engine {spec.engine.name!r} (a local model directory)")
+    if "://" not in model and not os.path.isdir(model):
+        raise ValueError(f"key 'engine.model': {model} is not a directory (expected a local model dir)")
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    name: str
+    options: type[BaseModel] | None  # engine.options, validated at plan time
+    check: Callable[[JobSpec], None]  # cross-key rules; raises ValueError naming the keys
+    create: Callable[[EngineSpec, SamplingSpec, ParseSpec | None], Engine]
+
+
+def engine_kind(name: str) -> EngineKind:
+    """The registry: a built-in engine module, or an explicit `module:Class` hook (the one place a job file names
+    code), imported here so that a typo fails in the driver, before any worker starts."""
+    if name in BUILTIN_ENGINES:
+        module = importlib.import_module(f"batchrun.engines.{name}")
+        return EngineKind(name, module.options_model(), module.check, module.create)
+    module_name, _, attr = name.partition(":")
+    try:
+        factory: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except (ImportError, AttributeError) as e:
+        raise SpecError(f"key 'engine.name': cannot load the engine hook {name!r}: {type(e).__name__}: {e}") from None
+    if not callable(factory):
+        raise SpecError(f"key 'engine.name': {name!r} is not a class or function (got {type(factory).__name__})")
+
+    def create(spec: EngineSpec, sampling: SamplingSpec, parse: ParseSpec | None) -> Engine:
+        return factory(model=spec.model, sampling=sampling_from_spec(sampling), **model_args(spec, spec.options))
+
+    return EngineKind(name, getattr(factory, "Options", None), getattr(factory, "check", lambda spec: None), create)
+
+
+def validate_options(kind: EngineKind, options: dict) -> dict:
+    """engine.options through the engine's model: a typo or a wrong type names its key."""
+    if kind.options is None:
+        return dict(options)
+    try:
+        return kind.options(**options).model_dump(exclude_unset=True)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(["engine.options", *map(str, err["loc"])])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"unknown key '{key}' for engine {kind.name!r}; allowed here: "
+                             f"{', '.join(_allowed(kind.options, err['loc'][:-1]))}")
+            else:
+                lines.append(f"key '{key}': {err['msg'].removeprefix('Value error, ')} (given: {err.get('input')!r})")
+        raise SpecError("\n".join(lines)) from None
+
+
+def _allowed(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        sub = model.model_fields.get(str(part))
+        if sub is None or not (isinstance(sub.annotation, type) and issubclass(sub.annotation, BaseModel)):
+            return []
+        model = sub.annotation
+    return list(model.model_fields)
+
+
+def check_engine(spec: JobSpec) -> EngineKind:
+    """Everything about the engine that can be known before Ray starts: the hook imports, the options validate, the
+    engine's cross-key rules hold. Raises SpecError (exit 2) naming the keys."""
+    kind = engine_kind(spec.engine.name)
+    validate_options(kind, spec.engine.options)
+    try:
+        kind.check(spec)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    return kind
+
+
 def create_engine(spec: EngineSpec, sampling: SamplingSpec, parse: ParseSpec | None = None) -> Engine:
-    """`parse`, when guided, constrains what the engine may generate (built-in engines only)."""
-    guide = parse if parse is not None and parse.guided else None
-    common = dict(max_in_flight=spec.max_in_flight, **spec.options)
-    if spec.name == "echo":
-        from batchrun.engines.echo import EchoEngine
-
-        return EchoEngine(**common)
-    model_args = dict(tokenizer=spec.tokenizer, dtype=spec.dtype, device=spec.device,
-                      trust_remote_code=spec.trust_remote_code, tensor_parallel_size=spec.tensor_parallel_size, **common)
-    if spec.name == "hf":
-        from batchrun.engines.hf import HFEngine
-
-        return HFEngine(spec.model, sampling_from_spec(sampling), row_keys=tuple(sampling.per_row),
-                        choices=guide.choices if guide else None, **model_args)
-    if spec.name == "trtllm":
-        from batchrun.engines.trtllm import TRTLLMEngine
-
-        return TRTLLMEngine(spec.model, sampling_from_spec(sampling), guide=guide, **model_args)
-    # An explicit `module:Class` hook, the one place a job file names code.
-    module, _, attr = spec.name.partition(":")
-    factory = importlib.import_module(module)
-    for part in attr.split("."):
-        factory = getattr(factory, part)
-    return factory(model=spec.model, sampling=sampling_from_spec(sampling), **model_args)
+    """Build the engine the spec names (in the worker). `parse`, when guided, constrains what it may generate."""
+    return engine_kind(spec.name).create(spec, sampling, parse if parse is not None and parse.guided else None)
 
 
-__all__ = ["Completion", "Engine", "Request", "Sampling", "create_engine", "sampling_from_spec"]
+__all__ = ["Completion", "Engine", "EngineKind", "Request", "Sampling", "check_engine", "create_engine",
+           "engine_kind", "model_args", "require_model_dir", "sampling_from_spec", "validate_options"]

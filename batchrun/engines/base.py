@@ -52,6 +52,8 @@ class Engine(ABC):
     max_in_flight: int = 64
     #: the model's context in tokens (prompt + generated), or None when unbounded (echo)
     context_length: int | None = None
+    #: the longest prompt the engine takes, where that is less than the context allows (None: no such limit)
+    max_prompt_tokens: int | None = None
     #: tokens of KV cache the engine holds for the whole batch (prompts + outputs), where it can tell; None otherwise
     kv_cache_tokens: int | None = None
 

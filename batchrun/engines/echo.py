@@ -9,13 +9,34 @@ from __future__ import annotations
 import collections
 import time
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from batchrun.engines.base import Completion, Engine, Request
 
 
+def options_model():
+    return Options
+
+
+class Options(BaseModel):
+    """engine.options for engine echo."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    delay_s: float = Field(0.0, ge=0)  # simulated latency per poll, for benchmarks
+
+
+def check(spec) -> None:
+    """The echo engine runs any job: it needs no model and takes every sampling key (it ignores them)."""
+
+
+def create(spec, sampling, parse=None) -> EchoEngine:
+    return EchoEngine(max_in_flight=spec.max_in_flight, **spec.options)
+
+
 class EchoEngine(Engine):
-    def __init__(self, max_in_flight: int = 1024, **options):
+    def __init__(self, max_in_flight: int, delay_s: float = 0.0):
         self.max_in_flight = max_in_flight
-        self.delay_s = float(options.get("delay_s", 0.0))  # simulated per-request latency, for benchmarks
+        self.delay_s = float(delay_s)
         self._done: collections.deque[Completion] = collections.deque()
 
     def render_chat(self, conversations: list[list[dict]]) -> list[str]:

@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_stop
 
@@ -273,3 +274,61 @@ class HFEngine(Engine):
         backend, self.backend = getattr(self, "backend", None), None
         if backend is not None:
             backend.close()
+
+
+# ---------------------------------------------------------------- what the hf engine owns: options, rules, build
+
+
+def options_model():
+    """engine.options for engine hf: `attn_implementation` (hf_attention.py) and the fields of transformers'
+    ContinuousBatchingConfig, whose values transformers itself checks at load. A key that is neither fails at plan
+    time, naming it, instead of in every worker's load."""
+    from pydantic import ConfigDict, create_model
+    from transformers.generation import ContinuousBatchingConfig
+
+    cb_fields = {f.name: (Any, None) for f in dataclasses.fields(ContinuousBatchingConfig)}
+    return create_model("HFOptions", __config__=ConfigDict(extra="forbid"), attn_implementation=(str, "auto"),
+                        **cb_fields)
+
+
+def check(spec) -> None:
+    """What transformers' continuous batching cannot do is refused here, before any work, rather than ignored."""
+    from batchrun.engines import require_model_dir
+
+    require_model_dir(spec)
+    s, parse = spec.sampling, spec.output.parse
+    if s.top_logprobs:
+        raise ValueError("key 'sampling.top_logprobs' needs engine trtllm: transformers' continuous batching returns "
+                         "only the chosen token's logprob (use sampling.logprobs)")
+    if parse is not None and parse.guided and parse.kind != "choice":
+        raise ValueError(f"key 'output.parse.guided' with kind {parse.kind!r} needs engine trtllm "
+                         "(engine hf constrains to choices only)")
+    per_row_sampling = {"temperature", "seed"} & set(s.per_row)
+    if s.logprobs and per_row_sampling:
+        raise ValueError(f"key 'sampling.per_row.{sorted(per_row_sampling)[0]}' with sampling.logprobs needs engine "
+                         "trtllm: engine hf samples batch-invariantly (per-row seeds) only without logprobs")
+
+
+def create(spec, sampling, parse=None) -> HFEngine:
+    from batchrun.engines import model_args, sampling_from_spec
+
+    cpus = _reserved_cpus()
+    if cpus and spec.device != "cuda":
+        import torch
+
+        if spec.device == "cpu" or not torch.cuda.is_available():
+            torch.set_num_threads(cpus)  # Ray sets OMP_NUM_THREADS=1; use the CPUs this actor reserved
+    return HFEngine(spec.model, sampling_from_spec(sampling), row_keys=tuple(sampling.per_row),
+                    choices=parse.choices if parse else None, **model_args(spec, spec.options))
+
+
+def _reserved_cpus() -> int | None:
+    """The CPUs Ray reserved for this actor (None outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0)) or None
+    except Exception:
+        return None
+    return None

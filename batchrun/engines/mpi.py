@@ -47,6 +47,41 @@ def mpi_environment(gpu_ids: list[str] | None = None, oversubscribe: bool = True
     return env
 
 
+def prepare_mpi_process(gpu_ids: list[str] | None = None) -> None:
+    """Before anything imports mpi4py.MPI in this process (tensorrt_llm does, at import): the spawn environment
+    above, and no MPI_Finalize at exit. This process only launches ranks; finalizing would wait on ranks that a
+    bounded close() may have killed (seen on the GPU machine: a TP=2 bench process never exited)."""
+    os.environ.update(mpi_environment(gpu_ids))
+    try:
+        import mpi4py
+    except ImportError:  # an engine that spawns no ranks through mpi4py
+        return
+    mpi4py.rc.finalize = False
+
+
+def descendants() -> list[psutil.Process]:
+    """Every process below this one: MPI ranks spawned in singleton mode run under the orted this process forked."""
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def kill_all(procs: list[psutil.Process], grace_s: float = 5.0) -> None:
+    """Terminate, wait up to grace_s, then kill what is left."""
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
 def actor_gpu_ids() -> list[str] | None:
     """The GPUs Ray gave this actor, as CUDA_VISIBLE_DEVICES values; None outside Ray or without GPUs."""
     ids = []
@@ -116,9 +151,7 @@ class RankPool:
         os.environ.update(mpi_environment(gpu_ids, oversubscribe, loopback))  # before mpi4py.MPI is imported
         import mpi4py
 
-        # The spawning process only launches ranks; MPI_Finalize at its exit would wait on ranks that close() may
-        # have killed (seen on the GPU machine: the bench process never exited after a TP=2 run).
-        mpi4py.rc.finalize = False
+        mpi4py.rc.finalize = False  # see prepare_mpi_process
         from mpi4py.futures import MPIPoolExecutor
 
         kwargs = {"env": dict(env or {}), "main": False}
@@ -185,6 +218,21 @@ def _abandon_manager_thread(manager) -> None:
     registry = getattr(sys.modules.get("mpi4py.futures._core"), "THREADS_QUEUES", None)
     if registry is not None:
         registry.pop(thread, None)
+    _release_at_exit(thread)
+
+
+def abandon_mpi_manager_threads() -> None:
+    """After the ranks were killed: every mpi4py pool manager thread of this process (TensorRT-LLM's MpiPoolSession
+    owns one we cannot reach by name) is taken off the exit-time joins, as _abandon_manager_thread does for one."""
+    import sys
+
+    registry = getattr(sys.modules.get("mpi4py.futures._core"), "THREADS_QUEUES", None)
+    for thread in list(registry or ()):
+        registry.pop(thread, None)
+        _release_at_exit(thread)
+
+
+def _release_at_exit(thread) -> None:
     lock, locks = getattr(thread, "_tstate_lock", None), getattr(threading, "_shutdown_locks", None)
     if lock is not None and locks is not None:
         with threading._shutdown_locks_lock:

@@ -1,31 +1,34 @@
 """TensorRT-LLM through its LLM API (tensorrt_llm >= 1.0): the production engine.
 
-Facts this adapter relies on, from NVIDIA/TensorRT-LLM:
-- `tensorrt_llm.LLM` is the PyTorch backend; `tensorrt_llm._tensorrt_engine.LLM` builds or loads TensorRT engines
-  and takes `build_config=BuildConfig(...)` and `quant_config=QuantConfig(...)` (llmapi/llm.py, llmapi/llm_args.py).
-- `LLM.generate_async(inputs, sampling_params)` returns a RequestOutput at once; `await output.aresult()` finishes
-  it. Inputs may be token ids (a list of ints) (llmapi/llm.py; examples/llm-api/llm_inference_async.py).
-- CompletionOutput has `text`, `token_ids`, `logprobs`, `finish_reason` in {'stop', 'length', 'timeout',
-  'cancelled'}; RequestOutput has `prompt_token_ids` and `outputs` (executor/result.py).
-- SamplingParams takes max_tokens, temperature, top_p, top_k, seed, stop, n, logprobs, include_stop_str_in_output
-  (sampling_params.py).
-- With tensor_parallel_size > 1 the LLM spawns its ranks through mpi4py's MPIPoolExecutor (llmapi/mpi_session.py,
-  MpiPoolSession); engines/mpi.py prepares that spawn inside the Ray actor.
-- QuantAlgo names and the KV cache algorithms FP8 / INT8 / NVFP4 (quantization/mode.py, KV_CACHE_QUANT_ALGO_LIST).
-- `KvCacheConfig(free_gpu_memory_fraction=..., enable_block_reuse=..., dtype=...)`: the PyTorch backend takes the KV
-  cache dtype here, the TensorRT backend through `QuantConfig.kv_cache_quant_algo` (llmapi/llm_args.py).
-- Guided decoding: `SamplingParams(guided_decoding=GuidedDecodingParams(json=... | regex=... | json_object=True))`,
-  one guide per request, no `choice` field (sampling_params.py); it needs `LLM(guided_decoding_backend="xgrammar")`
-  (llm_args.py: Optional[Literal["xgrammar", "llguidance"]], default None: no backend enforces the guide).
-- `SamplingParams(logprobs=k)`: CompletionOutput.logprobs is one {token_id: Logprob} dict per generated token, the k
-  likeliest plus the sampled one (executor/result.py TokenLogprobs); `seed` seeds that request alone.
+Every upstream fact this adapter relies on is recorded, with the file, symbol and version read, in
+tests/doubles/tensorrt_llm/UPSTREAM.md; the ids below (S3, L9, ...) point there. The strict test double in that
+folder implements exactly those rules. What upstream would refuse at run time, `check()` refuses at plan time.
+
+- Backends (L2): `tensorrt_llm.LLM` is the PyTorch backend; `tensorrt_llm._tensorrt_engine.LLM` builds or loads
+  TensorRT engines and takes build_config / quant_config / calib_config (TRT-only: the PyTorch backend refuses
+  them, L3). Unknown LLM keywords raise (L1).
+- `generate_async(inputs, sampling_params)` returns at once; `await output.aresult()` finishes it (L7, R3).
+- Greedy decoding is top_k=1 (S3: top_k / top_p decide it, not temperature). Upstream refuses n > 1 when greedy, so
+  a greedy row is generated once and handed out as its n identical samples.
+- logprobs on the TensorRT backend need `LLM(gather_generation_logits=True)` (L9); the engine is built with it too.
+- KV cache dtypes (A3, A4): PyTorch backend: KvCacheConfig.dtype "fp8" only (1.0; nvfp4 later); TensorRT backend:
+  QuantConfig.kv_cache_quant_algo FP8 / INT8 / NVFP4, with KvCacheConfig.dtype left at "auto".
+- Calibration (A6, A7, L5): building a TensorRT engine from an HF checkpoint calibrates for every algorithm but
+  W8A16 / W4A16 / FP8_PER_CHANNEL_PER_TOKEN and for any quantized KV cache, loading `CalibConfig.calib_dataset`
+  ('cnn_dailymail' from the hub unless it is a local path). NO_QUANT is never sent (it calibrates too).
+- Context (A1, A8, A9, L9): max_seq_len comes from the option, the built engine's config.json, or the checkpoint's
+  max_position_embeddings; TensorRT engines also cap the prompt at max_input_len (BuildConfig default 1024, set
+  here to the context), the PyTorch backend at max_num_tokens (default 8192) without chunked prefill.
+- shutdown() can wait forever on its MPI ranks (L11); close() bounds it and then ends the ranks itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import json
+import logging
 import os
 import queue
 import re
@@ -37,21 +40,36 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_stop
-from batchrun.engines.mpi import actor_gpu_ids, mpi_environment
+from batchrun.engines.mpi import abandon_mpi_manager_threads, actor_gpu_ids, descendants, kill_all, prepare_mpi_process
 from batchrun.spec import ParseSpec, model_files
 
-QUANT_ALGOS = (
+log = logging.getLogger(__name__)
+
+QUANT_ALGOS = (  # A5 (NO_QUANT is accepted in the job file and means no quantization: it is never sent)
     "W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
     "W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
     "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES", "NVFP4", "NO_QUANT",
 )
-KV_CACHE_QUANT_ALGOS = ("FP8", "INT8", "NVFP4")
+KV_CACHE_QUANT_ALGOS = ("FP8", "INT8", "NVFP4")  # A5 KV_CACHE_QUANT_ALGO_LIST
+NO_CALIBRATION = ("W8A16", "W4A16", "FP8_PER_CHANNEL_PER_TOKEN")  # A6
+TORCH_KV_CACHE_DTYPES = ("FP8",)  # A4, 1.0: "fp8" | "auto"
+DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_TOKENS = 2048, 8192  # A1
 
 
 class Quantization(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     algo: Literal[QUANT_ALGOS] | None = None  # weights/activations: W8A8_SQ_PER_CHANNEL (SmoothQuant), W4A16_AWQ, FP8...
-    kv_cache: Literal[KV_CACHE_QUANT_ALGOS] | None = None  # INT8 / FP8 KV cache
+    kv_cache: Literal[KV_CACHE_QUANT_ALGOS] | None = None  # INT8 / FP8 / NVFP4 KV cache
+    calib_dataset: str | None = None  # a local dataset path for the calibration TensorRT-LLM runs while building
+
+    @property
+    def weights(self) -> str | None:
+        return None if self.algo in (None, "NO_QUANT") else self.algo
+
+    @property
+    def calibrates(self) -> bool:
+        """QuantConfig._requires_calibration for what the adapter sends (A6)."""
+        return (self.weights is not None and self.weights not in NO_CALIBRATION) or self.kv_cache is not None
 
 
 class KvCache(BaseModel):
@@ -61,7 +79,7 @@ class KvCache(BaseModel):
 
 
 class TRTLLMOptions(BaseModel):
-    """engine.options for engine trtllm. Validated here so a typo fails before any GPU is touched."""
+    """engine.options for engine trtllm. Validated in the driver so a typo fails before any GPU is touched."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     backend: Literal["pytorch", "tensorrt"] = "pytorch"
@@ -71,18 +89,88 @@ class TRTLLMOptions(BaseModel):
     max_batch_size: int | None = Field(None, ge=1)
     max_num_tokens: int | None = Field(None, ge=1)
     max_seq_len: int | None = Field(None, ge=1)
+    max_input_len: int | None = Field(None, ge=1)  # tensorrt backend: longest prompt the engine takes (default: context)
     enable_chunked_prefill: bool = False
     engine_cache: str | None = None  # tensorrt backend: where `batchrun build` keeps engines, keyed by fingerprint
+    shutdown_timeout_s: float = Field(30.0, gt=0)  # LLM.shutdown() is given this long, then the ranks are ended
+
+
+def options_model():
+    return TRTLLMOptions
+
+
+# ---------------------------------------------------------------- plan-time rules (no tensorrt_llm needed)
+
+
+def check(spec) -> None:
+    """Combinations TensorRT-LLM refuses, or that cannot finish on an offline cluster, named by their keys."""
+    from batchrun.engines import require_model_dir
+
+    require_model_dir(spec)
+    opts = TRTLLMOptions(**spec.engine.options)
+    q = opts.quantization
+    if opts.backend == "pytorch":
+        if q.weights:
+            raise ValueError(f"key 'engine.options.quantization.algo' ({q.weights}) needs engine.options.backend: "
+                             "tensorrt: the PyTorch backend ignores QuantConfig and only loads pre-quantized "
+                             "checkpoints (TensorRT-LLM llmapi/llm_utils.py, CachedModelLoader)")
+        if q.kv_cache and q.kv_cache not in TORCH_KV_CACHE_DTYPES:
+            raise ValueError(f"key 'engine.options.quantization.kv_cache' ({q.kv_cache}) is not a KV cache dtype of "
+                             f"the PyTorch backend (engine.options.backend: pytorch), which accepts "
+                             f"{', '.join(TORCH_KV_CACHE_DTYPES)} (TensorRT-LLM _torch/pyexecutor "
+                             "_VALID_KV_CACHE_DTYPES: every worker would fail at load); use FP8 or backend: tensorrt")
+        if q.calib_dataset:
+            raise ValueError("key 'engine.options.quantization.calib_dataset' is for engine.options.backend: "
+                             "tensorrt (the PyTorch backend does not calibrate)")
+    elif q.calibrates and not _no_build_needed(spec.engine.model, spec.engine.tensor_parallel_size, opts,
+                                               _wants_logprobs(spec.sampling)):
+        if not q.calib_dataset:
+            raise ValueError(
+                f"keys 'engine.options.quantization.algo' ({q.algo}) / 'engine.options.quantization.kv_cache' "
+                f"({q.kv_cache}): TensorRT-LLM calibrates the model while building this engine "
+                "(QuantConfig._requires_calibration), and without a dataset it downloads 'cnn_dailymail' from the "
+                "Hugging Face hub, which fails or hangs on an offline cluster. Set "
+                "engine.options.quantization.calib_dataset to a local dataset path, or use a pre-quantized checkpoint")
+    if q.calib_dataset and not os.path.exists(q.calib_dataset):
+        raise ValueError(f"key 'engine.options.quantization.calib_dataset': {q.calib_dataset} does not exist "
+                         "(expected a local dataset path)")
+    max_batch = opts.max_batch_size or DEFAULT_MAX_BATCH_SIZE
+    if spec.sampling.n > max_batch:
+        raise ValueError(f"key 'sampling.n' ({spec.sampling.n}) exceeds engine.options.max_batch_size ({max_batch}): "
+                         "TensorRT-LLM refuses a request with more samples than its batch holds")
+
+
+def _wants_logprobs(s) -> bool:
+    return bool(s.logprobs or s.top_logprobs)
+
+
+def _config(model: str) -> dict:
+    try:
+        return json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _is_engine_dir(model: str) -> bool:
+    config = _config(model)
+    return "build_config" in config and "pretrained_config" in config  # A9
+
+
+def _no_build_needed(model: str, tp: int, opts: TRTLLMOptions, logprobs: bool) -> bool:
+    """A built engine (given, or in the engine cache), or a pre-quantized checkpoint: nothing calibrates (L5)."""
+    built = engine_dir_for(model, tp, opts, logprobs)
+    return (_is_engine_dir(model) or (built is not None and (built / "batchrun_build.json").exists())
+            or "quantization_config" in _config(model) or (Path(model) / "hf_quant_config.json").exists())
 
 
 # ---------------------------------------------------------------- translation (pure: testable with the double)
 
 
 def guided_decoding(guide: ParseSpec | None):
-    """output.parse with guided: true -> GuidedDecodingParams (choices become an alternation regex)."""
+    """output.parse with guided: true -> GuidedDecodingParams (choices become an alternation regex). S4, L12."""
     if guide is None:
         return None
-    from tensorrt_llm.sampling_params import GuidedDecodingParams
+    from tensorrt_llm.llmapi import GuidedDecodingParams
 
     if guide.kind == "choice":
         return GuidedDecodingParams(regex="(" + "|".join(re.escape(c) for c in guide.choices) + ")")
@@ -93,16 +181,20 @@ def guided_decoding(guide: ParseSpec | None):
     return GuidedDecodingParams(json_object=True)
 
 
-def sampling_params(tllm, s: Sampling, n: int = 1, logprobs: int | None = None, guide=None):
-    """Always set max_tokens: the engine's own default would silently cut outputs."""
-    kwargs: dict[str, Any] = {"max_tokens": s.max_tokens, "n": n, "temperature": s.temperature,
-                              "include_stop_str_in_output": False}
-    if s.temperature > 0:
-        kwargs["top_p"] = s.top_p
+def is_greedy(s: Sampling) -> bool:
+    return s.temperature == 0
+
+
+def sampling_params(tllm, s: Sampling, logprobs: int | None = None, guide=None):
+    """One request's SamplingParams. Always sets max_tokens: the engine's own default (32) would cut outputs.
+    Greedy is top_k=1 with one return (S3); the caller hands that one generation out as its n samples."""
+    kwargs: dict[str, Any] = {"max_tokens": s.max_tokens, "include_stop_str_in_output": False}
+    if is_greedy(s):
+        kwargs["top_k"] = 1
+    else:
+        kwargs.update(n=s.n, temperature=s.temperature, top_p=s.top_p)
         if s.top_k:
             kwargs["top_k"] = s.top_k
-    else:
-        kwargs["top_k"] = 1  # greedy, stated explicitly
     if s.seed is not None:
         kwargs["seed"] = s.seed
     if s.stop:
@@ -114,90 +206,145 @@ def sampling_params(tllm, s: Sampling, n: int = 1, logprobs: int | None = None, 
     return tllm.SamplingParams(**kwargs)
 
 
-def build_fingerprint(model: str, tp: int, opts: TRTLLMOptions) -> str:
-    """What makes a built engine reusable: the weights, the parallel layout, the quantization and the max sizes."""
+@dataclass(frozen=True)
+class Limits:
+    """The engine's context and its longest prompt, in tokens (None: unknown)."""
+
+    context: int | None
+    prompt: int | None
+
+
+def limits(model: str, opts: TRTLLMOptions) -> Limits:
+    config = _config(model)
+    if "build_config" in config:  # a built engine carries its own (A9)
+        build = config["build_config"]
+        return Limits(build.get("max_seq_len"), build.get("max_input_len"))
+    context = opts.max_seq_len or config.get("max_position_embeddings")  # A1: max_seq_len None -> the model's
+    if opts.backend == "tensorrt":
+        return Limits(context, opts.max_input_len or context)
+    if opts.enable_chunked_prefill:
+        return Limits(context, None)
+    return Limits(context, min(filter(None, (context, opts.max_num_tokens or DEFAULT_MAX_NUM_TOKENS))))
+
+
+def build_fingerprint(model: str, tp: int, opts: TRTLLMOptions, logprobs: bool = False) -> str:
+    """What makes a built engine reusable: weights, parallel layout, quantization, sizes, gathered logits."""
     key = {"model": os.path.abspath(model) if os.path.isdir(model) else model, "files": model_files(model), "tp": tp,
-           "pp": opts.pipeline_parallel_size, "quant": opts.quantization.model_dump(),
-           "max": [opts.max_batch_size, opts.max_num_tokens, opts.max_seq_len]}
+           "pp": opts.pipeline_parallel_size, "quant": opts.quantization.model_dump(exclude={"calib_dataset"}),
+           "max": [opts.max_batch_size, opts.max_num_tokens, opts.max_seq_len, opts.max_input_len]}
+    if logprobs:  # added only when set, so engines built before this key existed keep their fingerprint
+        key["gather_generation_logits"] = True
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def llm_class_and_kwargs(tllm, model: str, tp: int, dtype: str, trust_remote_code: bool, opts: TRTLLMOptions):
-    """The LLM class to use and its constructor arguments, from the job file's options."""
+def llm_class_and_kwargs(tllm, model: str, tp: int, dtype: str, trust_remote_code: bool, opts: TRTLLMOptions,
+                         logprobs: bool = False):
+    """The LLM class to use and its constructor arguments (L1-L3, A1-A8)."""
     from tensorrt_llm.llmapi import KvCacheConfig
 
-    kv_kwargs = opts.kv_cache.model_dump()
+    q = opts.quantization
     kwargs: dict[str, Any] = {
         "model": model, "tensor_parallel_size": tp, "pipeline_parallel_size": opts.pipeline_parallel_size,
-        "dtype": dtype, "trust_remote_code": trust_remote_code,
+        "dtype": dtype, "trust_remote_code": trust_remote_code, "enable_chunked_prefill": opts.enable_chunked_prefill,
     }
-    for key in ("max_batch_size", "max_num_tokens", "max_seq_len"):
-        if getattr(opts, key) is not None:
-            kwargs[key] = getattr(opts, key)
+    sizes = {k: getattr(opts, k) for k in ("max_batch_size", "max_num_tokens", "max_seq_len") if getattr(opts, k)}
+    if logprobs:
+        kwargs["gather_generation_logits"] = True  # L9: checked per request on the TensorRT backend
+    kv = opts.kv_cache.model_dump()
     if opts.backend == "pytorch":
-        if opts.quantization.kv_cache:
-            kv_kwargs["dtype"] = opts.quantization.kv_cache.lower()  # PyTorch backend: KV dtype on KvCacheConfig
-        kwargs["kv_cache_config"] = KvCacheConfig(**kv_kwargs)
-        kwargs["enable_chunked_prefill"] = opts.enable_chunked_prefill
-        if opts.quantization.algo not in (None, "NO_QUANT"):
-            # The PyTorch backend reads pre-quantized checkpoints (ModelOpt); on-the-fly quantization is the
-            # TensorRT backend's job.
-            raise ValueError("engine.options.quantization.algo needs backend: tensorrt (or a pre-quantized checkpoint)")
-        return tllm.LLM, kwargs
+        if q.kv_cache:
+            kv["dtype"] = q.kv_cache.lower()  # A3/A4: the PyTorch backend takes the KV dtype on KvCacheConfig
+        return tllm.LLM, {**kwargs, **sizes, "kv_cache_config": KvCacheConfig(**kv)}
     from tensorrt_llm._tensorrt_engine import LLM as TrtLLM
-    from tensorrt_llm.llmapi import BuildConfig, QuantAlgo, QuantConfig
+    from tensorrt_llm.llmapi import BuildConfig, CalibConfig, QuantAlgo, QuantConfig
 
-    kwargs["kv_cache_config"] = KvCacheConfig(**kv_kwargs)
-    kwargs["enable_chunked_prefill"] = opts.enable_chunked_prefill
-    q = opts.quantization
-    if q.algo or q.kv_cache:
-        kwargs["quant_config"] = QuantConfig(
-            quant_algo=QuantAlgo[q.algo] if q.algo else None,
-            kv_cache_quant_algo=QuantAlgo[q.kv_cache] if q.kv_cache else None,
-        )
-    build = {k: kwargs.pop(k) for k in ("max_batch_size", "max_num_tokens", "max_seq_len") if k in kwargs}
+    kwargs["kv_cache_config"] = KvCacheConfig(**kv)  # dtype stays "auto" (A3)
+    if q.weights or q.kv_cache:  # NO_QUANT is never sent: it would calibrate (A6)
+        kwargs["quant_config"] = QuantConfig(quant_algo=QuantAlgo[q.weights] if q.weights else None,
+                                             kv_cache_quant_algo=QuantAlgo[q.kv_cache] if q.kv_cache else None)
+    if q.calib_dataset:
+        kwargs["calib_config"] = CalibConfig(calib_dataset=q.calib_dataset)
+    build = dict(sizes)
+    prompt = limits(model, opts).prompt
+    if prompt and not _is_engine_dir(model):
+        build["max_input_len"] = prompt  # BuildConfig's 1024 would refuse longer prompts the context has room for
+    if logprobs:
+        build["gather_generation_logits"] = True
     kwargs["build_config"] = BuildConfig(**build)
     return TrtLLM, kwargs
 
 
-def engine_dir_for(model: str, tp: int, opts: TRTLLMOptions) -> Path | None:
+def engine_dir_for(model: str, tp: int, opts: TRTLLMOptions, logprobs: bool = False) -> Path | None:
     if opts.backend != "tensorrt" or not opts.engine_cache:
         return None
-    return Path(opts.engine_cache) / build_fingerprint(model, tp, opts)
+    return Path(opts.engine_cache) / build_fingerprint(model, tp, opts, logprobs)
 
 
-def build_engine(model: str, tp: int, dtype: str, trust_remote_code: bool, options: dict) -> tuple[Path, bool]:
-    """`batchrun build`: build the TensorRT engine once into the cache. Returns (dir, built_now)."""
-    import tensorrt_llm as tllm
-
+def build_engine(model: str, tp: int, dtype: str, trust_remote_code: bool, options: dict,
+                 logprobs: bool = False) -> tuple[Path, bool]:
+    """`batchrun build`: build the TensorRT engine once into the cache. Returns (dir, built_now). The process is set
+    up for MPI as a worker is, and LLM.shutdown() is bounded: a build that is done never hangs on its ranks."""
     opts = TRTLLMOptions(**options)
-    target = engine_dir_for(model, tp, opts)
+    target = engine_dir_for(model, tp, opts, logprobs)
     if target is None:
         raise ValueError("batchrun build needs engine.options.backend: tensorrt and engine.options.engine_cache")
     if (target / "batchrun_build.json").exists():
         return target, False  # same fingerprint: already built
-    cls, kwargs = llm_class_and_kwargs(tllm, model, tp, dtype, trust_remote_code, opts)
+    prepare_mpi_process(actor_gpu_ids())
+    import tensorrt_llm as tllm
+
+    cls, kwargs = llm_class_and_kwargs(tllm, model, tp, dtype, trust_remote_code, opts, logprobs)
+    before = {p.pid for p in descendants()}
     llm = cls(**kwargs)
+    ranks = [p for p in descendants() if p.pid not in before]
     try:
         tmp = target.with_name(target.name + ".partial")
         llm.save(str(tmp))
         (tmp / "batchrun_build.json").write_text(json.dumps({"model": model, "tp": tp, **opts.model_dump()}))
         os.replace(tmp, target)  # concurrent builders: one rename wins, the engine dir is never half-written
     finally:
-        llm.shutdown()
+        shutdown_llm(llm, ranks, opts.shutdown_timeout_s)
     return target, True
 
 
-def to_completions(request_id: str, output, stop: tuple[str, ...], top_k: int = 0) -> list[Completion]:
-    """RequestOutput -> one Completion per sample (outputs[i].index). timeout/cancelled: error rows."""
-    return [_one(request_id, c, len(output.prompt_token_ids or []), stop, top_k) for c in output.outputs]
+def shutdown_llm(llm, ranks: list, timeout_s: float) -> bool:
+    """LLM.shutdown() within timeout_s, then no rank left. Returns whether shutdown() returned by itself.
+
+    Upstream's proxy waits on every rank with no timeout (L11), so a rank that never answers would hold this process
+    forever. After the timeout: the ranks are ended, the LLM's own later calls to shutdown() (from __del__ and the
+    atexit hook it registered, L11) become no-ops, and mpi4py's manager thread no longer blocks the exit."""
+    closer = threading.Thread(target=llm.shutdown, daemon=True, name="trtllm-shutdown")
+    closer.start()
+    closer.join(timeout_s)
+    clean = not closer.is_alive()
+    if not clean:
+        log.warning("TensorRT-LLM's shutdown() did not return within %gs; ending its %d rank process(es)",
+                    timeout_s, len(ranks))
+        llm.shutdown = lambda: None
+        atexit.unregister(type(llm)._shutdown_wrapper)
+    kill_all(ranks, grace_s=5.0 if clean else 0.5)  # after a clean shutdown they are exiting already
+    if not clean:
+        abandon_mpi_manager_threads()
+    return clean
 
 
-def to_completion(request_id: str, output, stop: tuple[str, ...]) -> Completion:
-    return to_completions(request_id, output, stop)[0]
+def to_completions(request_id, output, stop: tuple[str, ...], top_k: int = 0, copies: int = 1) -> list[Completion]:
+    """RequestOutput -> one Completion per sample (outputs[i].index); a greedy request's single output is handed out
+    as `copies` identical samples. timeout/cancelled (R1): error rows."""
+    prompt_len = len(output.prompt_token_ids or [])
+    out = [_one(request_id, c, prompt_len, stop, top_k) for c in output.outputs]
+    if copies > 1 and len(out) == 1:
+        out = [_with_index(out[0], k) for k in range(copies)]
+    return out
 
 
-def _one(request_id: str, c, prompt_len: int, stop: tuple[str, ...], top_k: int = 0) -> Completion:
+def _with_index(c: Completion, k: int) -> Completion:
+    import dataclasses
+
+    return dataclasses.replace(c, sample_index=k)
+
+
+def _one(request_id, c, prompt_len: int, stop: tuple[str, ...], top_k: int = 0) -> Completion:
     if c.finish_reason in ("timeout", "cancelled"):
         return Completion(request_id, finish_reason="error", error=f"request {c.finish_reason} in TensorRT-LLM",
                           num_prompt_tokens=prompt_len, num_generated_tokens=len(c.token_ids or []),
@@ -213,8 +360,8 @@ def _one(request_id: str, c, prompt_len: int, stop: tuple[str, ...], top_k: int 
 
 
 def _logprob_values(logprobs, token_ids) -> list[float]:
-    """CompletionOutput.logprobs: floats, or one {token_id: Logprob} dict per generated token (the sampled token's
-    entry is the value; it need not be the likeliest one when sampling)."""
+    """CompletionOutput.logprobs: floats, or one {token_id: Logprob} dict per generated token (R2; the sampled
+    token's entry is the value; it need not be the likeliest one when sampling)."""
     out = []
     for i, item in enumerate(logprobs or []):
         if isinstance(item, dict):
@@ -239,7 +386,7 @@ def _top_logprobs(logprobs, k: int) -> list[dict[int, float]]:
 
 @dataclass
 class _Loop:
-    """A private asyncio loop in a thread: generate_async must be called from inside a running loop."""
+    """A private asyncio loop in a thread: generate_async must be called from inside a running loop (R3)."""
 
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
 
@@ -255,30 +402,40 @@ class _Loop:
         self.thread.join(10)
 
 
+def create(spec, sampling, parse=None) -> TRTLLMEngine:
+    from batchrun.engines import model_args, sampling_from_spec
+
+    return TRTLLMEngine(spec.model, sampling_from_spec(sampling), guide=parse, **model_args(spec, spec.options))
+
+
 class TRTLLMEngine(Engine):
     def __init__(self, model: str, sampling: Sampling, *, tokenizer: str | None = None, dtype: str = "auto",
-                 device: str = "auto", trust_remote_code: bool = False, max_in_flight: int = 256,
+                 device: str = "auto", trust_remote_code: bool = False, max_in_flight: int,
                  tensor_parallel_size: int = 1, guide: ParseSpec | None = None, **options):
-        # Before tensorrt_llm (and so mpi4py) is imported: its TP ranks are spawned through MPI from this actor.
-        os.environ.update(mpi_environment(actor_gpu_ids()))
+        # Before tensorrt_llm (and so mpi4py.MPI) is imported: its TP ranks are spawned through MPI from this actor.
+        prepare_mpi_process(actor_gpu_ids())
         import tensorrt_llm as tllm
 
         self.tllm = tllm
         self.opts = TRTLLMOptions(**options)
-        built = engine_dir_for(model, tensor_parallel_size, self.opts)
+        self.logprobs = sampling.logprobs or bool(sampling.top_logprobs)
+        built = engine_dir_for(model, tensor_parallel_size, self.opts, self.logprobs)
         if built is not None and (built / "batchrun_build.json").exists():
             model = str(built)  # load the engine `batchrun build` made instead of building one per worker
-        cls, kwargs = llm_class_and_kwargs(tllm, model, tensor_parallel_size, dtype, trust_remote_code, self.opts)
+        cls, kwargs = llm_class_and_kwargs(tllm, model, tensor_parallel_size, dtype, trust_remote_code, self.opts,
+                                           self.logprobs)
         if tokenizer:
             kwargs["tokenizer"] = tokenizer
         self.guide = guided_decoding(guide)
         if self.guide is not None:
-            kwargs["guided_decoding_backend"] = "xgrammar"  # both backends implement it; default None enforces nothing
+            kwargs["guided_decoding_backend"] = "xgrammar"  # A1: both backends take it; default None enforces nothing
+        before = {p.pid for p in descendants()}
         self.llm = cls(**kwargs)
+        self._ranks = [p for p in descendants() if p.pid not in before]  # what close() must leave no trace of
         self.tokenizer = getattr(self.llm, "tokenizer", None)
         self.max_in_flight = max_in_flight
-        self.context_length = self.opts.max_seq_len
-        self.default_sampling = sampling
+        lim = limits(model, self.opts)
+        self.context_length, self.max_prompt_tokens = lim.context, lim.prompt
         self._params: dict[Sampling, Any] = {}
         self._done: queue.Queue[Completion] = queue.Queue()
         self._loop = _Loop()
@@ -289,34 +446,44 @@ class TRTLLMEngine(Engine):
         return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
     def render_chat(self, conversations: list[list[dict]]) -> list[str]:
-        # The LLM API's tokenizer wraps the HF tokenizer (llmapi/tokenizer.py: TransformersTokenizer)
-        hf = getattr(self.tokenizer, "tokenizer", None) or getattr(self.tokenizer, "hf", None) or self.tokenizer
+        # The LLM API's tokenizer wraps the HF tokenizer as `.tokenizer` (llmapi/tokenizer.py TransformersTokenizer)
+        hf = getattr(self.tokenizer, "tokenizer", None) or self.tokenizer
         return [hf.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
 
     def _sampling_params(self, s: Sampling):
         params = self._params.get(s)
         if params is None:  # rows mostly share settings: build each SamplingParams once
             want = max(s.top_logprobs, 1) if s.logprobs or s.top_logprobs else None
-            params = sampling_params(self.tllm, s, n=s.n, logprobs=want, guide=self.guide)
+            params = sampling_params(self.tllm, s, logprobs=want, guide=self.guide)
             if len(self._params) >= 4096:  # per-row seeds make every row's settings distinct: keep the cache bounded
                 self._params.clear()
             self._params[s] = params
         return params
 
     def submit(self, request: Request) -> None:
-        inputs = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
-        params = self._sampling_params(request.sampling)
+        """Never raises for one request: whatever upstream refuses becomes that request's error rows."""
+        try:
+            inputs = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
+            params = self._sampling_params(request.sampling)
+        except Exception as e:
+            self._fail(request, e)
+            return
         self._loop.submit(self._generate(request, inputs, params))
 
     async def _generate(self, request: Request, inputs, params) -> None:
+        s = request.sampling
         try:
             output = await self.llm.generate_async(inputs, sampling_params=params).aresult()
-            for c in to_completions(request.request_id, output, request.sampling.stop, request.sampling.top_logprobs):
+            for c in to_completions(request.request_id, output, s.stop, s.top_logprobs,
+                                    copies=s.n if is_greedy(s) else 1):
                 self._done.put(c)
         except Exception as e:  # a failure of this request alone (bad input, per-request engine error)
-            for k in range(request.sampling.n):
-                self._done.put(Completion(request.request_id, finish_reason="error",
-                                          error=f"{type(e).__name__}: {e}", sample_index=k))
+            self._fail(request, e)
+
+    def _fail(self, request: Request, e: Exception) -> None:
+        for k in range(request.sampling.n):
+            self._done.put(Completion(request.request_id, finish_reason="error", error=f"{type(e).__name__}: {e}",
+                                      sample_index=k))
 
     def poll(self, timeout: float) -> list[Completion]:
         out = []
@@ -331,7 +498,7 @@ class TRTLLMEngine(Engine):
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            llm.shutdown()  # stops the executor and its MPI ranks
+            shutdown_llm(llm, self._ranks, self.opts.shutdown_timeout_s)
         if getattr(self, "_loop", None) is not None:
             self._loop.stop()
             self._loop = None

@@ -1,50 +1,65 @@
+"""The LLM classes of tensorrt_llm/llmapi/llm.py and the result types of executor/result.py, with upstream's rules
+(UPSTREAM.md L1-L12, R1-R3). Generation itself is a deterministic toy: the prompt's tokens reversed, finishing after
+a per-request delay so completions come back out of order.
+
+Test knobs (what a real cluster would make happen, set by a test through the model directory it passes):
+- a prompt containing FAILREQ fails, as a per-request engine error would;
+- `tllm_double.json` in the model dir with {"shutdown_hangs": true}: shutdown() never returns, as upstream's
+  executor/proxy.py waits on its MPI futures with no timeout when a rank does not answer (L11).
+"""
+
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
+import json
 import os
 import random
+import subprocess
+import sys
+import threading
+import weakref
 from dataclasses import dataclass, field
 
+from tensorrt_llm._args import (TORCH_LLM_ARGS, TRT_LLM_ARGS, TRT_ONLY_ARGS, VALID_TORCH_KV_CACHE_DTYPES,
+                                BuildConfig, CalibConfig, KvCacheConfig, QuantConfig)
 from tensorrt_llm.sampling_params import SamplingParams
 
-# Keyword arguments of LLM(...) per backend (llmapi/llm_args.py: TorchLlmArgs / TrtLlmArgs), the subset used here.
-COMMON_ARGS = {"model", "tokenizer", "tokenizer_mode", "skip_tokenizer_init", "trust_remote_code",
-               "tensor_parallel_size", "pipeline_parallel_size", "dtype", "revision", "kv_cache_config",
-               "max_batch_size", "max_num_tokens", "max_seq_len", "enable_chunked_prefill", "backend",
-               "guided_decoding_backend"}
-TRT_ONLY_ARGS = {"build_config", "quant_config", "enable_build_cache"}
-POISON = "FAILREQ"  # a prompt containing this fails, as a per-request engine error would
+POISON = "FAILREQ"
+RANK_MARK = "tllm-double-rank"  # on the command line of each rank process the double starts
 
 
-@dataclass
-class Logprob:
+@dataclass(slots=True)
+class Logprob:  # R2: executor/result.py
     logprob: float
     rank: int | None = None
 
 
-@dataclass
-class CompletionOutput:
+@dataclass(slots=True)
+class CompletionOutput:  # R1: executor/result.py
     index: int
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] | None = field(default_factory=list)
     cumulative_logprob: float | None = None
-    logprobs: list = field(default_factory=list)
-    finish_reason: str | None = None
+    logprobs: list | None = field(default_factory=list)
+    prompt_logprobs: list | None = field(default_factory=list)
+    finish_reason: str | None = None  # Literal['stop', 'length', 'timeout', 'cancelled']
     stop_reason: int | str | None = None
 
 
-class RequestOutput:
-    def __init__(self, request_id, prompt, prompt_token_ids, compute):
+class GenerationResult:  # R3: executor/result.py (the part the adapter reads)
+    def __init__(self, request_id: int, prompt_token_ids: list[int], compute):
         self.request_id = request_id
-        self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.outputs: list[CompletionOutput] = []
         self.finished = False
         self._compute = compute
+        self._streaming = False
 
-    async def aresult(self) -> RequestOutput:
-        await self._compute(self)
+    async def aresult(self):
+        if self._compute is not None:
+            await self._compute(self)
         self.finished = True
         return self
 
@@ -52,58 +67,161 @@ class RequestOutput:
         return self.aresult().__await__()
 
 
+class RequestOutput(GenerationResult):  # L10: llmapi/llm.py; only the executor makes them
+    def __init__(self) -> None:
+        raise RuntimeError(f"{self.__class__.__name__} is designed to be instantiated using "
+                           f"{self.__class__.__name__}._from_generation_result by GenerationExecutor. "
+                           f"Users are not expected to create {self.__class__.__name__} directly.")
+
+    @classmethod
+    def _from_generation_result(cls, generation_result: GenerationResult, prompt=None, tokenizer=None):
+        inst = cls.__new__(cls)
+        inst.__dict__.update(generation_result.__dict__)
+        inst.tokenizer = tokenizer
+        inst._prompt = prompt
+        return inst
+
+    @property
+    def prompt(self):
+        return self._prompt
+
+
 class _Tokenizer:
-    """The LLM API exposes the HF tokenizer it loaded (llmapi/tokenizer.py: TransformersTokenizer)."""
+    """llmapi/tokenizer.py TransformersTokenizer: wraps the HF tokenizer as `.tokenizer`, forwards encode/decode."""
 
     def __init__(self, path):
         from transformers import AutoTokenizer
 
-        self.hf = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.eos_token_id = self.tokenizer.eos_token_id
 
-    def encode(self, text, add_special_tokens=True):
-        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+    def encode(self, text, *args, **kwargs):
+        return self.tokenizer.encode(text, *args, **kwargs)
 
-    def decode(self, ids, skip_special_tokens=True):
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+    def decode(self, token_ids, *args, **kwargs):
+        return self.tokenizer.decode(token_ids, *args, **kwargs)
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        return self.tokenizer.apply_chat_template(conversation, *args, **kwargs)
 
 
-class LLM:
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+class BaseLLM:
     instances: list = []
-    allowed = COMMON_ARGS
+    calibrations: list = []  # calibration datasets loaded (checkpoint, dataset), in order
+    _valid_args = TORCH_LLM_ARGS
 
-    def __init__(self, model, **kwargs):
-        unknown = set(kwargs) - self.allowed
-        if unknown:
-            raise TypeError(f"LLM.__init__() got unexpected keyword arguments {sorted(unknown)}")
-        if not os.path.exists(model):
-            raise ValueError(f"model {model} not found")
-        self.model, self.args = model, kwargs
-        tok_dir = kwargs.get("tokenizer") or model
-        self.tokenizer = _Tokenizer(tok_dir) if os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else None
+    def __init__(self, model, tokenizer=None, tokenizer_mode="auto", skip_tokenizer_init=False,
+                 trust_remote_code=False, tensor_parallel_size=1, dtype="auto", revision=None,
+                 tokenizer_revision=None, **kwargs):
+        for key in kwargs:  # L1: unknown keywords are a ValueError, before anything is built
+            if key not in self._valid_args | {"_mpi_session", "backend"}:
+                raise ValueError(f"{self.__class__.__name__} got invalid argument: {key}")
+        self.args = dict(kwargs, model=str(model), tokenizer=tokenizer, tensor_parallel_size=tensor_parallel_size,
+                         dtype=dtype, trust_remote_code=trust_remote_code)
+        for key, cls in (("kv_cache_config", KvCacheConfig), ("quant_config", QuantConfig),
+                         ("calib_config", CalibConfig), ("build_config", BuildConfig)):
+            if key in kwargs and not isinstance(kwargs[key], cls):
+                raise ValueError(f"{key} must be a {cls.__name__}, got {type(kwargs[key]).__name__}")
+        if not os.path.isdir(model):
+            raise ValueError(f"model {model} is not a local directory (this double never reaches the hub)")
+        self.model = str(model)
+        self.kv_cache_config = kwargs.get("kv_cache_config") or KvCacheConfig()
+        self.knobs = _read_json(os.path.join(self.model, "tllm_double.json"))
+        self._ranks = self._spawn_ranks(tensor_parallel_size * kwargs.get("pipeline_parallel_size", 1))
+        try:
+            self._build_model()
+        except BaseException:
+            self._stop_ranks()  # L6: a failed constructor shuts its MPI session down
+            raise
+        tok_dir = tokenizer or model
+        self.tokenizer = (_Tokenizer(tok_dir) if not skip_tokenizer_init
+                          and os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else None)
         self._ids = itertools.count()
-        self.is_shutdown = False
+        self._shutdown = False
         self.in_flight = 0
         self.max_in_flight_seen = 0
-        LLM.instances.append(self)
+        BaseLLM.instances.append(self)
+        atexit.register(BaseLLM._shutdown_wrapper, weakref.ref(self))  # L11: upstream does the same
 
-    def generate_async(self, inputs, sampling_params: SamplingParams | None = None, streaming=False, **kw):
-        if self.is_shutdown:
-            raise RuntimeError("LLM is shut down")
-        asyncio.get_running_loop()  # the documented async path needs a running loop
-        sp = sampling_params or SamplingParams()
-        if sp.guided_decoding is not None:
-            sp.guided_decoding._validate()
-            if self.args.get("guided_decoding_backend") not in ("xgrammar", "llguidance"):
-                raise ValueError("guided decoding needs LLM(guided_decoding_backend=...)")
+    # ------------------------------------------------------------ ranks and shutdown
+
+    def _spawn_ranks(self, world_size: int) -> list[subprocess.Popen]:
+        """L6: world_size > 1 spawns that many MPI ranks (MpiPoolSession); here, idle child processes."""
+        if world_size <= 1:
+            return []
+        return [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", RANK_MARK])
+                for _ in range(world_size)]
+
+    def _stop_ranks(self) -> None:
+        for p in self._ranks:
+            p.terminate()
+            p.wait()
+
+    def shutdown(self) -> None:
+        """L11: proxy.shutdown() waits on every rank's future with no timeout."""
+        if self.knobs.get("shutdown_hangs"):
+            threading.Event().wait()
+        self._shutdown = True
+        self._stop_ranks()
+
+    @staticmethod
+    def _shutdown_wrapper(self_ref):
+        instance = self_ref()
+        if instance is not None:
+            instance.shutdown()
+
+    def __del__(self):
+        pass  # upstream calls shutdown() here too; a hanging one would hang the test process's collector
+
+    # ------------------------------------------------------------ generation
+
+    def _config_json(self) -> dict:
+        return _read_json(os.path.join(self.model, "config.json"))
+
+    def generate_async(self, inputs, sampling_params=None, lora_request=None, prompt_adapter_request=None,
+                       streaming=False, kv_cache_retention_config=None, disaggregated_params=None,
+                       _postproc_params=None, scheduling_params=None, cache_salt=None):  # L7: no **kwargs
+        if self._shutdown:
+            raise RuntimeError("LLM is shutting down")
+        asyncio.get_running_loop()  # R3: aresult() needs the loop the request was submitted from
+        sp = self._prepare_sampling_params(sampling_params)
         if isinstance(inputs, str):
-            prompt, ids = inputs, (self.tokenizer.encode(inputs, add_special_tokens=False) if self.tokenizer else [])
-        else:
+            prompt, ids = inputs, (self.tokenizer.encode(inputs, add_special_tokens=sp.add_special_tokens)
+                                   if self.tokenizer else [])
+        elif isinstance(inputs, list) and all(isinstance(t, int) for t in inputs):
             prompt, ids = None, list(inputs)
+        else:
+            raise TypeError(f"The inputs must be type str or list of int, but got {type(inputs)}")
+        self._check_arguments(len(ids), sp)
         rid = next(self._ids)
         self.in_flight += 1
         self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
+        return RequestOutput._from_generation_result(GenerationResult(rid, ids, self._compute(rid, prompt, ids, sp)),
+                                                     prompt, self.tokenizer)
 
-        async def compute(out: RequestOutput):
+    def _prepare_sampling_params(self, sp):  # L8
+        if sp is None:
+            sp = SamplingParams()
+        if not isinstance(sp, SamplingParams):
+            raise TypeError(f"The sampling_params must be type SamplingParams or None, but got {type(sp)}")
+        if sp.end_id is None and self.tokenizer is None:
+            raise ValueError("tokenizer is required to reset end_id if it is None, or you can explicitly specify "
+                             "the end_id for sampling_params")
+        return sp
+
+    def _check_arguments(self, prompt_len: int, sp: SamplingParams) -> None:
+        raise NotImplementedError
+
+    def _compute(self, rid, prompt, ids, sp):
+        async def compute(out):
             try:
                 await asyncio.sleep(random.Random(rid * 7919).uniform(0, 0.02))  # finish out of order
                 text_in = prompt if prompt is not None else (self.tokenizer.decode(ids) if self.tokenizer else "")
@@ -115,19 +233,96 @@ class LLM:
                 for s in ([sp.stop] if isinstance(sp.stop, str) else (sp.stop or [])):
                     if s in text:
                         text, reason = text[: text.index(s)], "stop"
-                # TokenLogprobs: per token, the k likeliest (here: ids t+1.. with falling logprobs) plus the sampled one
+                # R2 TokenLogprobs: per token, the k likeliest (here: ids t+1.. with falling logprobs) + the sampled one
                 logprobs = [{**{t + j + 1: Logprob(-1.0 - j, j + 2) for j in range(sp.logprobs)}, t: Logprob(-0.5, 1)}
-                            for t in gen] if sp.logprobs is not None else []
-                out.outputs = [CompletionOutput(i, text, gen, None, logprobs, reason) for i in range(sp.n)]
+                            for t in gen] if sp.logprobs else []
+                out.outputs = [CompletionOutput(i, text, gen, None, logprobs, [], reason) for i in range(sp.n)]
             finally:
                 self.in_flight -= 1
+        return compute
 
-        return RequestOutput(rid, prompt, ids, compute)
 
-    def save(self, engine_dir):
+class _TrtLLM(BaseLLM):
+    """L2, L5: the TensorRT backend. An HF checkpoint is built (quantized first, calibrating where QuantConfig says
+    so) when the LLM is constructed; an engine dir is loaded as it is."""
+
+    _valid_args = TRT_LLM_ARGS
+    builds = 0
+
+    def _build_model(self):
+        # A3: TrtLlmArgs.validate_kv_cache_dtype (an assert inside a pydantic validator: a ValidationError)
+        if self.kv_cache_config.dtype != "auto":
+            raise ValueError("KvCacheConfig.dtype is not supported by the TensorRT backend.")
+        config = self._config_json()
+        if "build_config" in config and "pretrained_config" in config:  # A9: a built engine
+            self.build_config = BuildConfig(**{k: v for k, v in config["build_config"].items()
+                                               if k in BuildConfig.__dataclass_fields__})
+            return
+        self.build_config = self.args.get("build_config") or BuildConfig(
+            **{k: self.args[k] for k in ("max_batch_size", "max_num_tokens", "max_seq_len", "max_input_len")
+               if self.args.get(k)})
+        if self.build_config.max_seq_len is None:  # derived from the checkpoint when not given
+            self.build_config.max_seq_len = config.get("max_position_embeddings")
+        quant = self.args.get("quant_config") or QuantConfig()
+        prequantized = "quantization_config" in config or os.path.exists(
+            os.path.join(self.model, "hf_quant_config.json"))
+        if quant._requires_calibration and not prequantized:  # L5: ModelLoader._load_model_from_hf
+            dataset = (self.args.get("calib_config") or CalibConfig()).calib_dataset
+            if not os.path.exists(dataset):  # get_calib_dataloader: datasets.load_dataset(name) from the hub
+                raise ConnectionError(f"calibration: datasets.load_dataset({dataset!r}) needs the Hugging Face hub "
+                                      "(no such local path, and this cluster is offline)")
+            BaseLLM.calibrations.append((self.model, dataset))
+        _TrtLLM.builds += 1
+
+    def _max_seq_len(self) -> int:
+        return self.build_config.max_seq_len
+
+    def _check_arguments(self, prompt_len: int, sp: SamplingParams) -> None:  # L9 (TensorRT backend)
+        if not self.args.get("enable_chunked_prefill") and prompt_len + (sp.max_tokens or 0) > self._max_seq_len():
+            raise ValueError(f"The sum of prompt length ({prompt_len}) and query length (0) max_tokens "
+                             f"({sp.max_tokens}) should not exceed max_seq_len ({self._max_seq_len()})")
+        max_batch_size = self.args.get("max_batch_size") or self.build_config.max_batch_size
+        if not sp.use_beam_search and sp.best_of > max_batch_size:
+            raise ValueError(f"sampling_params.n ({sp.n}) cannot exceed max_batch_size ({max_batch_size}) "
+                             "when use_beam_search is False")
+        if sp.logprobs and not self.args.get("gather_generation_logits"):
+            raise ValueError(f"`sampling_params.logprobs={sp.logprobs}` requires `gather_generation_logits=True` "
+                             "to be passed explicitly to the `LLM()` constructor.")
+
+    def save(self, engine_dir):  # the engine dir holds the build config the runtime reads back (A9)
         os.makedirs(engine_dir, exist_ok=True)
+        build = {k: getattr(self.build_config, k) for k in BuildConfig.__dataclass_fields__
+                 if k != "kv_cache_type"}
         with open(os.path.join(engine_dir, "config.json"), "w") as fh:
-            fh.write('{"built_by": "tensorrt_llm double"}')
+            json.dump({"version": "double", "pretrained_config": {"architecture": "double"},
+                       "build_config": build}, fh)
 
-    def shutdown(self):
-        self.is_shutdown = True
+
+class _TorchLLM(BaseLLM):
+    """L3, L4: the PyTorch backend (tensorrt_llm.LLM)."""
+
+    _valid_args = TORCH_LLM_ARGS
+
+    def __init__(self, model, *args, **kwargs):
+        given = sorted(k for k in kwargs if k in TRT_ONLY_ARGS)  # L3: _validate_args_for_torch_backend
+        if given:
+            raise ValueError(f"The following arguments are specific to TensorRT backend and cannot be used with "
+                             f"PyTorch backend: {given}.")
+        super().__init__(model, *args, **kwargs)
+
+    def _build_model(self):
+        # A4: _torch/pyexecutor validate_and_set_kv_cache_quant, at model load
+        if self.kv_cache_config.dtype not in VALID_TORCH_KV_CACHE_DTYPES:
+            raise ValueError(f"Overriding KV cache quantization with an invalid type "
+                             f"'PyTorchConfig.kv_cache_dtype=\"{self.kv_cache_config.dtype}\"' Accepted types are "
+                             f"{VALID_TORCH_KV_CACHE_DTYPES}.")
+
+    def _check_arguments(self, prompt_len: int, sp: SamplingParams) -> None:  # L9 (PyTorch backend)
+        max_num_tokens = self.args.get("max_num_tokens") or 8192  # A1: BaseLlmArgs default
+        if not self.args.get("enable_chunked_prefill") and prompt_len > max_num_tokens:
+            raise ValueError(f"The sum of prompt length ({prompt_len}), query length (0) should not exceed "
+                             f"max_num_tokens ({max_num_tokens})")
+
+
+class LLM(_TorchLLM):
+    pass
