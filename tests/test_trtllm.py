@@ -504,12 +504,15 @@ def test_job_ends_in_bounded_time_when_shutdown_hangs(tmp_path, ray_cluster, dem
     model = model_with_knobs(tmp_path, demo_model, shutdown_hangs=True)
     write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(90)), "prompt": [f"{i}+1=" for i in range(90)]}))
     spec = validate_spec({
-        "engine": {"name": "trtllm", "model": str(model), "options": {"shutdown_timeout_s": 3}},
+        "engine": {"name": "trtllm", "model": str(model), "options": {"shutdown_timeout_s": 5}},
         "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id"},
         "sampling": {"max_tokens": 2}, "output": {"dir": str(tmp_path / "out")},
         "resources": {"num_workers": 3}, "shards": {"rows_per_shard": 10},
     })
     summary = JobRunner(spec, show_progress=False).run().summary
     assert sorted(r["id"] for r in read_output(tmp_path / "out").to_pylist()) == list(range(90))
-    assert summary["status"] == "succeeded" and len(summary["worker_engine_window_s"]) == 3
-    assert 3 <= summary["close_wait_s"] < 20  # one shutdown timeout for all three, not 3 x 60 s
+    closed = len(summary["worker_niceness"])  # workers that ran and were closed (a late third may get no shard)
+    assert summary["status"] == "succeeded" and summary["worker_restarts"] == 0 and closed >= 2
+    # each close() waits its 5 s shutdown timeout; in parallel the job waits about one of them, not `closed` of them
+    assert 5 <= summary["close_wait_s"] < 5 * closed - 1
+    assert pids_where(lambda c: "tllm-double-rank" in c) == []
