@@ -114,7 +114,12 @@ def test_hf_tensor_parallel_samples_like_one_rank(demo_model):
             while len(got) < len(prompts) and time.time() < deadline:
                 got.update({c.request_id: c.text for c in engine.poll(1.0)})
         finally:
+            pool = getattr(engine.backend, "pool", None)
+            started = time.monotonic()
             engine.close()
+            closed_in = time.monotonic() - started
+        if tp > 1:  # every rank exits by itself, in seconds (the GPU check: bench/tp_close.py)
+            assert pool.killed == [] and closed_in < 20, (pool.killed, closed_in)
         outputs[tp] = got
     assert len(outputs[1]) == len(prompts) and outputs[2] == outputs[1]
     assert len(set(outputs[1].values())) > len(prompts) // 2

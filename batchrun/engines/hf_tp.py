@@ -49,8 +49,18 @@ def hf_rank_main(cfg: ModelConfig, master_port: int, address: tuple, authkey: by
     finally:
         if manager.is_running():
             manager.stop(block=True, timeout=30)
-        dist.destroy_process_group()
+        _teardown(dist, cuda)
     return f"rank {rank} done"
+
+
+def _teardown(dist, cuda: bool) -> None:
+    """Leave torch.distributed as the rank exits. On GPUs the NCCL process group is *not* destroyed: with torch 2.11
+    and NCCL on 2 H200s, destroy_process_group() never returned on either rank (py-spy: both ranks in
+    distributed_c10d.destroy_process_group), nor did _abort_process_group() or a barrier then destroy; close() then
+    waited 90 s and killed the ranks. Without it close() took 2.3 s with no rank killed: the process exits and the
+    driver frees its communicators (bench/RESULTS.md, TP close). Gloo (CPU) tears down cleanly."""
+    if not cuda:
+        dist.destroy_process_group()
 
 
 def _drive(manager, conn, ready: tuple) -> None:

@@ -159,6 +159,7 @@ class RankPool:
             kwargs["python_exe"] = python_exe
         self.pool = MPIPoolExecutor(max_workers=n_ranks, **kwargs)
         self.ranks: list[dict] = []
+        self.killed: list[int] = []  # ranks close() had to kill: none in the normal case
         try:
             self.ranks = sorted(self.gather(rank_info, os.getpid(), timeout_s=timeout_s), key=lambda r: r["rank"])
         except BaseException as e:
@@ -199,6 +200,9 @@ class RankPool:
             except psutil.NoSuchProcess:
                 pass
         _, alive = psutil.wait_procs(procs, timeout=30)  # ranks tearing down NCCL/CUDA after shutdown: let them
+        self.killed = [p.pid for p in alive]
+        if alive:
+            log.warning("killed %d rank(s) that had not exited 30s after shutdown: %s", len(alive), self.killed)
         for p in alive:
             p.kill()
 
