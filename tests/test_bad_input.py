@@ -96,3 +96,17 @@ def test_set_override_reaches_any_key_and_is_validated(base, tmp_path, capsys):
     assert "sampling.max_tokens" in capsys.readouterr().err
     assert main(["plan", str(job), "--set", "nokey"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", [
+    {"name": "hf", "options": {"use_cuda_grap": True}},  # the model dir is set below
+    {"name": "tests.engines:CountingEko"},
+])
+def test_engine_mistakes_fail_at_plan_time(engine, base, tmp_path, capsys, demo_model):
+    """`batchrun plan` imports hooks and validates engine options in the driver: exit 2, before any worker."""
+    base["engine"] = {**engine, **({"model": str(demo_model)} if engine["name"] == "hf" else {})}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(base))
+    assert main(["plan", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert ("engine.options.use_cuda_grap" in err) if engine["name"] == "hf" else ("CountingEko" in err), err
