@@ -18,7 +18,9 @@ from batchrun.plan import Plan, make_plan
 from batchrun.progress import Progress
 from batchrun.prompts import PromptBuilder
 from batchrun.queue import ShardQueue
+from batchrun.scan import check_template_renders, scan_input
 from batchrun.sink import OutputDir, committed_totals
+from batchrun.sources import open_source
 from batchrun.spec import JobSpec, model_files
 from batchrun.worker import Worker, peak_rss_mb, steady_arrow_pool
 
@@ -70,6 +72,9 @@ class JobRunner:
         check_engine(self.spec)
         plan = make_plan(self.spec)
         check_input(self.spec, plan)
+        source = open_source(self.spec.input)
+        scan_input(self.spec, plan, source)
+        check_template_renders(self.spec, plan, source, PromptBuilder(self.spec.input))
         return plan
 
     def components(self, plan: Plan) -> dict:

@@ -212,8 +212,7 @@ def test_jsonl_shard_reads_continue_instead_of_rescanning(tmp_path, monkeypatch,
     opened = []
     real_open = source.fs.open
     def counting_open(path, mode="rb", *a, **k):
-        if "t" in mode:  # fsspec opens text by reopening binary: count the reader's own calls
-            opened.append(path)
+        opened.append(path)  # the reader opens bytes (and decodes line by line)
         return real_open(path, mode, *a, **k)
 
     monkeypatch.setattr(source.fs, "open", counting_open)

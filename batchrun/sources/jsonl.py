@@ -25,27 +25,43 @@ class JsonlSource(Source):
         # last one instead of scanning the file from its start again (quadratic over a file's shards).
         self._cursors = CursorCache()
 
-    def _lines(self, name: str):
-        with self.fs.open(name, "rt") as fh:
-            yield from (line for line in fh if line.strip())
+    def _lines(self, name: str) -> Iterator[tuple[int, str]]:
+        """(line number, text) of each non-empty line. Bytes are decoded line by line, so a byte that is not UTF-8
+        names its file and line instead of failing the job with a bare UnicodeDecodeError."""
+        with self.fs.open(name, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise SpecError(f"key 'input.path': {name} line {lineno}: not valid UTF-8 ({e.reason} at byte "
+                                    f"{e.start} of the line: {raw[max(e.start - 10, 0):e.start + 10]!r}); "
+                                    "JSON Lines files must be UTF-8") from None
+                if line.strip():
+                    yield lineno, line
 
     def describe(self):
         rows = [sum(1 for _ in self._lines(f)) for f in self.files]
         first = next((f for f, n in zip(self.files, rows) if n), None)
-        columns = list(self._row(first, next(self._lines(first)), 1)) if first else []
+        columns = list(self._row(first, *next(self._lines(first)))) if first else []
         return self.files, rows, OPENAI_COLUMNS if self.openai_batch else columns
 
-    def _row(self, name: str, line: str, lineno: int) -> dict:
-        obj = self._parse(name, line, lineno)
+    def _row(self, name: str, lineno: int, line: str) -> dict:
+        obj = self._parse(name, lineno, line)
         return openai_request_row(obj) if self.openai_batch else obj
 
     @staticmethod
-    def _parse(name: str, line: str, lineno: int) -> dict:
+    def _parse(name: str, lineno: int, line: str) -> dict:
+        """A line that is not a JSON object is refused with its file and line (the plan's input scan meets every
+        line before the cluster starts; a file changed under a running job fails that shard the same way)."""
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            return {"__error__": f"{name} line {lineno}: not JSON ({e.msg})"}
-        return obj if isinstance(obj, dict) else {"__error__": f"{name} line {lineno}: not a JSON object"}
+            raise SpecError(f"key 'input.path': {name} line {lineno}: not valid JSON ({e.msg} at column {e.colno}): "
+                            f"{line.strip()[:80]!r}") from None
+        if not isinstance(obj, dict):
+            raise SpecError(f"key 'input.path': {name} line {lineno}: expected a JSON object, got "
+                            f"{type(obj).__name__}")
+        return obj
 
     def read_fragment(self, unit: str, fragment: Fragment, columns: list[str]) -> pa.Table:
         cursor = self._cursors.get(unit, fragment.start) or LineCursor(self._lines(unit))
@@ -53,7 +69,7 @@ class JsonlSource(Source):
         taken = list(itertools.islice(cursor.lines, fragment.stop - fragment.start))
         cursor.pos = fragment.start + len(taken)
         self._cursors.put(unit, cursor)  # an evicted or replaced cursor's file closes with its generator
-        rows = [self._row(unit, line, fragment.start + i + 1) for i, line in enumerate(taken)]
+        rows = [self._row(unit, lineno, line) for lineno, line in taken]
         if len(rows) != fragment.stop - fragment.start:
             raise SpecError(f"input file {unit} changed while the job ran: expected {fragment.stop} rows")
         return pa.table({c: _column([r.get(c) for r in rows]) for c in columns})
@@ -61,7 +77,7 @@ class JsonlSource(Source):
 
 @dataclass
 class LineCursor:
-    lines: Iterator[str]  # the file's non-empty lines from `pos` on
+    lines: Iterator[tuple[int, str]]  # the file's non-empty lines (with their line numbers) from `pos` on
     pos: int = 0
 
 
