@@ -20,8 +20,11 @@ def _request_id(custom_id: str) -> str:
     return hashlib.sha256(str(custom_id).encode()).hexdigest()[:24]
 
 
-def openai_line(row: dict) -> dict:
-    """One output line of the OpenAI Batch API: {id, custom_id, response: {status_code, request_id, body}, error}."""
+def openai_line(row: dict, created: int = 0, default_model: str = "batchrun") -> dict:
+    """One output line of the OpenAI Batch API: {id, custom_id, response: {status_code, request_id, body}, error}.
+    The body is a `chat.completion` or `text_completion` object as OpenAI's own client types declare it (openai
+    package: types.chat.ChatCompletion, types.Completion): `created` (the shard's commit time) and `model` (the
+    request's, else the job's model) are required there."""
     rid = _request_id(row["custom_id"])
     if row.get("error") is not None:
         return {"id": f"batch_req_{rid}", "custom_id": row["custom_id"], "response": None,
@@ -35,16 +38,28 @@ def openai_line(row: dict) -> dict:
     usage = {"prompt_tokens": row["num_prompt_tokens"], "completion_tokens": row["num_generated_tokens"],
              "total_tokens": row["num_prompt_tokens"] + row["num_generated_tokens"]}
     body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "object": "chat.completion" if chat else "text_completion",
-            "model": row.get("model"), "choices": [choice], "usage": usage}
+            "created": int(created), "model": row.get("model") or default_model, "choices": [choice], "usage": usage}
     return {"id": f"batch_req_{rid}", "custom_id": row["custom_id"],
             "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None}
 
 
 def export_openai_batch(out_dir: str | Path, fh: TextIO) -> int:
     out, n = OutputDir(out_dir), 0
+    model = _job_model(out)
     for part in out.parts():
+        created = int(Path(part).stat().st_mtime)  # the part's commit (its atomic rename keeps the write time)
         for batch in pq.ParquetFile(part).iter_batches(batch_size=4096):
             for row in batch.to_pylist():
-                fh.write(json.dumps(openai_line(row)) + "\n")
+                fh.write(json.dumps(openai_line(row, created, model)) + "\n")
                 n += 1
     return n
+
+
+def _job_model(out: OutputDir) -> str:
+    """The job's model name (the last part of engine.model), for requests that named none."""
+    try:
+        job = json.loads((out.meta / "job.json").read_text())
+        model = job["components"]["engine"].get("model")
+    except (OSError, ValueError, KeyError, AttributeError):
+        model = None
+    return Path(model).name if model else "batchrun"

@@ -63,6 +63,13 @@ def test_openai_batch_round_trip(tmp_path, ray_cluster, demo_model, capsys):
     out = [json.loads(x) for x in (tmp_path / "out" / "_batch_output.jsonl").read_text().splitlines()]
     assert sorted(o["custom_id"] for o in out) == sorted(json.loads(x)["custom_id"] for x in lines)
     by_id = {o["custom_id"]: o for o in out}
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    for o in out:  # what OpenAI's own client accepts
+        if o["response"] is not None:
+            kind = ChatCompletion if o["response"]["body"]["object"] == "chat.completion" else Completion
+            kind.model_validate(o["response"]["body"])
     reqs = {json.loads(x)["custom_id"]: json.loads(x) for x in lines}
     right = 0
     for cid, req in reqs.items():
