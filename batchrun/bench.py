@@ -75,9 +75,11 @@ def cuda_available() -> bool:
 
 
 def drive(engine, requests: list[Request], window: int | None = None) -> tuple[int, float, float]:
-    """Keep up to `window` (default: the engine's max_in_flight) requests submitted until all finish, as a worker
+    """Keep up to `window` (default: the engine's own window, as a worker sizes it) requests submitted until all finish, as a worker
     does. Returns (generated tokens, seconds, seconds to the first finished request)."""
-    window = window or engine.max_in_flight
+    if not window:
+        sizes = [len(r.prompt_token_ids or r.prompt.split()) + r.sampling.max_tokens for r in requests]
+        window = engine.window(sum(sizes) / max(len(sizes), 1))[0]
     pending = list(reversed(requests))
     done = tokens = in_flight = 0
     first = None

@@ -106,10 +106,26 @@ def print_summary(s: dict, samples: int = 3) -> None:
     run = s["this_run"]
     print(f"\nbatchrun: {s['status']}: {s['rows']} rows in {s['shards_committed']}/{s['shards']} shards "
           f"({s['shards_skipped']} already committed), {s['error_rows']} error rows")
-    print(f"  this run: {run['rows']} rows, {run['generated_tokens']} generated tokens in {run['wall_s']:.1f}s "
-          f"= {run['rows_per_s']:,.1f} rows/s, {run['generated_tokens_per_s']:,.1f} tok/s")
+    print(f"  this run: {run['rows']} rows, {run['generated_tokens']} generated tokens in {run['wall_s']:.1f}s from the "
+          f"command's start = {run['rows_per_s']:,.1f} rows/s, {run['generated_tokens_per_s']:,.1f} tok/s")
+    windows = s.get("worker_engine_window_s", {})
     for wid, w in sorted(s["workers"].items()):
-        print(f"  {wid} on {w['node']}: {len(w['shards'])} shards, {w['rows']} rows, {w['generated_tokens']} tokens")
+        busy = windows.get(wid)
+        rate = f", {w['generated_tokens'] / busy:,.0f} tok/s over its {busy:.1f}s engine window" if busy else ""
+        print(f"  {wid} on {w['node']}: {len(w['shards'])} shards, {w['rows']} rows, {w['generated_tokens']} tokens{rate}")
+    st = s.get("startup") or {}
+    if st.get("first_completion_s") is not None:
+        phases = {k: v for w in list(st["workers"].values())[:1] for k, v in w.items()
+                  if k.endswith("_s") and k != "first_completion_s"}
+        print(f"  start-up: first completion {st['first_completion_s']:.1f}s after the command (plan "
+              f"{st.get('plan_s', 0):.1f}s, Ray {st.get('ray_start_s', 0):.1f}s; first worker: "
+              + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.1f}s" for k, v in phases.items() if v is not None) + ")")
+    chosen = {}
+    for v in s.get("worker_max_in_flight", {}).values():
+        if v.get("window"):
+            chosen.setdefault(v["window"], v["why"])  # workers sized from their own first shard: one line a size
+    for window, why in sorted(chosen.items()):
+        print(f"  in flight per worker: {window} ({why})")
     if s.get("metrics"):
         m = s["metrics"]
         print(f"  score: {m['score_mean']:.4f} mean over {m['rows']} rows ({m['score_sum']:g} right; "
@@ -160,7 +176,8 @@ def cmd_status(args) -> int:
         "shards_quarantined": quarantined,
         "rows_committed": rows,
         "rows_total": total_rows,
-        "rows_per_s": round(rate, 2),
+        "rows_per_s": round(rate, 2),  # processing rate: first shard leased -> last commit (no start-up)
+        "rows_per_s_basis": "first lease to last commit, all runs",
         "eta_s": round((total_rows - rows) / rate, 1) if rate and lock else None,
         "generated_tokens": totals["generated_tokens"],
         "error_rows": totals["error_rows"],
@@ -175,7 +192,8 @@ def cmd_status(args) -> int:
     else:
         state = "running" if lock else "not running"
         print(f"{out.root}: {state}; {len(committed)} shards committed, {len(quarantined)} quarantined; "
-              f"rows {rows}/{total_rows}; {rate:,.1f} rows/s" + (f"; ETA {status['eta_s']}s" if status["eta_s"] else ""))
+              f"rows {rows}/{total_rows}; {rate:,.1f} rows/s processing (first lease to last commit, without "
+              f"start-up)" + (f"; ETA {status['eta_s']}s" if status["eta_s"] else ""))
         for sid, err in sorted(quarantined.items()):
             print(f"  quarantined shard {sid}: {err}")
         if args.plot:

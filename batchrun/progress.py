@@ -32,9 +32,9 @@ class Progress:
             self.bar.set_postfix_str(info, refresh=False)
         elif time.time() - self.last_line >= self.interval_s or (rows == self.total and self.done != rows):
             rate = (rows - snap["rows_skipped"]) / elapsed  # this run's rows: resumed shards are not throughput
-            eta = (self.total - rows) / rate if rate > 0 else float("nan")
+            eta = f"ETA {(self.total - rows) / rate:,.0f}s" if rate > 0 else "ETA after the first shard"
             print(f"[batchrun] rows {rows}/{self.total} ({rows / max(self.total, 1):.0%}) "
-                  f"{rate:,.0f} rows/s ETA {eta:,.0f}s | {info}", file=sys.stderr, flush=True)
+                  f"{rate:,.0f} rows/s since start {eta} | {info}", file=sys.stderr, flush=True)
             self.last_line = time.time()
         self.done = rows
 

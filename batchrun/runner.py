@@ -65,6 +65,8 @@ class JobRunner:
         self.show_progress = show_progress
         self.run_id = uuid.uuid4().hex[:12]
         self.out = OutputDir(spec.output.dir)
+        self.invoked_at = time.time()
+        self.timings: dict = {}  # the driver's start-up phases
 
     # ------------------------------------------------------------ preparation (no Ray, no work)
 
@@ -83,7 +85,9 @@ class JobRunner:
     # ------------------------------------------------------------ the run
 
     def run(self) -> JobResult:
+        self.invoked_at = time.time()
         plan = self.prepare()
+        self.timings["plan_s"] = round(time.time() - self.invoked_at, 3)  # plan and the input scan
         self.out.ensure()
         self.out.acquire_lock(self.run_id, self.break_lock)
         try:
@@ -97,8 +101,9 @@ class JobRunner:
     def _run(self, plan: Plan) -> JobResult:
         import ray
 
+        ray_started = time.time()
         init_ray()
-        started = time.time()
+        self.timings["ray_start_s"] = round(time.time() - ray_started, 3)  # joining (or starting) the cluster
         spec, faults = self.spec, self.spec.faults
         # The queue needs no CPU of its own: it only moves small descriptors. It dies with the driver (not detached),
         # and so do the workers: leftovers of a killed driver cannot keep committing (see README, failure model).
@@ -124,7 +129,7 @@ class JobRunner:
             progress.close()
             pool.shutdown()
             ray.kill(queue)
-        summary = self.write_summary(snap, report, started, pool)
+        summary = self.write_summary(snap, report, pool)
         if report["quarantined"]:
             lines = [f"  shard {sid}: {q['error']}" for sid, q in report["quarantined"].items()]
             raise JobFailed(
@@ -148,9 +153,9 @@ class JobRunner:
             if w.get("heartbeat_age_s", 0) > max(faults.stall_timeout_s, faults.lease_timeout_s):
                 pool.replace(wid, f"no heartbeat for {w['heartbeat_age_s']:.0f}s")
 
-    def write_summary(self, snap: dict, report: dict, started: float, pool: WorkerPool) -> dict:
+    def write_summary(self, snap: dict, report: dict, pool: WorkerPool) -> dict:
         entries = [e for e in self.out.entries().values() if e.state == "committed"]
-        wall = time.time() - started
+        wall = time.time() - self.invoked_at  # the whole command: plan, Ray start, engine loads and the work
         this_run = [e for e in entries if e.run_id == self.run_id]
         gen = sum(e.generated_tokens for e in this_run)
         rows_run = sum(e.rows for e in this_run)
@@ -184,7 +189,11 @@ class JobRunner:
             "metrics": score_metrics(entries),
             "worker_peak_rss_mb": {w: i.get("peak_rss_mb") for w, i in {**snap["workers"], **pool.results}.items()},
             "worker_niceness": {w: i.get("niceness") for w, i in pool.results.items()},
+            "startup": self.startup(pool.results),
             "worker_arrow_pool": {w: i.get("arrow_pool") for w, i in pool.results.items()},
+            # requests each worker kept submitted, and why (engine.max_in_flight, or auto from its KV cache)
+            "worker_max_in_flight": {w: {"window": i.get("max_in_flight"), "why": i.get("max_in_flight_why")}
+                                     for w, i in pool.results.items()},
             # the batch a worker's engine can hold (HF engine): a small one caps throughput whatever max_in_flight is
             "worker_kv_cache_tokens": {w: i.get("kv_cache_tokens") for w, i in pool.results.items()},
             # first request submitted .. last completion, per worker: the engine's share of the wall time
@@ -193,6 +202,22 @@ class JobRunner:
         }
         (self.out.root / "_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+    def startup(self, results: dict) -> dict:
+        """Where the time from `batchrun run` to the first completion went: the driver's plan and Ray start, then
+        per worker its actor start (placement, process), engine start (and its phases) and the wait for its first
+        completion. Seconds; `first_completion_s` is from the command's start."""
+        workers = {}
+        for wid, r in results.items():
+            if not r.get("created_at"):
+                continue
+            workers[wid] = {"actor_start_s": round(r["created_at"] - self.invoked_at, 3),
+                            "engine_start_s": r.get("engine_start_s"), **(r.get("engine_startup") or {})}
+            if r.get("first_completion_at"):
+                workers[wid]["first_completion_s"] = round(r["first_completion_at"] - self.invoked_at, 3)
+        firsts = [w["first_completion_s"] for w in workers.values() if "first_completion_s" in w]
+        return {**self.timings, "first_completion_s": min(firsts) if firsts else None, "workers": workers}
 
 
 def resolve_num_workers(res) -> int:
@@ -415,6 +440,11 @@ def _short_error(e: Exception) -> str:
     return f"{type(e).__name__}: {tail[0][:500]}"
 
 
+class _AuthNoticeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one."""
     import ray
@@ -424,5 +454,8 @@ def init_ray() -> None:
     address = os.environ.get("RAY_ADDRESS") or None
     if address is None:  # the local cluster's processes inherit this environment: workers start on that allocator
         os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", steady_arrow_pool())
+        # Ray >= 2.52 turns token authentication on for the local cluster it starts and warns about it on every run;
+        # batchrun keeps it on and drops only that notice (RAY_AUTH_MODE still decides).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_AuthNoticeFilter())
     ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING,
              include_dashboard=False if address is None else None)

@@ -35,7 +35,9 @@ class EngineSpec(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tensor_parallel_size: int = Field(1, ge=1)
     trust_remote_code: bool = False  # off unless asked for: loading a model never runs its repo's code otherwise
-    max_in_flight: int = Field(64, ge=1)  # requests a worker keeps submitted to its engine at once
+    # requests a worker keeps submitted to its engine at once (counted in samples when n > 1); auto: sized from the
+    # engine's KV cache and the job's prompt and output lengths, so batchrun never caps the engine's batch
+    max_in_flight: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     options: dict[str, Any] = Field(default_factory=dict)  # engine-specific settings, passed to the adapter
 
     @model_validator(mode="after")

@@ -219,7 +219,8 @@ class Worker:
         self.engine = None
         self.stats = {"rows": 0, "shards": 0, "generated_tokens": 0, "prompt_tokens": 0, "in_flight": 0,
                       "since_progress_s": 0.0, "niceness": niceness, "arrow_pool": arrow_pool,
-                      "first_submit_at": 0.0, "last_completion_at": 0.0}  # the engine's busy window, for benchmarks
+                      "first_submit_at": 0.0, "first_completion_at": 0.0,  # the engine's busy window, for benchmarks
+                      "last_completion_at": 0.0, "created_at": time.time()}
         self._last_progress = time.monotonic()
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -235,7 +236,11 @@ class Worker:
 
     def start(self) -> dict:
         """Load the engine. A failure here surfaces to the driver as this call's error."""
+        started = time.time()
         self.engine = create_engine(self.spec.engine, self.spec.sampling, self.spec.output.parse)
+        self.stats["engine_start_s"] = round(time.time() - started, 3)
+        self.stats["engine_startup"] = dict(getattr(self.engine, "startup", {}) or {})
+        self.stats["engine_ready_at"] = time.time()
         self.stats["kv_cache_tokens"] = self.engine.kv_cache_tokens
         if self.engine.kv_cache_tokens is not None:
             log.info("worker %s: the engine's KV cache holds %d tokens", self.worker_id, self.engine.kv_cache_tokens)
@@ -291,12 +296,12 @@ class Worker:
     # ------------------------------------------------------------ main loop: the engine's window
 
     def _generate(self, ready: stdqueue.Queue, finished: stdqueue.Queue) -> None:
-        engine, window = self.engine, self.engine.max_in_flight
+        engine, window = self.engine, 0  # 0: sized from the first shard that reaches the loop
         by_shard: dict[int, ShardTask] = {}
         current: ShardTask | None = None
         cursor, in_flight, exhausted = 0, 0, False
         while not self._stop.is_set():
-            while in_flight < window and not exhausted:
+            while (not window or in_flight < window) and not exhausted:
                 if current is None or cursor == len(current.requests):
                     try:  # block only when the engine has nothing to do
                         current = ready.get(timeout=0.2) if in_flight == 0 else ready.get_nowait()
@@ -308,6 +313,7 @@ class Worker:
                         break
                     cursor = 0
                     by_shard[current.shard.shard_id] = current
+                    window = window or self._window(current)
                     if current.remaining == 0:  # every row was an error row
                         self._put(finished, by_shard.pop(current.shard.shard_id))
                     continue
@@ -325,6 +331,7 @@ class Worker:
             if done:
                 self._last_progress = time.monotonic()
                 self.stats["last_completion_at"] = time.time()
+                self.stats["first_completion_at"] = self.stats["first_completion_at"] or self.stats["last_completion_at"]
             in_flight -= len(done)
             self.stats["in_flight"] = in_flight
             record("tokens", sum(c.num_generated_tokens for c in done), **self.tags)
@@ -336,6 +343,16 @@ class Worker:
                 self.stats["prompt_tokens"] += c.num_prompt_tokens
                 if task.remaining == 0:
                     self._put(finished, by_shard.pop(sid))
+
+    def _window(self, task: ShardTask) -> int:
+        """The engine's window (engine.max_in_flight, or auto from its KV cache and this shard's request sizes)."""
+        reqs = task.requests
+        sizes = [(len(r.prompt_token_ids) if r.prompt_token_ids is not None else len(r.prompt.split()))
+                 + r.sampling.max_tokens for r in reqs]
+        window, why = self.engine.window(sum(sizes) / len(sizes) if sizes else self.sampling.max_tokens)
+        self.stats["max_in_flight"], self.stats["max_in_flight_why"] = window, why
+        log.info("worker %s: %d requests in flight (%s)", self.worker_id, window, why)
+        return window
 
     # ------------------------------------------------------------ prefetcher: lease, read, render, tokenize
 

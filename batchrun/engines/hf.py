@@ -70,14 +70,27 @@ class ModelConfig:
         return self.sampling.n if self.may_sample else 1  # sampled n > 1: one result per child request
 
 
+def cuda_cb_defaults(free_bytes: int) -> dict:
+    """What measured fastest on GPUs, unless the job's engine.options say otherwise: CUDA graphs, and a large batch
+    token budget where free memory allows (bench/RESULTS.md: varlen + graphs + 32k batch tokens ran 5.7x
+    transformers' defaults on an H100)."""
+    gib = free_bytes / 2**30
+    tokens = 32768 if gib >= 24 else 16384 if gib >= 8 else None
+    return {"use_cuda_graph": True, **({"max_batch_tokens": tokens} if tokens else {})}
+
+
 def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
-    """Load the model and start a ContinuousBatchingManager on it. Returns (model, manager, eos ids)."""
+    """Load the model and start a ContinuousBatchingManager on it. Returns (model, manager, eos ids, timings)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.generation import ContinuousBatchingConfig
+    from transformers.utils import logging as hf_logging
 
     from batchrun.engines.hf_attention import apply_attention
     from batchrun.engines.hf_sampling import ChoiceTrie, RowSampler
+
+    # In a worker (or a rank), the "Loading weights" bar reaches the driver's terminal late, after the job's summary
+    hf_logging.disable_progress_bar()
 
     device = cfg.device
     if device == "auto":
@@ -86,10 +99,12 @@ def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
     kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if tp_plan:
         kwargs["tp_plan"] = tp_plan  # the process group and device are set up by the TP launcher (hf_tp.py)
+    else:
+        kwargs["device_map"] = device  # weights go straight to the device, not through a full copy in host memory
+    started = time.monotonic()
     model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
-    if not tp_plan:
-        model = model.to(device)
     model.eval()
+    timings = {"model_load_s": round(time.monotonic() - started, 3)}
     eos = model.generation_config.eos_token_id
     eos_ids = sorted(set(eos if isinstance(eos, list) else [eos]) - {None})
     s = cfg.sampling
@@ -102,7 +117,10 @@ def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
     # HFEngine copies the one result instead. Set after construction: validate() refuses n > 1 with do_sample off,
     # which is how RowSampler's Gumbel-max sampling runs (the noise is in the scores, the argmax picks).
     gen.num_return_sequences = cfg.results_per_request
-    cb_options = dict(CPU_CB_DEFAULTS) if model.device.type == "cpu" else {}
+    if model.device.type == "cpu":
+        cb_options = dict(CPU_CB_DEFAULTS)
+    else:
+        cb_options = cuda_cb_defaults(torch.cuda.mem_get_info(model.device)[0]) if model.device.type == "cuda" else {}
     cb_options.update(dict(cfg.options))
     attention = apply_attention(model, cb_options.pop("attn_implementation", "auto"))
     log.info("HF engine: attention %s, continuous batching %s", attention, cb_options)
@@ -120,10 +138,12 @@ def start_manager(cfg: ModelConfig, tp_plan: str | None = None):
             s, noise=cfg.may_sample and not multinomial, base_seed=cfg.base_seed,
             trie=ChoiceTrie([list(c) for c in cfg.choices], eos_ids) if cfg.choices else None,
             use_top_k=bool(s.top_k) or "top_k" in cfg.row_keys, use_top_p=s.top_p < 1 or "top_p" in cfg.row_keys)
+    started = time.monotonic()
     manager.start()
     if not tp_plan:  # under tensor parallelism only rank 0 takes requests: it warms up in hf_tp._drive
         warm_up(manager, cfg.results_per_request)
-    return model, manager, eos_ids
+    timings["warmup_s"] = round(time.monotonic() - started, 3)  # cache allocation, graph capture, first request
+    return model, manager, eos_ids, timings
 
 
 def warm_up(manager, results: int, timeout_s: float = 600.0) -> None:
@@ -173,7 +193,7 @@ class LocalBackend:
     """The model and its CB manager in this process."""
 
     def __init__(self, cfg: ModelConfig):
-        self.model, self.manager, self.eos_ids = start_manager(cfg)
+        self.model, self.manager, self.eos_ids, self.timings = start_manager(cfg)
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self.kv_cache_tokens = kv_cache_tokens(self.manager)
 
@@ -197,7 +217,7 @@ class LocalBackend:
 
 class HFEngine(Engine):
     def __init__(self, model: str, sampling: Sampling, *, tokenizer: str | None = None, dtype: str = "auto",
-                 device: str = "auto", trust_remote_code: bool = False, max_in_flight: int = 64,
+                 device: str = "auto", trust_remote_code: bool = False, max_in_flight: int | None = None,
                  tensor_parallel_size: int = 1, row_keys: tuple[str, ...] = (), choices: list[str] | None = None,
                  **options):
         from transformers import AutoTokenizer
@@ -215,6 +235,7 @@ class HFEngine(Engine):
             self.backend = LocalBackend(cfg)
         self.context_length = self.backend.context_length
         self.kv_cache_tokens = getattr(self.backend, "kv_cache_tokens", None)
+        self.startup = dict(getattr(self.backend, "timings", {}))
         self.eos_ids = set(self.backend.eos_ids)
         self.max_in_flight = max_in_flight
         self.stop = sampling.stop  # job-level stop strings, cut from the text when a request finishes

@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from multiprocessing.connection import Client, Listener
 
 from batchrun.engines.hf import EngineDead, ModelConfig, RawResult, drain, kv_cache_tokens, start_manager, warm_up
@@ -37,13 +38,19 @@ def hf_rank_main(cfg: ModelConfig, master_port: int, address: tuple, authkey: by
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(rank)  # the spawned ranks see exactly the actor's GPUs, in order
+    started = time.monotonic()
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=size)
-    model, manager, eos_ids = start_manager(cfg, tp_plan="auto")
+    group_s = round(time.monotonic() - started, 3)
+    model, manager, eos_ids, timings = start_manager(cfg, tp_plan="auto")
+    timings = {"process_group_s": group_s, **timings}
     try:
         if rank == 0:
+            started = time.monotonic()
             warm_up(manager, cfg.results_per_request)
+            timings["warmup_s"] = round(timings["warmup_s"] + time.monotonic() - started, 3)
             _drive(manager, Client(address, authkey=authkey),
-                   ("ready", getattr(model.config, "max_position_embeddings", None), eos_ids, kv_cache_tokens(manager)))
+                   ("ready", getattr(model.config, "max_position_embeddings", None), eos_ids, kv_cache_tokens(manager),
+                    timings))
         else:
             manager._generation_thread.join()  # follows rank 0's batches until rank 0 stops the manager
     finally:
@@ -92,7 +99,9 @@ class TPBackend:
     def __init__(self, cfg: ModelConfig, tp_size: int, timeout_s: float = 600.0):
         authkey = secrets.token_bytes(16)
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        started = time.monotonic()
         self.pool = RankPool(tp_size, gpu_ids=actor_gpu_ids())
+        spawn_s = round(time.monotonic() - started, 3)
         self.futures = self.pool.submit_all(hf_rank_main, cfg, free_port(), listener.address, authkey)
         self.conn = self._accept(listener, timeout_s)
         self.pending: list[tuple] = []
@@ -100,7 +109,8 @@ class TPBackend:
         msg = self._recv(timeout_s)
         if msg[0] != "ready":
             raise EngineDead(f"rank 0 said {msg[0]!r} instead of ready")
-        _, self.context_length, self.eos_ids, self.kv_cache_tokens = msg
+        _, self.context_length, self.eos_ids, self.kv_cache_tokens, timings = msg
+        self.timings = {"rank_spawn_s": spawn_s, **timings}
 
     def _accept(self, listener, timeout_s):
         box = {}
