@@ -66,6 +66,9 @@ def make_model(kind: str, path: Path, dtype: str) -> Path:
         cfg = LlamaConfig(vocab_size=len(build_tokenizer()), hidden_size=256, intermediate_size=688,
                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                           max_position_embeddings=2048)
+    elif kind == "mistral-7b":  # Mistral-7B's shape (GQA 32/8 heads, 14336 MLP), random weights
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
     else:
         cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                           num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
@@ -282,7 +285,7 @@ def run_batchrun(model_path, prompts, budgets, dtype, options, workers: int, gpu
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo", help="demo | llama-1b | llama-tiny (CPU) | a local model dir")
+    ap.add_argument("--model", default="demo", help="demo | llama-1b | mistral-7b | llama-tiny (CPU) | a model dir")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, nargs=2, default=(4, 60))
     ap.add_argument("--out-len", type=int, nargs=2, default=(4, 60))
@@ -310,7 +313,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpus = 1 if device == "cuda" else 0
     path = make_model(args.model, Path(tempfile.gettempdir()) / f"batchrun-{args.model}", args.dtype) \
-        if args.model in ("demo", "llama-1b", "llama-tiny") else Path(args.model)
+        if args.model in ("demo", "llama-1b", "mistral-7b", "llama-tiny") else Path(args.model)
     prompts, budgets = workload(args.n, tuple(args.prompt_len), tuple(args.out_len))
     tok, model = load(path, args.dtype, device)
     ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
