@@ -40,9 +40,11 @@ system-deps:
 	fi
 
 test: system-deps demo-assets
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 test-fast: system-deps demo-assets
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)

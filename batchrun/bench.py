@@ -75,7 +75,8 @@ def cuda_available() -> bool:
 
 
 def drive(engine, requests: list[Request], window: int | None = None) -> tuple[int, float, float]:
-    """Keep up to `window` (default: the engine's own window, as a worker sizes it) requests submitted until all finish, as a worker
+    """Keep up to `window` (default: the engine's own window, as a worker sizes it) requests submitted until all
+    finish, as a worker
     does. Returns (generated tokens, seconds, seconds to the first finished request)."""
     if not window:
         sizes = [len(r.prompt_token_ids or r.prompt.split()) + r.sampling.max_tokens for r in requests]
@@ -177,5 +178,6 @@ def add_parser(sub) -> None:
     b.add_argument("--max-tokens", type=int, default=64)
     b.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     b.add_argument("--max-in-flight", type=int, default=256)
-    b.add_argument("--options", default=None, help='JSON of engine options per engine, e.g. {"hf": {"use_cuda_graph": true}}')
+    b.add_argument("--options", default=None,
+                   help='JSON of engine options per engine, e.g. {"hf": {"use_cuda_graph": true}}')
     b.add_argument("--json", default=None, help="write the results as JSON here")

@@ -28,13 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="progress of a job from its output dir, during or after a run")
     st.add_argument("out_dir")
     st.add_argument("--json", action="store_true")
-    st.add_argument("--plot", action="store_true", help="write a shard timeline PNG (_timeline.png) next to the summary")
+    st.add_argument("--plot", action="store_true",
+                    help="write a shard timeline PNG (_timeline.png) next to the summary")
     ex = sub.add_parser("export", help="write a job's committed output in another format")
     ex.add_argument("out_dir")
     ex.add_argument("--format", choices=["openai-batch"], default="openai-batch")
     ex.add_argument("-o", "--output", default=None,
                     help="file to write (default: OUT_DIR/_batch_output.jsonl; '-' for stdout)")
-    from batchrun.bench import add_parser as add_bench, cmd_bench
+    from batchrun.bench import add_parser as add_bench
+    from batchrun.bench import cmd_bench
 
     add_bench(sub)
     args = ap.parse_args(argv)
@@ -106,13 +108,14 @@ def print_summary(s: dict, samples: int = 3) -> None:
     run = s["this_run"]
     print(f"\nbatchrun: {s['status']}: {s['rows']} rows in {s['shards_committed']}/{s['shards']} shards "
           f"({s['shards_skipped']} already committed), {s['error_rows']} error rows")
-    print(f"  this run: {run['rows']} rows, {run['generated_tokens']} generated tokens in {run['wall_s']:.1f}s from the "
-          f"command's start = {run['rows_per_s']:,.1f} rows/s, {run['generated_tokens_per_s']:,.1f} tok/s")
+    print(f"  this run: {run['rows']} rows, {run['generated_tokens']} generated tokens in {run['wall_s']:.1f}s "
+          f"from the command's start = {run['rows_per_s']:,.1f} rows/s, {run['generated_tokens_per_s']:,.1f} tok/s")
     windows = s.get("worker_engine_window_s", {})
     for wid, w in sorted(s["workers"].items()):
         busy = windows.get(wid)
         rate = f", {w['generated_tokens'] / busy:,.0f} tok/s over its {busy:.1f}s engine window" if busy else ""
-        print(f"  {wid} on {w['node']}: {len(w['shards'])} shards, {w['rows']} rows, {w['generated_tokens']} tokens{rate}")
+        print(f"  {wid} on {w['node']}: {len(w['shards'])} shards, {w['rows']} rows, "
+              f"{w['generated_tokens']} tokens{rate}")
     st = s.get("startup") or {}
     if st.get("first_completion_s") is not None:
         phases = {k: v for w in list(st["workers"].values())[:1] for k, v in w.items()

@@ -69,7 +69,9 @@ class Parser:
             return json.dumps(obj), err, obj
         if self.spec.kind == "choice":
             hit = self.choices.get(text.strip().lower())
-            return (hit, None, None) if hit else (None, f"{text.strip()[:80]!r} is not one of {self.spec.choices}", None)
+            if hit:
+                return hit, None, None
+            return None, f"{text.strip()[:80]!r} is not one of {self.spec.choices}", None
         m = self.regex.search(text)
         if not m:
             return None, f"pattern {self.spec.pattern!r} not found", None
@@ -95,7 +97,8 @@ class Scorer:
         self.hook = load_hook(spec.hook) if spec.hook else None
 
     def column(self, texts, parsed, table: pa.Table) -> pa.Array:
-        refs = table.column(self.spec.reference_column).to_pylist() if self.spec.reference_column else [None] * len(texts)
+        ref = self.spec.reference_column
+        refs = table.column(ref).to_pylist() if ref else [None] * len(texts)
         rows = table.to_pylist() if self.hook else None
         scores = []
         for i, (text, ref) in enumerate(zip(texts, refs)):

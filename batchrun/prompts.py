@@ -105,7 +105,8 @@ class PromptBuilder:
         for v in values:  # mixed or non-string column (JSON input): only str values are prompts
             ok = isinstance(v, str)
             texts.append(v if ok else None)
-            errors.append(None if ok else f"prompt column {self.column!r} is not text in this row (got {type(v).__name__})")
+            errors.append(None if ok else
+                          f"prompt column {self.column!r} is not text in this row (got {type(v).__name__})")
         return Prompts(texts, errors)
 
     def _from_template(self, table: pa.Table) -> Prompts:

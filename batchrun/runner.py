@@ -80,7 +80,8 @@ class JobRunner:
         return plan
 
     def components(self, plan: Plan) -> dict:
-        return dict(self.spec.output_affecting(), input_files=input_signature(plan), model_files={"files": model_files(self.spec.engine.model)})
+        return dict(self.spec.output_affecting(), input_files=input_signature(plan),
+                    model_files={"files": model_files(self.spec.engine.model)})
 
     # ------------------------------------------------------------ the run
 

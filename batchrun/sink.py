@@ -23,9 +23,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-import psutil
 
 from batchrun.errors import OutputLocked, SpecError
 from batchrun.spec import diff_components, fingerprint

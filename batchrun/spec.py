@@ -9,8 +9,8 @@ import hashlib
 import json
 import os
 import re
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
@@ -43,7 +43,8 @@ class EngineSpec(_Section):
     @model_validator(mode="after")
     def _check(self) -> EngineSpec:
         if self.name not in BUILTIN_ENGINES and not HOOK_RE.match(self.name):
-            raise ValueError(f"engine.name must be one of {', '.join(BUILTIN_ENGINES)} or 'module:Class'; got {self.name!r}")
+            raise ValueError(f"engine.name must be one of {', '.join(BUILTIN_ENGINES)} or 'module:Class'; "
+                             f"got {self.name!r}")
         return self  # what each engine needs (a model, option values, key combinations) is its own check()
 
 

@@ -93,7 +93,8 @@ class ShardTask:
                                          num_prompt_tokens=prompt_tokens, sample_index=k))
 
     def table(self, parser=None, scorer=None) -> pa.Table:
-        assert self.remaining == 0 and all(f is not None for f in self.finish), "shard written before every row finished"
+        assert self.remaining == 0 and all(f is not None for f in self.finish), \
+            "shard written before every row finished"
         cols = [self.text, self.finish, self.prompt_tokens, self.gen_tokens, self.error]
         out, refs = self.keep, self.refs
         if self.n > 1:  # one output row per sample, in (row, sample) order
@@ -331,7 +332,7 @@ class Worker:
             if done:
                 self._last_progress = time.monotonic()
                 self.stats["last_completion_at"] = time.time()
-                self.stats["first_completion_at"] = self.stats["first_completion_at"] or self.stats["last_completion_at"]
+                self.stats["first_completion_at"] = self.stats["first_completion_at"] or time.time()
             in_flight -= len(done)
             self.stats["in_flight"] = in_flight
             record("tokens", sum(c.num_generated_tokens for c in done), **self.tags)
@@ -448,7 +449,8 @@ class Worker:
                     continue
                 rule = PER_ROW_RULES[key]
                 if not rule.ok(v):
-                    error = f"column {self.per_row[key]!r} (sampling.per_row.{key}): expected {rule.expected}, got {v!r}"
+                    error = (f"column {self.per_row[key]!r} (sampling.per_row.{key}): expected {rule.expected}, "
+                             f"got {v!r}")
                     break
                 changes[key] = rule.convert(v)
             if error is not None:

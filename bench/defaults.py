@@ -38,7 +38,8 @@ def job(model: Path, work: Path, n: int, tuned: bool) -> dict:
 def run(spec_dict: dict, work: Path, python_path: str | None = None) -> dict:
     """`batchrun run` in a subprocess (its own Ray cluster, as a user's command), the summary back."""
     (work / "job.json").write_text(json.dumps(spec_dict))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [python_path, str(ROOT), os.environ.get("PYTHONPATH")])))
+    path = [python_path, str(ROOT), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
     code = ("import json,sys; import yaml; from batchrun.cli import main; "
             f"open('{work}/job.yaml','w').write(yaml.safe_dump(json.load(open('{work}/job.json')))); "
             f"sys.exit(main(['run', '{work}/job.yaml', '--no-progress', '--overwrite']))")

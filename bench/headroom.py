@@ -68,7 +68,8 @@ def main() -> None:
     best = {k: min(v) for k, v in results.items()}
     print(f"\n{'runner':<10} {'best wall s':>11} {'rows/s':>10}   (runs: {args.repeat}, rows: {args.rows:,})")
     for k in ("ray_data", "batchrun"):
-        print(f"{k:<10} {best[k]:>11.2f} {args.rows / best[k]:>10,.0f}   all: {', '.join(f'{t:.2f}' for t in results[k])}")
+        runs = ", ".join(f"{t:.2f}" for t in results[k])
+        print(f"{k:<10} {best[k]:>11.2f} {args.rows / best[k]:>10,.0f}   all: {runs}")
     print(f"ratio batchrun / ray_data (rows/s) = {best['ray_data'] / best['batchrun']:.2f}")
 
 

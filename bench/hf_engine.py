@@ -8,7 +8,8 @@
   workers   batchrun with N workers (one GPU each) against 1 worker
 
 Output lengths vary per row (uniform in --out-len). The random-init llama-1b has no EOS, so every row generates
-exactly its budget and tokens/s compare like for like (the demo model stops at its EOS in every run alike). Prints a table of tokens/s and ratios; --json writes the raw numbers.
+exactly its budget and tokens/s compare like for like (the demo model stops at its EOS in every run alike).
+Prints a table of tokens/s and ratios; --json writes the raw numbers.
 
   python bench/hf_engine.py --model demo --n 64                        # CPU smoke run on the demo model
   python bench/hf_engine.py --model llama-1b --n 256 --dtype bfloat16  # the GPU benchmark (random-init 1.1B Llama)
@@ -45,7 +46,8 @@ CONFIGS = {
     **CONFIGS_BASE,
     # torch.compile of the forward passes (ContinuousBatchingConfig.default_compile_level: 1-3, longer warm-ups).
     # With varlen (flash-style) attention transformers 5.24 compiles neither path (initialization.py,
-    # resolve_compile_configs: no varlen compile for flash attention; the decode fast path needs flash_attn_with_kvcache)
+    # resolve_compile_configs: no varlen compile for flash attention; the decode fast path needs
+    # flash_attn_with_kvcache)
     **{f"{base}-c{level}": {**CONFIGS_BASE[base], "default_compile_level": level}
        for base in ("graphs32k", "varlen-graphs32k") for level in (1, 2, 3)},
 }
@@ -172,7 +174,8 @@ def profile_bare(model, ids, budgets, options: dict, top: int = 12) -> dict:
                if e.self_device_time_total > 0]
     kernels.sort(key=lambda x: -x[1])
     busy = sum(t for _, t, _ in kernels)
-    attn = sum(t for name, t, _ in kernels if any(w in name.lower() for w in ("flash", "fmha", "attention", "efficient")))
+    words = ("flash", "fmha", "attention", "efficient")
+    attn = sum(t for name, t, _ in kernels if any(w in name.lower() for w in words))
     r.update(gpu_busy_s=busy, gpu_busy_frac=busy / r["seconds"], attention_frac=attn / max(busy, 1e-9),
              top_kernels=[{"name": n[:90], "s": round(t, 3), "calls": c} for n, t, c in kernels[:top]])
     return r
@@ -292,15 +295,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--static-batch", type=int, default=64)
     ap.add_argument("--configs", default="default", help=f"comma list of {', '.join(CONFIGS)}")
-    ap.add_argument("--runs", default="bare,batchrun,static", help="comma list of bare,bare-ray,batchrun,static,tp,workers")
+    ap.add_argument("--runs", default="bare,batchrun,static",
+                    help="comma list of bare,bare-ray,batchrun,static,tp,workers")
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--window", type=int, default=None,
                     help="batchrun's max_in_flight (default: --n, every prompt in flight as in the bare run)")
-    ap.add_argument("--repeat", type=int, default=1, help="alternate bare/batchrun runs this many times; report medians")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="alternate bare/batchrun runs this many times; report medians")
     ap.add_argument("--rows-per-shard", type=int, default=64)
     ap.add_argument("--batchrun-configs", default=None, help="configs to run batchrun with (default: all of --configs)")
-    ap.add_argument("--profile", default="", help="comma list of configs to profile (bare engine, first --profile-n prompts)")
+    ap.add_argument("--profile", default="",
+                    help="comma list of configs to profile (bare engine, first --profile-n prompts)")
     ap.add_argument("--profile-n", type=int, default=96)
     ap.add_argument("--keep-gpu-cache", action="store_true",
                     help="leave the bare run's cached GPU memory in this process (how sessions 1-3 measured batchrun)")

@@ -72,7 +72,8 @@ def main() -> None:
         results.append((n, s["driver_peak_rss_mb"], max(workers) if workers else float("nan"),
                         s["this_run"]["rows_per_s"], s["wall_incl_startup_s"]))
     base_d, base_w = results[0][1], results[0][2]
-    print(f"\n{'rows':>10} {'driver MB':>10} {'x first':>8} {'worker MB':>10} {'x first':>8} {'rows/s':>10} {'wall s':>8}")
+    print(f"\n{'rows':>10} {'driver MB':>10} {'x first':>8} {'worker MB':>10} {'x first':>8} {'rows/s':>10} "
+          f"{'wall s':>8}")
     for n, d, w, rate, wall in results:
         print(f"{n:>10,} {d:>10.0f} {d / base_d:>8.2f} {w:>10.0f} {w / base_w:>8.2f} {rate:>10,.0f} {wall:>8.1f}")
 

@@ -70,7 +70,8 @@ def main() -> None:
     engine.close()
     t_close = time.monotonic() - t0
     done.set()
-    result = {"killed": getattr(pool, "killed", None), "tp": args.tp, "start_s": round(t_start, 2), "tokens": tokens, "generate_s": round(elapsed, 2),
+    result = {"killed": getattr(pool, "killed", None), "tp": args.tp, "start_s": round(t_start, 2), "tokens": tokens,
+              "generate_s": round(elapsed, 2),
               "close_s": round(t_close, 2), "ranks": ranks}
     (out / f"tp{args.tp}.json").write_text(json.dumps(result))
     print("result", json.dumps(result), flush=True)

@@ -20,7 +20,7 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from memory import run_job, write_input
+from memory import run_job, write_input  # noqa: E402  (bench/ is not a package)
 
 GROUPS = (("ray::Worker", "workers"), ("ray::ShardQueue", "queue actor"), ("batchrun.cli", "driver"),
           ("raylet", "raylet"), ("gcs_server", "gcs"))
@@ -71,7 +71,8 @@ def main() -> None:
           + " | ".join(groups))
     for w, rate, run_s, wall, cpu in rows:
         used = " | ".join(f"{cpu.get(g, 0):.1f}" for g in groups)
-        print(f"{w:>7} {rate:>9,.0f} {rate / base:>6.2f} {run_s:>6.1f} {wall:>7.1f} {cpu.get('workers', 0) / run_s:>12.2f}  "
+        worker_cpu = cpu.get("workers", 0) / run_s
+        print(f"{w:>7} {rate:>9,.0f} {rate / base:>6.2f} {run_s:>6.1f} {wall:>7.1f} {worker_cpu:>12.2f}  "
               f"{used}")
 
 

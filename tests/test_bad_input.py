@@ -5,6 +5,8 @@ All of these fail before Ray starts, so they need no cluster.
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pytest
 import yaml
@@ -72,7 +74,7 @@ CASES = {
     "null id": (lambda j, t: (write_parquet(t / "nul.parquet", pa.table({"id": [1, None, 3], "prompt": list("xyz")})), set_key(j, "input.path", str(t / "nul.parquet"))), ["input.id_column", "null in 1 row", "row 2"]),
     "jsonl cut-off line": (lambda j, t: ((t / "cut.jsonl").write_text('{"id": 1, "prompt": "a"}\n{"id": 2, "prom\n{"id": 3, "prompt": "c"}\n'), set_key(j, "input.path", str(t / "cut.jsonl")), set_key(j, "input.format", "jsonl")), ["cut.jsonl line 2", "not valid JSON"]),
     "jsonl latin-1 byte": (lambda j, t: ((t / "l1.jsonl").write_bytes(b'{"id": 1, "prompt": "a"}\n\n{"id": 2, "prompt": "caf\xe9"}\n'), set_key(j, "input.path", str(t / "l1.jsonl")), set_key(j, "input.format", "jsonl")), ["l1.jsonl line 3", "not valid UTF-8"]),
-    "openai-batch repeated custom_id": (lambda j, t: ((t / "b.jsonl").write_text("".join('{"custom_id": "r%d", "body": {"messages": [{"role": "user", "content": "hi"}]}}\n' % (i % 2) for i in range(3))), set_key(j, "input", {"path": str(t / "b.jsonl"), "format": "openai-batch"})), ["input.id_column", "'custom_id'", "'r0'"]),
+    "openai-batch repeated custom_id": (lambda j, t: ((t / "b.jsonl").write_text("".join(json.dumps({"custom_id": f"r{i % 2}", "body": {"messages": [{"role": "user", "content": "hi"}]}}) + "\n" for i in range(3))), set_key(j, "input", {"path": str(t / "b.jsonl"), "format": "openai-batch"})), ["input.id_column", "'custom_id'", "'r0'"]),
     "template fails on every row": (lambda j, t: (j["input"].pop("prompt_column"), set_key(j, "input.prompt_template", "Q: {{ prompt.__class__ }}")), ["input.prompt_template", "failed on all of the first 3 rows"]),
     "per-row key unknown": (lambda j, t: set_key(j, "sampling.per_row", {"temprature": "t"}), ["sampling.per_row", "temprature"]),
     "per-row column missing": (lambda j, t: set_key(j, "sampling.per_row", {"max_tokens": "budget"}), ["sampling.per_row.max_tokens", "'budget'"]),

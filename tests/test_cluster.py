@@ -152,7 +152,8 @@ def cluster(tmp_path_factory):
 
 
 def make_job(tmp: Path, rows: int, delay_s: float, name: str) -> Path:
-    write_parquet(tmp / f"{name}.parquet", pa.table({"id": list(range(rows)), "prompt": [f"w{i} x y z" for i in range(rows)]}))
+    prompts = [f"w{i} x y z" for i in range(rows)]
+    write_parquet(tmp / f"{name}.parquet", pa.table({"id": list(range(rows)), "prompt": prompts}))
     job = {"engine": {"name": "echo", "options": {"delay_s": delay_s}, "max_in_flight": 64},
            "input": {"path": str(tmp / f"{name}.parquet"), "id_column": "id"},
            "sampling": {"max_tokens": 2}, "output": {"dir": str(tmp / f"{name}-out")},

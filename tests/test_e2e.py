@@ -148,7 +148,8 @@ def test_demo_job_cli(tmp_path, ray_cluster, demo_model):
 
     data = write_prompts(tmp_path / "prompts.parquet", n=96)
     proc = subprocess.run(
-        [PYTHON, "-m", "batchrun.cli", "run", str(ROOT / "jobs" / "demo.yaml"), "--set", f"output.dir={tmp_path / 'out'}",
+        [PYTHON, "-m", "batchrun.cli", "run", str(ROOT / "jobs" / "demo.yaml"),
+         "--set", f"output.dir={tmp_path / 'out'}",
          "--set", f"input.path={data}", "--set", f"engine.model={demo_model}"],
         cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300,
     )
@@ -183,7 +184,8 @@ def test_eval_example_accuracy_equals_a_plain_generate_loop(tmp_path, ray_cluste
     data = write_prompts(tmp_path / "prompts.parquet", n=128, seed=21)
     proc = subprocess.run(
         [PYTHON, "-m", "batchrun.cli", "run", str(ROOT / "jobs" / "eval.yaml"), "--no-progress",
-         "--set", f"output.dir={tmp_path / 'out'}", "--set", f"input.path={data}", "--set", f"engine.model={demo_model}"],
+         "--set", f"output.dir={tmp_path / 'out'}", "--set", f"input.path={data}",
+         "--set", f"engine.model={demo_model}"],
         cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())

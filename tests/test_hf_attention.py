@@ -77,7 +77,8 @@ def test_varlen_refuses_sliding_window_models(demo_model, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("lengths", [[(7, 7), (1, 300), (1, 1), (64, 64), (5, 133)], [(1, n) for n in range(3, 300, 11)]])
+@pytest.mark.parametrize("lengths", [[(7, 7), (1, 300), (1, 1), (64, 64), (5, 133)],
+                                     [(1, n) for n in range(3, 300, 11)]])
 def test_varlen_kernel_matches_the_reference_on_gpu(lengths):
     torch.manual_seed(0)
     heads, kv_heads, dim = 32, 4, 64

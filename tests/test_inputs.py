@@ -78,7 +78,8 @@ def test_openai_batch_round_trip(tmp_path, ray_cluster, demo_model, capsys):
             assert o["response"] is None and "neither body.messages nor body.prompt" in o["error"]["message"]
             continue
         body = o["response"]["body"]
-        a, b = map(int, (req["body"].get("prompt") or req["body"]["messages"][0]["content"]).rstrip("=").replace("-", "+-").split("+"))
+        text = req["body"].get("prompt") or req["body"]["messages"][0]["content"]
+        a, b = map(int, text.rstrip("=").replace("-", "+-").split("+"))
         if "messages" in req["body"]:
             assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
             text = body["choices"][0]["message"]["content"]
@@ -92,7 +93,8 @@ def test_openai_batch_round_trip(tmp_path, ray_cluster, demo_model, capsys):
 
 
 def test_n_samples_and_logprobs(tmp_path, ray_cluster, demo_model):
-    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(12)), "prompt": [f"{i}+{i}=" for i in range(12)]}))
+    write_parquet(tmp_path / "in.parquet",
+                  pa.table({"id": list(range(12)), "prompt": [f"{i}+{i}=" for i in range(12)]}))
     base = {"engine": {"name": "hf", "model": str(demo_model), "dtype": "float32"},
             "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id"}, "shards": {"rows_per_shard": 5}}
     spec = validate_spec({**base, "sampling": {"max_tokens": 4, "temperature": 1.5, "n": 3, "logprobs": True,

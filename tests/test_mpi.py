@@ -90,7 +90,8 @@ def test_hf_tensor_parallel_2_equals_1_through_the_runner(tmp_path, ray_cluster,
         assert summary["rows"] == 40 and summary["error_rows"] == 0
         kv = list(summary["worker_kv_cache_tokens"].values())  # rank 0 reports its cache through the launcher
         assert len(kv) == 1 and isinstance(kv[0], int) and kv[0] > 0, kv
-        outputs[tp] = {r["id"]: (r["generated_text"], r["finish_reason"]) for r in read_output(tmp_path / f"tp{tp}").to_pylist()}
+        rows = read_output(tmp_path / f"tp{tp}").to_pylist()
+        outputs[tp] = {r["id"]: (r["generated_text"], r["finish_reason"]) for r in rows}
     assert outputs[2] == outputs[1]
     assert wait_gone(pids_where(lambda cmd: "mpi4py.futures" in cmd)) == []
 
@@ -108,7 +109,8 @@ def test_hf_tensor_parallel_samples_like_one_rank(demo_model):
         try:
             ids = engine.encode(prompts)
             for i, p in enumerate(prompts):
-                engine.submit(Request(f"0:{i}", p, ids[i], Sampling(max_tokens=6, temperature=1.8, seed=row_seed(5, i))))
+                row = Sampling(max_tokens=6, temperature=1.8, seed=row_seed(5, i))
+                engine.submit(Request(f"0:{i}", p, ids[i], row))
             got: dict = {}
             deadline = time.time() + 120
             while len(got) < len(prompts) and time.time() < deadline:

@@ -79,7 +79,8 @@ def test_hf_save_to_disk_and_builder(tmp_path):
 
 
 def test_fsspec_urls_read_like_local_paths(tmp_path):
-    """Inputs go through fsspec: a file:// URL (like s3://, gs://, hf:// with their packages) plans and reads the same."""
+    """Inputs go through fsspec: a file:// URL (like s3://, gs://, hf:// with their packages) plans and reads the
+    same."""
     src = make_input(tmp_path)
     local, url = make_plan(spec_for(src, 13)), make_plan(spec_for(f"file://{src}", 13))
     assert [s.num_rows for s in local.shards] == [s.num_rows for s in url.shards]
@@ -180,7 +181,8 @@ def test_shards_of_one_big_row_group_read_the_file_about_once(tmp_path, monkeypa
             read[0] += len(data)
             return data
 
-    monkeypatch.setattr(source, "_file", lambda name, pf=pq.ParquetFile(Counting(str(path))): pf)
+    counted = pq.ParquetFile(Counting(str(path)))
+    monkeypatch.setattr(source, "_file", lambda name: counted)
     got = []
     for shard in plan.shards:
         got += source.read(plan.units, shard.fragments, ["id", "prompt"]).column("id").to_pylist()

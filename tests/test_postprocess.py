@@ -36,7 +36,8 @@ def test_parse_choice_and_regex():
 @pytest.mark.parametrize("spec,texts,refs,want", [
     ({"method": "exact", "reference_column": "ref"}, ["46", " 46 ", "47", None], ["46"] * 4, [1, 1, 0, None]),
     ({"method": "last_number", "reference_column": "ref"}, ["so it is 12, no 13", "13.0", "x"], ["13"] * 3, [1, 1, 0]),
-    ({"method": "regex", "pattern": r"#### (\w+)", "reference_column": "ref"}, ["work #### 7", "7"], ["7", "7"], [1, 0]),
+    ({"method": "regex", "pattern": r"#### (\w+)", "reference_column": "ref"},
+     ["work #### 7", "7"], ["7", "7"], [1, 0]),
 ])
 def test_scores(spec, texts, refs, want):
     s = Scorer(ScoreSpec(**spec))
@@ -48,7 +49,8 @@ def test_scores(spec, texts, refs, want):
 
 def test_choice_score_uses_the_parsed_label_and_hooks_see_the_row():
     s = Scorer(ScoreSpec(method="choice", reference_column="label"))
-    assert s.column(["POSITIVE", "neg"], ["Positive", None], pa.table({"label": ["positive", "negative"]})).to_pylist() == [1, 0]
+    column = s.column(["POSITIVE", "neg"], ["Positive", None], pa.table({"label": ["positive", "negative"]}))
+    assert column.to_pylist() == [1, 0]
     h = Scorer(ScoreSpec(hook="tests.hooks:length_ratio"))
     assert h.column(["abcd", None], None, pa.table({"answer": ["ab", "c"]})).to_pylist() == [2.0, None]
     with pytest.raises(SpecError, match="cannot import"):

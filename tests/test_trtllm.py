@@ -162,14 +162,14 @@ def test_logprobs_on_the_tensorrt_backend(tllm, demo_model, tmp_path):
 # ---------------------------------------------------------------- defect 3 and 4: KV cache dtypes, calibration
 
 
-def plan(tmp_path, capsys, engine: dict, sampling: dict | None = None) -> tuple[int, str]:
+def plan(tmp_path, capsys, engine: dict, sampling: dict | None = None, cmd: str = "plan") -> tuple[int, str]:
     from batchrun.cli import main
 
     write_parquet(tmp_path / "in.parquet", pa.table({"prompt": ["a"]}))
     job = {"engine": {"name": "trtllm", **engine}, "input": {"path": str(tmp_path / "in.parquet")},
            "sampling": sampling or {}, "output": {"dir": str(tmp_path / "out")}}
     (tmp_path / "j.yaml").write_text(yaml.safe_dump(job))
-    code = main(["plan", str(tmp_path / "j.yaml")])
+    code = main([cmd, str(tmp_path / "j.yaml")])
     return code, capsys.readouterr().err
 
 
@@ -220,9 +220,10 @@ def test_kv_cache_dtypes_per_backend(tllm, demo_model):
     ({"algo": "W8A16"}, False), ({"kv_cache": "INT8"}, True), ({"algo": "NO_QUANT"}, False),
 ])
 def test_calibration_uses_the_local_dataset(tllm, demo_model, tmp_path, quant, calibrates):
-    from batchrun.engines.trtllm import TRTLLMOptions, llm_class_and_kwargs
     from tensorrt_llm._common import BaseLLM
     from tensorrt_llm._tensorrt_engine import LLM as TrtLLM
+
+    from batchrun.engines.trtllm import TRTLLMOptions, llm_class_and_kwargs
 
     data = tmp_path / "calib"
     data.mkdir()
@@ -424,7 +425,8 @@ def test_per_request_engine_error_becomes_an_error_row(tllm, demo_model):
 
 def test_bad_options_are_refused_with_the_key(tllm, demo_model, tmp_path, capsys):
     for cmd in ("plan", "run"):  # checked before any work, without importing tensorrt_llm
-        code, err = plan(tmp_path, capsys, {"model": str(demo_model), "options": {"quantization": {"algo": "FP9"}}})
+        code, err = plan(tmp_path, capsys, {"model": str(demo_model), "options": {"quantization": {"algo": "FP9"}}},
+                         cmd=cmd)
         assert code == 2
         assert "engine.options.quantization.algo" in err and "'FP9'" in err and "W4A16_AWQ" in err
 

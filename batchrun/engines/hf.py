@@ -251,7 +251,8 @@ class HFEngine(Engine):
     def render_chat(self, conversations: list[list[dict]]) -> list[str]:
         if not self.tokenizer.chat_template:
             raise ValueError("the tokenizer has no chat template (input.chat / messages need one)")
-        return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+        return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                for c in conversations]
 
     def submit(self, request: Request) -> None:
         s = request.sampling

@@ -58,7 +58,7 @@ DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_TOKENS = 2048, 8192  # A1
 
 class Quantization(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    algo: Literal[QUANT_ALGOS] | None = None  # weights/activations: W8A8_SQ_PER_CHANNEL (SmoothQuant), W4A16_AWQ, FP8...
+    algo: Literal[QUANT_ALGOS] | None = None  # weights/activations: W8A8_SQ_PER_CHANNEL (SmoothQuant), W4A16_AWQ...
     kv_cache: Literal[KV_CACHE_QUANT_ALGOS] | None = None  # INT8 / FP8 / NVFP4 KV cache
     calib_dataset: str | None = None  # a local dataset path for the calibration TensorRT-LLM runs while building
 
@@ -89,7 +89,7 @@ class TRTLLMOptions(BaseModel):
     max_batch_size: int | None = Field(None, ge=1)
     max_num_tokens: int | None = Field(None, ge=1)
     max_seq_len: int | None = Field(None, ge=1)
-    max_input_len: int | None = Field(None, ge=1)  # tensorrt backend: longest prompt the engine takes (default: context)
+    max_input_len: int | None = Field(None, ge=1)  # tensorrt backend: the longest prompt (default: the context)
     enable_chunked_prefill: bool = False
     engine_cache: str | None = None  # tensorrt backend: where `batchrun build` keeps engines, keyed by fingerprint
     shutdown_timeout_s: float = Field(30.0, gt=0)  # LLM.shutdown() is given this long, then the ranks are ended

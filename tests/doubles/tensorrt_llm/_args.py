@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,15 +42,15 @@ KV_CACHE_QUANT_ALGO_LIST = [QuantAlgo.FP8, QuantAlgo.INT8, QuantAlgo.NVFP4]
 
 
 class QuantConfig(StrictBaseModel):  # A6: models/modeling_utils.py
-    quant_algo: Optional[QuantAlgo] = None
-    kv_cache_quant_algo: Optional[QuantAlgo] = None
-    group_size: Optional[int] = 128
+    quant_algo: QuantAlgo | None = None
+    kv_cache_quant_algo: QuantAlgo | None = None
+    group_size: int | None = 128
     smoothquant_val: float = 0.5
-    clamp_val: Optional[list[float]] = None
+    clamp_val: list[float] | None = None
     use_meta_recipe: bool = False
     has_zero_point: bool = False
     pre_quant_scale: bool = False
-    exclude_modules: Optional[list[str]] = None
+    exclude_modules: list[str] | None = None
 
     @property
     def _requires_calibration(self) -> bool:  # A6: every algorithm but three, NO_QUANT included; any KV quant
@@ -74,14 +74,14 @@ class CalibConfig(StrictBaseModel):  # A7: llmapi/llm_args.py
 
 class KvCacheConfig(StrictBaseModel):  # A3: llmapi/llm_args.py (dtype: a plain str in 1.x)
     enable_block_reuse: bool = True
-    max_tokens: Optional[int] = None
-    max_attention_window: Optional[list[int]] = None
-    sink_token_length: Optional[int] = None
-    free_gpu_memory_fraction: Optional[float] = Field(0.9, ge=0, le=1)
-    host_cache_size: Optional[int] = None
+    max_tokens: int | None = None
+    max_attention_window: list[int] | None = None
+    sink_token_length: int | None = None
+    free_gpu_memory_fraction: float | None = Field(0.9, ge=0, le=1)
+    host_cache_size: int | None = None
     onboard_blocks: bool = True
-    cross_kv_cache_fraction: Optional[float] = None
-    secondary_offload_min_priority: Optional[int] = None
+    cross_kv_cache_fraction: float | None = None
+    secondary_offload_min_priority: int | None = None
     event_buffer_max_size: int = 0
     enable_partial_reuse: bool = True
     copy_on_partial_reuse: bool = True
@@ -99,13 +99,13 @@ class BuildConfig:  # A8: builder.py (a dataclass: unknown keywords are a TypeEr
     max_batch_size: int = 2048
     max_beam_width: int = 1
     max_num_tokens: int = 8192
-    opt_num_tokens: Optional[int] = None
+    opt_num_tokens: int | None = None
     max_prompt_embedding_table_size: int = 0
     kv_cache_type: object = None
     gather_context_logits: int = False
     gather_generation_logits: int = False
     strongly_typed: bool = True
-    force_num_profiles: Optional[int] = None
+    force_num_profiles: int | None = None
     profiling_verbosity: str = "layer_names_only"
     enable_debug_output: bool = False
     max_draft_len: int = 0

@@ -22,8 +22,16 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 
-from tensorrt_llm._args import (TORCH_LLM_ARGS, TRT_LLM_ARGS, TRT_ONLY_ARGS, VALID_TORCH_KV_CACHE_DTYPES,
-                                BuildConfig, CalibConfig, KvCacheConfig, QuantConfig)
+from tensorrt_llm._args import (
+    TORCH_LLM_ARGS,
+    TRT_LLM_ARGS,
+    TRT_ONLY_ARGS,
+    VALID_TORCH_KV_CACHE_DTYPES,
+    BuildConfig,
+    CalibConfig,
+    KvCacheConfig,
+    QuantConfig,
+)
 from tensorrt_llm.sampling_params import SamplingParams
 
 POISON = "FAILREQ"
