@@ -95,11 +95,12 @@ class JobRunner:
             self.out.check_fingerprint(self.components(plan), self.overwrite)
             self.out.reconcile()
             self.out.clean_tmp()
-            return self._run(plan)
+            committed = {sid for sid, e in self.out.entries().items() if e.state == "committed"}
+            return self._run(plan, pending=sum(s.shard_id not in committed for s in plan.shards))
         finally:
             self.out.release_lock(self.run_id)
 
-    def _run(self, plan: Plan) -> JobResult:
+    def _run(self, plan: Plan, pending: int) -> JobResult:
         import ray
 
         ray_started = time.time()
@@ -115,9 +116,10 @@ class JobRunner:
         pool = WorkerPool(spec, plan, queue, self.run_id)
         progress = Progress(total=plan.total_rows, enabled=self.show_progress)
         try:
-            todo = ray.get(queue.progress.remote())
-            if todo["shards_pending"]:
-                pool.start(min(resolve_num_workers(spec.resources), todo["shards_pending"]))
+            # Workers start loading their engines now, while the queue actor rebuilds its state from the manifest
+            # (the driver counted what is pending itself): model load overlaps the queue's start.
+            if pending:
+                pool.start(min(resolve_num_workers(spec.resources), pending))
             while not (snap := ray.get(queue.progress.remote()))["finished"]:
                 progress.update(snap)
                 self._check_stall(snap, pool)
