@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import resource
 import threading
 import time
 from dataclasses import asdict, dataclass
 
 from batchrun.engines import create_engine
 from batchrun.engines.base import Request, Sampling
+from batchrun.process import peak_rss_mb
 from batchrun.spec import EngineSpec, SamplingSpec
 
 ENGINE_MODULES = {"hf": "transformers", "trtllm": "tensorrt_llm"}
@@ -120,7 +120,7 @@ def run_engine(name: str, model: str, prompts: list[str], max_tokens: int, dtype
     if gpu:
         peak, kind = gpu.stop(), "GPU (device-wide)"
     else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process RSS (no GPU)"
+        peak, kind = peak_rss_mb(), "process peak RSS (no GPU)"
     return EngineResult(name, "ok", len(prompts), tokens, seconds, tokens / seconds, len(prompts) / seconds,
                         first, peak, kind)
 

@@ -8,26 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from batchrun.shards import Fragment, Shard
+from batchrun.sources import open_source
 from batchrun.spec import JobSpec
-
-
-@dataclass(frozen=True, slots=True)
-class Fragment:
-    unit: int  # index into Plan.units
-    start: int  # first row within the unit
-    stop: int  # one past the last row within the unit
-
-
-@dataclass(frozen=True, slots=True)
-class Shard:
-    shard_id: int
-    row_start: int  # global index of its first row: generated ids are row_start + offset
-    num_rows: int
-    fragments: tuple[Fragment, ...]
-
-    @property
-    def name(self) -> str:
-        return f"{self.shard_id:06d}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +59,6 @@ def cut_shards(unit_rows: tuple[int, ...], rows_per_shard: int, per_unit: bool =
 
 
 def make_plan(spec: JobSpec) -> Plan:
-    from batchrun.sources import open_source
-
     source = open_source(spec.input)
     units, unit_rows, columns = source.describe()
     shards = cut_shards(tuple(unit_rows), spec.rows_per_shard, per_unit=source.per_unit)

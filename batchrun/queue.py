@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchrun.metrics import record
-from batchrun.plan import Shard
+from batchrun.shards import Shard
 from batchrun.sink import ManifestEntry, OutputDir
 
 WAIT, DONE = "wait", "done"

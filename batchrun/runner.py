@@ -14,15 +14,17 @@ from dataclasses import dataclass, field
 
 from batchrun.engines import check_engine
 from batchrun.errors import JobFailed, SpecError
+from batchrun.fingerprint import model_files
 from batchrun.plan import Plan, make_plan
+from batchrun.process import peak_rss_mb, steady_arrow_pool
 from batchrun.progress import Progress
 from batchrun.prompts import PromptBuilder
 from batchrun.queue import ShardQueue
 from batchrun.scan import check_template_renders, scan_input
 from batchrun.sink import OutputDir, committed_totals
 from batchrun.sources import open_source
-from batchrun.spec import JobSpec, model_files
-from batchrun.worker import Worker, peak_rss_mb, steady_arrow_pool
+from batchrun.spec import JobSpec
+from batchrun.worker import Worker
 
 log = logging.getLogger("batchrun")
 
@@ -124,7 +126,7 @@ class JobRunner:
                 progress.update(snap)
                 self._check_stall(snap, pool)
                 pool.watch()
-            pool.drain()  # let workers see DONE, close their engines and hand back their final counters
+            pool.finish()  # let workers see DONE, close their engines and hand back their final counters
             snap = ray.get(queue.progress.remote())
             report = ray.get(queue.report.remote())
             progress.update(snap)
@@ -394,7 +396,7 @@ class WorkerPool:
         if wid in self.placement_groups:
             remove_placement_group(self.placement_groups.pop(wid))
 
-    def drain(self, timeout_s: float = 60.0, close_timeout_s: float = 60.0) -> None:
+    def finish(self, timeout_s: float = 60.0, close_timeout_s: float = 60.0) -> None:
         """After the last commit: wait (bounded) for workers to finish run(), then close every engine in parallel
         under one deadline (a job with N workers waits once, not N times). A worker whose engine never loaded (still
         loading, or its actor still waiting for resources the others held) has no results to hand back: shutdown()

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.types as pat
 
 from batchrun.errors import SpecError
-from batchrun.plan import Fragment, Plan
+from batchrun.plan import Plan
+from batchrun.shards import Fragment
 from batchrun.spec import JobSpec
 
 log = logging.getLogger("batchrun")

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrun.errors import OutputLocked, SpecError
-from batchrun.spec import diff_components, fingerprint
+from batchrun.fingerprint import diff_components, fingerprint
 
 META_KEY = b"batchrun"
 

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import queue as stdqueue
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,10 +23,11 @@ import pyarrow as pa
 from batchrun.engines import Completion, Request, create_engine, sampling_from_spec
 from batchrun.engines.base import row_seed
 from batchrun.metrics import record
-from batchrun.plan import Shard
 from batchrun.postprocess import Parser, Scorer, totals
+from batchrun.process import node_name, peak_rss_mb, set_niceness, use_steady_arrow_pool
 from batchrun.prompts import PromptBuilder, fit_to_context
 from batchrun.queue import DONE, WAIT
+from batchrun.shards import Shard
 from batchrun.sink import ManifestEntry, OutputDir, ids_digest
 from batchrun.sources import open_source
 from batchrun.spec import PER_ROW_RULES, JobSpec
@@ -115,79 +115,6 @@ class ShardTask:
         if scorer is not None:
             out = out.append_column("score", scorer.column(self.text, parsed, refs))
         return out
-
-
-def node_name() -> str:
-    """Host and Ray node id: several Ray nodes can share a host (and a hostname)."""
-    try:
-        import ray
-
-        return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
-    except Exception:
-        return socket.gethostname()
-
-
-def set_niceness(value: int | None) -> int:
-    """Give every thread of this process the niceness `value` (Linux niceness is per thread; threads and processes
-    started afterwards, such as the engine's loop and its MPI ranks, inherit it). Returns the niceness in effect.
-    Going below the current value needs CAP_SYS_NICE (root in containers); without it the worker keeps Ray's."""
-    if value is not None and hasattr(os, "setpriority"):
-        try:
-            tids = [int(t) for t in os.listdir("/proc/self/task")]
-        except OSError:
-            tids = [0]
-        for tid in tids:
-            try:
-                os.setpriority(os.PRIO_PROCESS, tid, value)
-            except ProcessLookupError:  # a thread that just ended
-                pass
-            except PermissionError:
-                log.warning("cannot set the worker's niceness to %s (needs CAP_SYS_NICE); it stays at %s", value,
-                            os.getpriority(os.PRIO_PROCESS, 0))
-                break
-    return os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
-
-
-def _steady_pool() -> pa.MemoryPool:
-    try:
-        return pa.jemalloc_memory_pool()
-    except NotImplementedError:  # a pyarrow built without jemalloc
-        return pa.system_memory_pool()
-
-
-def steady_arrow_pool() -> str:
-    """The Arrow allocator workers use unless ARROW_DEFAULT_MEMORY_POOL names one: jemalloc, else the system's.
-
-    pyarrow's default on Linux, mimalloc, keeps the pages that Parquet decoding frees on its thread pool: a worker
-    grew by ~60 MB over its first 200 shards with 4 MB live in the pool, then plateaued (bench/RESULTS.md, memory).
-    jemalloc and the system allocator return them. Best set in the environment of the node's Ray processes, so that
-    Arrow's C++ code, which never sees pa.set_memory_pool, uses it from the start: batchrun does that for the local
-    cluster it starts, the Docker image and launch/ scripts for theirs. Elsewhere the worker switches pyarrow's pool
-    itself (use_steady_arrow_pool). A runtime_env would also do it, but costs each job a fresh worker process start."""
-    return os.environ.get("ARROW_DEFAULT_MEMORY_POOL") or _steady_pool().backend_name
-
-
-def use_steady_arrow_pool() -> str:
-    """In a worker that started on pyarrow's default allocator with nobody choosing one: switch pyarrow's pool (the
-    tables batchrun builds, the Parquet it reads and writes). Returns the pool in use."""
-    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL") and pa.default_memory_pool().backend_name == "mimalloc":
-        pa.set_memory_pool(_steady_pool())
-    return pa.default_memory_pool().backend_name
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. On Linux the high-water mark of its own address space (VmHWM):
-    ru_maxrss survives exec, so a process started by a large parent would report the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)  # kB
-    except OSError:
-        pass
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 class Worker:

@@ -114,8 +114,8 @@ def run_bare(model, ids, budgets, options: dict, keep_gpu_cache: bool = False) -
     import torch
     from transformers.generation import ContinuousBatchingConfig
 
-    from batchrun.engines.hf import CPU_CB_DEFAULTS, kv_cache_tokens, warm_up
     from batchrun.engines.hf_attention import apply_attention
+    from batchrun.engines.hf_backend import CPU_CB_DEFAULTS, kv_cache_tokens, warm_up
 
     cb = dict(options)
     if model.device.type == "cpu":
@@ -214,7 +214,7 @@ def run_bare_in_ray(model_path, ids, budgets, options: dict, dtype: str, gpus: f
     batchrun vs this is the cost of batchrun's own code; this vs bare is the cost of running under Ray at all."""
     import ray
 
-    from batchrun.worker import set_niceness
+    from batchrun.process import set_niceness
 
     def task(model_path, ids, budgets, options, dtype):
         import torch

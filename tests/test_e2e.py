@@ -54,7 +54,7 @@ def test_hf_runner_equals_generate_per_prompt(tmp_path, ray_cluster, demo_model)
     # each worker reports its engine's KV cache: on a CPU, at least the CPU default of num_blocks pages
     from transformers.generation import ContinuousBatchingConfig
 
-    from batchrun.engines.hf import CPU_CB_DEFAULTS
+    from batchrun.engines.hf_backend import CPU_CB_DEFAULTS
 
     least = CPU_CB_DEFAULTS["num_blocks"] * ContinuousBatchingConfig().page_size
     kv = summary["worker_kv_cache_tokens"]
@@ -103,7 +103,7 @@ def test_echo_every_row_exactly_once_with_passthrough(tmp_path, ray_cluster):
         "shards": {"rows_per_shard": 333},
     })
     summary = JobRunner(spec, show_progress=False).run().summary
-    from batchrun.worker import steady_arrow_pool
+    from batchrun.process import steady_arrow_pool
 
     assert list(summary["worker_arrow_pool"].values()) == [steady_arrow_pool()] * 2  # set from the worker's start
     out = read_output(tmp_path / "out")
@@ -228,7 +228,7 @@ def test_worker_runs_at_the_niceness_asked_for(tmp_path, ray_cluster, niceness):
 
 def test_a_worker_the_cluster_cannot_place_does_not_hold_up_the_end(tmp_path, ray_cluster):
     """Three workers of 3 CPUs on the session's 8-CPU cluster: the third waits for resources the whole job. Once
-    the two others have committed every shard, the job ends; it used to wait out drain()'s 60 s for the third."""
+    the two others have committed every shard, the job ends; it used to wait 60 s for the third."""
     write_parquet(tmp_path / "in.parquet", pa.table({"prompt": [f"p{i}" for i in range(40)]}))
     spec = validate_spec({"engine": {"name": "echo"}, "input": {"path": str(tmp_path / "in.parquet")},
                           "output": {"dir": str(tmp_path / "out")}, "shards": {"rows_per_shard": 5},

@@ -13,7 +13,6 @@ A hook class may define `Options` and a `check` classmethod; it is built as `Cla
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,29 +20,9 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling
+from batchrun.engines.build import model_args, require_model_dir, sampling_from_spec
 from batchrun.errors import SpecError
 from batchrun.spec import BUILTIN_ENGINES, EngineSpec, JobSpec, ParseSpec, SamplingSpec
-
-
-def sampling_from_spec(s: SamplingSpec) -> Sampling:
-    return Sampling(s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, tuple(s.stop), s.n, s.logprobs,
-                    s.top_logprobs)
-
-
-def model_args(spec: EngineSpec, options: dict) -> dict:
-    """The constructor arguments every model-backed engine takes."""
-    return dict(tokenizer=spec.tokenizer, dtype=spec.dtype, device=spec.device,
-                trust_remote_code=spec.trust_remote_code, tensor_parallel_size=spec.tensor_parallel_size,
-                max_in_flight=None if spec.max_in_flight == "auto" else spec.max_in_flight, **options)
-
-
-def require_model_dir(spec: JobSpec) -> None:
-    """For engines that load a local model: engine.model must name a directory (a URL is left to the engine)."""
-    model = spec.engine.model
-    if not model:
-        raise ValueError(f"engine.model is required for engine {spec.engine.name!r} (a local model directory)")
-    if "://" not in model and not os.path.isdir(model):
-        raise ValueError(f"key 'engine.model': {model} is not a directory (expected a local model dir)")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,15 @@ import threading
 import time
 from multiprocessing.connection import Client, Listener
 
-from batchrun.engines.hf import EngineDead, ModelConfig, RawResult, drain, kv_cache_tokens, start_manager, warm_up
+from batchrun.engines.hf_backend import (
+    EngineDead,
+    LaunchConfig,
+    RawResult,
+    collect_results,
+    kv_cache_tokens,
+    start_manager,
+    warm_up,
+)
 from batchrun.engines.mpi import RankPool, actor_gpu_ids, torch_dist_env
 
 
@@ -26,7 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def hf_rank_main(cfg: ModelConfig, master_port: int, address: tuple, authkey: bytes) -> str:
+def hf_rank_main(cfg: LaunchConfig, master_port: int, address: tuple, authkey: bytes) -> str:
     """Runs on every rank for the engine's lifetime (importable: ranks cannot run code from __main__)."""
     from mpi4py import MPI
 
@@ -76,7 +84,7 @@ def _drive(manager, conn, ready: tuple) -> None:
 
     def send_results():
         while not stop.is_set():
-            out = drain(manager, 0.05)
+            out = collect_results(manager, 0.05)
             if out:
                 conn.send(("results", out))
             elif not manager.is_running():
@@ -96,7 +104,7 @@ def _drive(manager, conn, ready: tuple) -> None:
 
 
 class TPBackend:
-    def __init__(self, cfg: ModelConfig, tp_size: int, timeout_s: float = 600.0):
+    def __init__(self, cfg: LaunchConfig, tp_size: int, timeout_s: float = 600.0):
         authkey = secrets.token_bytes(16)
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
         started = time.monotonic()

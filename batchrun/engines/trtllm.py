@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import hashlib
 import json
 import logging
 import os
@@ -40,8 +39,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_stop
+from batchrun.engines.build import model_args, require_model_dir, sampling_from_spec
 from batchrun.engines.mpi import abandon_mpi_manager_threads, actor_gpu_ids, descendants, kill_all, prepare_mpi_process
-from batchrun.spec import ParseSpec, model_files
+from batchrun.fingerprint import fingerprint, model_files
+from batchrun.spec import ParseSpec
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,6 @@ def options_model():
 
 def check(spec) -> None:
     """Combinations TensorRT-LLM refuses, or that cannot finish on an offline cluster, named by their keys."""
-    from batchrun.engines import require_model_dir
-
     require_model_dir(spec)
     opts = TRTLLMOptions(**spec.engine.options)
     q = opts.quantization
@@ -234,7 +233,7 @@ def build_fingerprint(model: str, tp: int, opts: TRTLLMOptions, logprobs: bool =
            "max": [opts.max_batch_size, opts.max_num_tokens, opts.max_seq_len, opts.max_input_len]}
     if logprobs:  # added only when set, so engines built before this key existed keep their fingerprint
         key["gather_generation_logits"] = True
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(key)
 
 
 def llm_class_and_kwargs(tllm, model: str, tp: int, dtype: str, trust_remote_code: bool, opts: TRTLLMOptions,
@@ -403,8 +402,6 @@ class _Loop:
 
 
 def create(spec, sampling, parse=None) -> TRTLLMEngine:
-    from batchrun.engines import model_args, sampling_from_spec
-
     return TRTLLMEngine(spec.model, sampling_from_spec(sampling), guide=parse, **model_args(spec, spec.options))
 
 

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from batchrun.plan import Fragment
+from batchrun.shards import Fragment
 
 
 class Source(ABC):

@@ -14,7 +14,7 @@ import os
 import pyarrow as pa
 
 from batchrun.errors import SpecError
-from batchrun.plan import Fragment
+from batchrun.shards import Fragment
 from batchrun.sources.base import CursorCache, RowCursor, Source
 
 COUNT_BATCH = 8192

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from batchrun.errors import SpecError
-from batchrun.plan import Fragment
+from batchrun.shards import Fragment
 from batchrun.sources.base import CursorCache, Source
 from batchrun.sources.files import list_files
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrun.errors import SpecError
-from batchrun.plan import Fragment
+from batchrun.shards import Fragment
 from batchrun.sources.base import CursorCache, RowCursor, Source
 from batchrun.sources.files import list_files
 
