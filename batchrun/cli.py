@@ -105,6 +105,8 @@ def cmd_run(args) -> int:
 def print_summary(s: dict, samples: int = 3) -> None:
     import pyarrow.parquet as pq
 
+    from batchrun.sink import OutputDir
+
     run = s["this_run"]
     print(f"\nbatchrun: {s['status']}: {s['rows']} rows in {s['shards_committed']}/{s['shards']} shards "
           f"({s['shards_skipped']} already committed), {s['error_rows']} error rows")
@@ -134,7 +136,7 @@ def print_summary(s: dict, samples: int = 3) -> None:
         print(f"  score: {m['score_mean']:.4f} mean over {m['rows']} rows ({m['score_sum']:g} right; "
               f"{m['rows'] - m['rows_scored']} error rows count as wrong)")
     print(f"  output: {s['output_dir']} (summary: _summary.json)")
-    parts = sorted(Path(s["output_dir"]).glob("part-*.parquet"))
+    parts = OutputDir(s["output_dir"]).parts()
     if parts:  # a few rows of the first part only: the summary never reads the whole output
         batch = next(pq.ParquetFile(parts[0]).iter_batches(batch_size=samples))
         for row in batch.to_pylist():
@@ -144,8 +146,9 @@ def print_summary(s: dict, samples: int = 3) -> None:
 def cmd_export(args) -> int:
     from batchrun.errors import SpecError
     from batchrun.export import export_openai_batch
+    from batchrun.sink import OutputDir
 
-    if not (Path(args.out_dir) / "_batchrun").is_dir():
+    if not OutputDir(args.out_dir).meta.is_dir():
         raise SpecError(f"{args.out_dir} is not a batchrun output dir (no _batchrun/ in it)")
     if args.output == "-":
         n = export_openai_batch(args.out_dir, sys.stdout)
@@ -158,13 +161,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from batchrun.sink import OutputDir, committed_totals
+    from batchrun.sink import OutputDir, committed_only, committed_totals
 
     out = OutputDir(args.out_dir)
     entries = out.entries()
-    job = json.loads((out.meta / "job.json").read_text()) if (out.meta / "job.json").exists() else {}
-    lock = json.loads((out.meta / "lock.json").read_text()) if (out.meta / "lock.json").exists() else None
-    committed = [e for e in entries.values() if e.state == "committed"]
+    job, lock = out.job(), out.lock_holder()
+    committed = committed_only(entries.values())
     quarantined = {e.shard_id: e.error for e in entries.values() if e.state == "quarantined"}
     total_rows = sum(job.get("components", {}).get("input_files", {}).get("rows", []))
     totals = committed_totals(committed)

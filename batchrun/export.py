@@ -57,9 +57,5 @@ def export_openai_batch(out_dir: str | Path, fh: TextIO) -> int:
 
 def _job_model(out: OutputDir) -> str:
     """The job's model name (the last part of engine.model), for requests that named none."""
-    try:
-        job = json.loads((out.meta / "job.json").read_text())
-        model = job["components"]["engine"].get("model")
-    except (OSError, ValueError, KeyError, AttributeError):
-        model = None
+    model = out.job().get("components", {}).get("engine", {}).get("model")
     return Path(model).name if model else "batchrun"

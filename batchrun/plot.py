@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from batchrun.sink import OutputDir
+from batchrun.sink import OutputDir, committed_only
 
 
 def plot_timeline(out: OutputDir, path: Path | None = None, bins: int = 60) -> Path:
@@ -32,7 +32,7 @@ def plot_timeline(out: OutputDir, path: Path | None = None, bins: int = 60) -> P
                    edgecolor="white", hatch="//" if e.attempt > 1 else None)
     gantt.set_yticks(range(len(workers)), [f"{w} ({next(e.node for e in entries if e.worker == w)})" for w in workers])
     gantt.set_title(f"{out.root.name}: shards per worker (lease -> commit; hatched = retry, red = quarantined)")
-    committed = [e for e in entries if e.state == "committed"]
+    committed = committed_only(entries)
     end = max(e.committed_at for e in entries) - t0
     width = max(end / bins, 1e-3)
     counts = [0.0] * (bins + 1)

@@ -7,30 +7,17 @@ score totals go into its manifest entry, so the job's metrics cover every shard,
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import re
 
 import pyarrow as pa
 
-from batchrun.errors import SpecError
+from batchrun.hooks import load_hook
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 PY_TYPES = {"str": (str, pa.string()), "int": (int, pa.int64()), "float": (float, pa.float64()),
             "bool": (bool, pa.bool_())}
-
-
-def load_hook(ref: str):
-    """`module:function`: the only way a job file names code."""
-    module, _, attr = ref.partition(":")
-    try:
-        fn = importlib.import_module(module)
-        for part in attr.split("."):
-            fn = getattr(fn, part)
-    except (ImportError, AttributeError) as e:
-        raise SpecError(f"hook {ref!r}: cannot import it ({e})") from None
-    return fn
 
 
 class Parser:
@@ -94,7 +81,7 @@ class Scorer:
     def __init__(self, spec):
         self.spec = spec
         self.regex = re.compile(spec.pattern) if spec.pattern else None
-        self.hook = load_hook(spec.hook) if spec.hook else None
+        self.hook = load_hook(spec.hook, "score.hook") if spec.hook else None
 
     def column(self, texts, parsed, table: pa.Table) -> pa.Array:
         ref = self.spec.reference_column

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from batchrun.engines import check_engine
 from batchrun.errors import JobFailed, SpecError
 from batchrun.fingerprint import model_files
+from batchrun.hooks import load_hook
 from batchrun.plan import Plan, make_plan
 from batchrun.process import peak_rss_mb, steady_arrow_pool
 from batchrun.progress import Progress
 from batchrun.prompts import PromptBuilder
-from batchrun.queue import ShardQueue
 from batchrun.scan import check_template_renders, scan_input
+from batchrun.shard_queue import ShardQueue
 from batchrun.sink import OutputDir, committed_totals
 from batchrun.sources import open_source
 from batchrun.spec import JobSpec
@@ -41,9 +42,7 @@ def check_input(spec: JobSpec, plan: Plan) -> None:
     if spec.score and spec.score.reference_column:
         named.append(("score.reference_column", spec.score.reference_column))
     if spec.score and spec.score.hook:
-        from batchrun.postprocess import load_hook
-
-        load_hook(spec.score.hook)  # import it now: a typo fails before any work
+        load_hook(spec.score.hook, "score.hook")  # import it now: a typo fails before any work
     for key, col in named:
         if col and col not in columns:
             raise SpecError(f"key '{key}': column {col!r} not in the input (columns: {', '.join(columns)})")
@@ -97,7 +96,7 @@ class JobRunner:
             self.out.check_fingerprint(self.components(plan), self.overwrite)
             self.out.reconcile()
             self.out.clean_tmp()
-            committed = {sid for sid, e in self.out.entries().items() if e.state == "committed"}
+            committed = self.out.committed()
             return self._run(plan, pending=sum(s.shard_id not in committed for s in plan.shards))
         finally:
             self.out.release_lock(self.run_id)
@@ -159,7 +158,7 @@ class JobRunner:
                 pool.replace(wid, f"no heartbeat for {w['heartbeat_age_s']:.0f}s")
 
     def write_summary(self, snap: dict, report: dict, pool: WorkerPool) -> dict:
-        entries = [e for e in self.out.entries().values() if e.state == "committed"]
+        entries = list(self.out.committed().values())
         wall = time.time() - self.invoked_at  # the whole command: plan, Ray start, engine loads and the work
         this_run = [e for e in entries if e.run_id == self.run_id]
         gen = sum(e.generated_tokens for e in this_run)
@@ -182,6 +181,8 @@ class JobRunner:
             "shards_skipped": snap["shards_skipped"],
             "shards_quarantined": report["quarantined"],
             "shard_failures": snap["shard_failures"],
+            # commits the queue refused because the shard was already committed (a stale worker's late copy)
+            "duplicate_commits_refused": snap["duplicates"],
             "worker_restarts": pool.restarts,
             "close_wait_s": pool.close_wait_s,  # the end of the job waiting for engines to close, all in parallel
             "prompt_tokens": totals["prompt_tokens"],

@@ -52,9 +52,14 @@ class ManifestEntry:
     score: dict | None = None  # evals: {"sum", "rows", "scored"} of this shard's score column
 
 
+def committed_only(entries) -> list[ManifestEntry]:
+    """The entries of committed shards (not quarantined ones): the one definition of "done" for every reader."""
+    return [e for e in entries if e.state == "committed"]
+
+
 def committed_totals(entries) -> dict:
     """Rows and tokens over committed manifest entries: the numbers the summary and `batchrun status` report."""
-    done = [e for e in entries if e.state == "committed"]
+    done = committed_only(entries)
     return {"rows": sum(e.rows for e in done), "error_rows": sum(e.error_rows for e in done),
             "prompt_tokens": sum(e.prompt_tokens for e in done),
             "generated_tokens": sum(e.generated_tokens for e in done)}
@@ -173,6 +178,17 @@ class OutputDir:
                 out[e.shard_id] = e
         return out
 
+    def committed(self) -> dict[int, ManifestEntry]:
+        return {e.shard_id: e for e in committed_only(self.entries().values())}
+
+    def job(self) -> dict:
+        """The job's fingerprint and components (job.json), or {} before its first run."""
+        return _read_json(self.meta / "job.json") or {}
+
+    def lock_holder(self) -> dict | None:
+        """Who holds the run lock (lock.json), or None."""
+        return _read_json(self.meta / "lock.json")
+
     def write_entry(self, entry: ManifestEntry) -> None:
         _atomic_write(self.manifest_dir / f"{entry.shard_id:06d}.json", json.dumps(asdict(entry)))
 
@@ -181,11 +197,11 @@ class OutputDir:
 
     def reconcile(self) -> list[int]:
         """Rebuild manifest entries for parts committed just before a crash, from their own Parquet metadata."""
-        entries = self.entries()
+        committed = self.committed()
         rebuilt = []
         for part in self.parts():
             shard_id = int(part.stem.split("-")[1])
-            if shard_id in entries and entries[shard_id].state == "committed":
+            if shard_id in committed:
                 continue
             meta = pq.read_schema(part).metadata or {}
             if META_KEY not in meta:

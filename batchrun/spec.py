@@ -6,12 +6,11 @@ Pydantic lives only at this edge. Everything past `load_spec` reads the validate
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from batchrun.errors import SpecError
 
@@ -87,29 +86,8 @@ class InputSpec(_Section):
         return bool(self.chat or self.messages_column)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-class RowRule(NamedTuple):
-    """What one row's value of a sampling.per_row column must be (the job-level bounds below), and its type."""
-
-    ok: Callable[[Any], bool]
-    expected: str
-    convert: Callable[[Any], Any] = lambda v: v
-
-
-PER_ROW_RULES = {
-    "max_tokens": RowRule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "temperature": RowRule(lambda v: _is_number(v) and v >= 0, "a number >= 0", float),
-    "top_p": RowRule(lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", float),
-    "top_k": RowRule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "seed": RowRule(lambda v: _is_int(v) and 0 <= v < 2**63, "an integer in [0, 2**63)"),
-}
+# sampling keys a row may set for itself from an input column (sampling.per_row); the bounds are SamplingSpec's own
+PER_ROW_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 
 
 class SamplingSpec(_Section):
@@ -117,13 +95,44 @@ class SamplingSpec(_Section):
     temperature: float = Field(0.0, ge=0.0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0 = off
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)  # 63 bits: what every engine's seed type holds
     stop: list[str] = Field(default_factory=list)  # generation ends at the first of these; the text excludes it
     n: int = Field(1, ge=1)  # samples per prompt: one output row each, with sample_index
     logprobs: bool = False  # a `logprobs` column: the log probability of each generated token
     top_logprobs: int = Field(0, ge=0, le=20)  # > 0: a `top_logprobs` column, the k likeliest tokens at each step
     # sampling key -> input column: a row's own value (null: the job's); a seed column seeds that row alone
-    per_row: dict[Literal[tuple(PER_ROW_RULES)], str] = Field(default_factory=dict)
+    per_row: dict[Literal[PER_ROW_KEYS], str] = Field(default_factory=dict)
+
+
+def _number(x) -> str:
+    return "2**63" if x == 2**63 else f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _row_rule(name: str) -> tuple[TypeAdapter, str]:
+    """The job-level field's type and bounds, as a strict validator for one row's value and the words for them."""
+    field = SamplingSpec.model_fields[name]
+    bounds = {type(m).__name__.lower(): _number(getattr(m, type(m).__name__.lower())) for m in field.metadata}
+    kind = "an integer" if int in getattr(field.annotation, "__args__", (field.annotation,)) else "a number"
+    lo = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}" if "gt" in bounds else None
+    hi = f"{bounds['le']}]" if "le" in bounds else f"{bounds['lt']})" if "lt" in bounds else None
+    if lo and hi:
+        words = f"{kind} in {lo}, {hi}"
+    else:
+        words = f"{kind} >= {lo[1:]}" if lo and lo[0] == "[" else f"{kind} > {lo[1:]}" if lo else kind
+    return TypeAdapter(Annotated[(field.annotation, *field.metadata)]), words
+
+
+PER_ROW_RULES = {name: _row_rule(name) for name in PER_ROW_KEYS}
+
+
+def per_row_value(name: str, value):
+    """A row's own value of sampling.<name>: (the value, None), or (None, what was expected). Strict: a bool is not a
+    number, a float is not an integer."""
+    adapter, expected = PER_ROW_RULES[name]
+    try:
+        return adapter.validate_python(value, strict=True), None
+    except ValidationError:
+        return None, expected
 
 
 class ParseSpec(_Section):

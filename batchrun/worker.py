@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue as stdqueue
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,11 +26,11 @@ from batchrun.metrics import record
 from batchrun.postprocess import Parser, Scorer, totals
 from batchrun.process import node_name, peak_rss_mb, set_niceness, use_steady_arrow_pool
 from batchrun.prompts import PromptBuilder, fit_to_context
-from batchrun.queue import DONE, WAIT
+from batchrun.shard_queue import DONE, WAIT
 from batchrun.shards import Shard
 from batchrun.sink import ManifestEntry, OutputDir, ids_digest
 from batchrun.sources import open_source
-from batchrun.spec import PER_ROW_RULES, JobSpec
+from batchrun.spec import JobSpec, per_row_value
 
 log = logging.getLogger("batchrun.worker")
 ROW_INDEX = "row_index"  # the generated id column when the input names none
@@ -178,10 +178,10 @@ class Worker:
     def run(self) -> dict:
         if self.engine is None:
             raise RuntimeError("run() called before the engine loaded")
-        ready: stdqueue.Queue = stdqueue.Queue(maxsize=1)  # one prepared shard ahead of the engine
+        ready: queue.Queue = queue.Queue(maxsize=1)  # one prepared shard ahead of the engine
         # Bounded: if the writer falls behind (slow storage), the engine loop waits instead of piling up finished
         # shards in memory; a worker holds at most ~4 shards whatever the input size.
-        finished: stdqueue.Queue = stdqueue.Queue(maxsize=2)
+        finished: queue.Queue = queue.Queue(maxsize=2)
         threads = [
             threading.Thread(target=self._guard, args=(self._prefetch, ready), daemon=True, name="prefetch"),
             threading.Thread(target=self._guard, args=(self._write, finished), daemon=True, name="writer"),
@@ -205,13 +205,13 @@ class Worker:
             self.engine.close()
             self.engine = None
 
-    def _put(self, q: stdqueue.Queue, item) -> None:
+    def _put(self, q: queue.Queue, item) -> None:
         """Put with backpressure, giving up only if a helper thread failed (so a dead writer cannot hang us)."""
         while not self._stop.is_set():
             try:
                 q.put(item, timeout=0.5)
                 return
-            except stdqueue.Full:
+            except queue.Full:
                 continue
 
     def _guard(self, fn, *args) -> None:
@@ -223,7 +223,7 @@ class Worker:
 
     # ------------------------------------------------------------ main loop: the engine's window
 
-    def _generate(self, ready: stdqueue.Queue, finished: stdqueue.Queue) -> None:
+    def _generate(self, ready: queue.Queue, finished: queue.Queue) -> None:
         engine, window = self.engine, 0  # 0: sized from the first shard that reaches the loop
         by_shard: dict[int, ShardTask] = {}
         current: ShardTask | None = None
@@ -233,7 +233,7 @@ class Worker:
                 if current is None or cursor == len(current.requests):
                     try:  # block only when the engine has nothing to do
                         current = ready.get(timeout=0.2) if in_flight == 0 else ready.get_nowait()
-                    except stdqueue.Empty:
+                    except queue.Empty:
                         current = None
                         break
                     if current is None:  # the prefetcher's end marker
@@ -284,7 +284,7 @@ class Worker:
 
     # ------------------------------------------------------------ prefetcher: lease, read, render, tokenize
 
-    def _prefetch(self, ready: stdqueue.Queue) -> None:
+    def _prefetch(self, ready: queue.Queue) -> None:
         import ray
 
         while not self._stop.is_set():
@@ -371,15 +371,14 @@ class Worker:
         for i in range(table.num_rows):
             changes, error = {}, None
             for key, values in columns.items():
-                v = values[i]
-                if v is None:  # no override in this row: the job's setting
+                if values[i] is None:  # no override in this row: the job's setting
                     continue
-                rule = PER_ROW_RULES[key]
-                if not rule.ok(v):
-                    error = (f"column {self.per_row[key]!r} (sampling.per_row.{key}): expected {rule.expected}, "
-                             f"got {v!r}")
+                value, expected = per_row_value(key, values[i])
+                if expected is not None:
+                    error = (f"column {self.per_row[key]!r} (sampling.per_row.{key}): expected {expected}, "
+                             f"got {values[i]!r}")
                     break
-                changes[key] = rule.convert(v)
+                changes[key] = value
             if error is not None:
                 out.append(error)
                 continue
@@ -390,7 +389,7 @@ class Worker:
 
     # ------------------------------------------------------------ writer: Parquet part, atomic commit
 
-    def _write(self, finished: stdqueue.Queue) -> None:
+    def _write(self, finished: queue.Queue) -> None:
         import ray
 
         while (task := finished.get()) is not None:

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from batchrun.errors import SpecError
-from batchrun.postprocess import Parser, Scorer, load_hook, totals
+from batchrun.hooks import load_hook
+from batchrun.postprocess import Parser, Scorer, totals
 from batchrun.spec import ParseSpec, ScoreSpec, validate_spec
 from tests.conftest import read_output, write_parquet
 
@@ -53,8 +54,8 @@ def test_choice_score_uses_the_parsed_label_and_hooks_see_the_row():
     assert column.to_pylist() == [1, 0]
     h = Scorer(ScoreSpec(hook="tests.hooks:length_ratio"))
     assert h.column(["abcd", None], None, pa.table({"answer": ["ab", "c"]})).to_pylist() == [2.0, None]
-    with pytest.raises(SpecError, match="cannot import"):
-        load_hook("tests.hooks:nope")
+    with pytest.raises(SpecError, match="key 'score.hook': cannot load the hook 'tests.hooks:nope'"):
+        load_hook("tests.hooks:nope", "score.hook")
 
 
 def test_spec_checks():

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrun.plan import cut_shards
-from batchrun.queue import DONE, WAIT, ShardQueue
+from batchrun.shard_queue import DONE, WAIT, ShardQueue
 from batchrun.sink import ManifestEntry, OutputDir, ids_digest
 
 

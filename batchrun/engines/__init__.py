@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from batchrun.engines.base import Completion, Engine, Request, Sampling
 from batchrun.engines.build import model_args, require_model_dir, sampling_from_spec
 from batchrun.errors import SpecError
+from batchrun.hooks import load_hook
 from batchrun.spec import BUILTIN_ENGINES, EngineSpec, JobSpec, ParseSpec, SamplingSpec
 
 
@@ -39,13 +40,7 @@ def engine_kind(name: str) -> EngineKind:
     if name in BUILTIN_ENGINES:
         module = importlib.import_module(f"batchrun.engines.{name}")
         return EngineKind(name, module.options_model(), module.check, module.create)
-    module_name, _, attr = name.partition(":")
-    try:
-        factory: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            factory = getattr(factory, part)
-    except (ImportError, AttributeError) as e:
-        raise SpecError(f"key 'engine.name': cannot load the engine hook {name!r}: {type(e).__name__}: {e}") from None
+    factory: Any = load_hook(name, "engine.name")
     if not callable(factory):
         raise SpecError(f"key 'engine.name': {name!r} is not a class or function (got {type(factory).__name__})")
 

@@ -128,10 +128,6 @@ def rank_info(parent_pid: int) -> dict:
             "host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def rank_fail(message: str) -> None:
-    raise RuntimeError(message)
-
-
 def torch_dist_env(rank: int, world_size: int, master_port: int) -> dict:
     """What torchrun would have set: ranks come from MPI, the rendezvous is on loopback (one node per TP group)."""
     return {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import json
 import logging
 import os
@@ -434,7 +435,9 @@ class TRTLLMEngine(Engine):
         self.batch_limit = self.opts.max_batch_size or DEFAULT_MAX_BATCH_SIZE  # A1; its KV cache size is not exposed
         lim = limits(model, self.opts)
         self.context_length, self.max_prompt_tokens = lim.context, lim.prompt
-        self._params: dict[Sampling, Any] = {}
+        # rows mostly share settings: each SamplingParams is built once; per-row seeds make every row's distinct,
+        # so the cache is bounded
+        self._sampling_params = functools.lru_cache(maxsize=4096)(self._build_params)
         self._done: queue.Queue[Completion] = queue.Queue()
         self._loop = _Loop()
 
@@ -448,15 +451,9 @@ class TRTLLMEngine(Engine):
         hf = getattr(self.tokenizer, "tokenizer", None) or self.tokenizer
         return [hf.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
 
-    def _sampling_params(self, s: Sampling):
-        params = self._params.get(s)
-        if params is None:  # rows mostly share settings: build each SamplingParams once
-            want = max(s.top_logprobs, 1) if s.logprobs or s.top_logprobs else None
-            params = sampling_params(self.tllm, s, logprobs=want, guide=self.guide)
-            if len(self._params) >= 4096:  # per-row seeds make every row's settings distinct: keep the cache bounded
-                self._params.clear()
-            self._params[s] = params
-        return params
+    def _build_params(self, s: Sampling):
+        want = max(s.top_logprobs, 1) if s.logprobs or s.top_logprobs else None
+        return sampling_params(self.tllm, s, logprobs=want, guide=self.guide)
 
     def submit(self, request: Request) -> None:
         """Never raises for one request: whatever upstream refuses becomes that request's error rows."""

@@ -13,7 +13,7 @@ def open_source(spec: InputSpec) -> Source:
 
         return ParquetSource(spec.path)
     if spec.format == "hf":
-        from batchrun.sources.hf import HFSource
+        from batchrun.sources.hf_datasets import HFSource
 
         return HFSource(spec.path, spec.data_files, spec.split, spec.config, spec.streaming)
     if spec.format in ("jsonl", "openai-batch"):

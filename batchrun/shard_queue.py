@@ -47,7 +47,7 @@ class ShardQueue:
         self.max_attempts = max_attempts
         self.lease_timeout_s = lease_timeout_s
         self.shards = {s.shard_id: s for s in shards}
-        done = {sid for sid, e in self.out.entries().items() if e.state == "committed"}
+        done = set(self.out.committed())
         self.pending = collections.deque(s.shard_id for s in shards if s.shard_id not in done)
         self.done: set[int] = done & set(self.shards)
         self.skipped = len(self.done)  # committed by earlier runs: never sent to an engine again
