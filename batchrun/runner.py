@@ -17,6 +17,7 @@ from batchrun.errors import JobFailed, SpecError
 from batchrun.fingerprint import model_files
 from batchrun.hooks import load_hook
 from batchrun.plan import Plan, make_plan
+from batchrun.pool import WorkerPool
 from batchrun.process import peak_rss_mb, steady_arrow_pool
 from batchrun.progress import Progress
 from batchrun.prompts import PromptBuilder
@@ -25,7 +26,6 @@ from batchrun.shard_queue import ShardQueue
 from batchrun.sink import OutputDir, committed_totals
 from batchrun.sources import open_source
 from batchrun.spec import JobSpec
-from batchrun.worker import Worker
 
 log = logging.getLogger("batchrun")
 
@@ -238,198 +238,6 @@ def resolve_num_workers(res) -> int:
     return max(1, int(total.get("CPU", 1) // res.cpus_per_worker))
 
 
-def scheduling_options(res, tp: int) -> tuple[dict, object | None]:
-    """Where a worker goes, and the placement group it needs (None if none).
-    A TP group's GPUs must share a node: one placement-group bundle, STRICT_PACK."""
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    if tp > 1 and res.gpus_per_worker > 1:
-        pg = placement_group([{"GPU": res.gpus_per_worker, "CPU": res.cpus_per_worker}], strategy="STRICT_PACK")
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)}, pg
-    return {"scheduling_strategy": "SPREAD" if res.placement == "spread" else "DEFAULT"}, None
-
-
-class WorkerPool:
-    """Starts worker actors, restarts dead ones within the budget, and hands a dead worker's shards back."""
-
-    def __init__(self, spec: JobSpec, plan: Plan, queue, run_id: str = ""):
-        import ray
-
-        self.run_id = run_id
-        res = spec.resources
-        self.actor_cls = ray.remote(Worker)
-        self.actor_options = dict(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, max_restarts=0)
-        self.spec, self.plan, self.queue = spec, plan, queue
-        self.spec_json = spec.model_dump_json()
-        self.live: dict[str, tuple] = {}  # worker id -> (actor, run ref, started_at)
-        self.loading: dict = {}  # start ref -> worker id
-        self.restarts = 0
-        self.generation = 0
-        self.last_error = ""
-        self.results: dict[str, dict] = {}  # final counters returned by workers' run()
-        self.placement_groups: dict = {}  # worker id -> its placement group, removed with the worker
-        self.closing: dict[str, tuple] = {}  # retired worker id -> (actor, close ref): killed once close() returns
-        self.close_wait_s = 0.0  # how long the job's end waited for engines to close
-        self.loaded_any = False  # has any worker ever loaded its engine?
-        self.load_failures = 0
-
-    def start(self, n: int) -> None:
-        for _ in range(n):
-            self._spawn()
-
-    def _spawn(self) -> None:
-        self.generation += 1
-        wid = f"w{self.generation:03d}"
-        placement, pg = scheduling_options(self.spec.resources, self.spec.engine.tensor_parallel_size)
-        actor = self.actor_cls.options(**self.actor_options, **placement).remote(
-            wid, self.spec_json, self.plan.units, self.queue, self.run_id)
-        if pg is not None:
-            self.placement_groups[wid] = pg
-        start_ref = actor.start.remote()
-        run_ref = actor.run.remote()  # queued behind start: actor calls run in submission order
-        self.live[wid] = (actor, run_ref, time.time(), start_ref)
-        self.queue.set_worker_count.remote(len(self.live))
-
-    def watch(self, timeout: float = 0.5) -> None:
-        import ray
-
-        refs = {entry[1]: wid for wid, entry in self.live.items()}
-        if not refs:
-            if ray.get(self.queue.finished.remote()):
-                return
-            raise JobFailed(f"no worker is alive and none can start (restart budget spent): {self.last_error}")
-        ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
-        for ref in ready:
-            wid = refs[ref]
-            try:
-                self.results[wid] = ray.get(ref)
-                self._retire(wid)
-            except Exception as e:  # the actor died (killed, OOM, node lost) or the engine raised
-                self.replace(wid, self._load_error(self.live[wid][3]) or _short_error(e))
-        self.reap_closed()
-        now = time.time()
-        for wid, (_, _, started_at, start_ref) in list(self.live.items()):
-            if now - started_at > self.spec.faults.startup_timeout_s and not self._loaded(start_ref):
-                self.replace(wid, f"engine did not load within {self.spec.faults.startup_timeout_s:g}s")
-
-    def replace(self, wid: str, error: str) -> None:
-        import ray
-
-        log.warning("worker %s failed: %s", wid, error)
-        self.last_error = f"worker {wid}: {error}"
-        entry = self.live.pop(wid, None)
-        self.queue.set_worker_count.remote(len(self.live))
-        if entry:
-            self._loaded(entry[3])  # notes whether any engine ever loaded
-            if self._load_error(entry[3]):
-                self.load_failures += 1  # the engine raised while loading; a killed actor does not count here
-            self._kill(wid, entry[0])
-        if not self.loaded_any and self.load_failures >= 3:
-            # A model that cannot load will not load on the next worker either: fail now, not after the budget.
-            raise JobFailed(f"the engine failed to load on {self.load_failures} workers in a row; last error: "
-                            f"{self.last_error}")
-        ray.get(self.queue.release_worker.remote(wid, error))
-        progress = ray.get(self.queue.progress.remote())
-        if not progress["shards_pending"] and not progress["shards_running"]:
-            return
-        if self.restarts >= self.spec.faults.max_worker_restarts:
-            if not self.live:
-                raise JobFailed(
-                    f"no worker is alive and the restart budget ({self.spec.faults.max_worker_restarts}) is spent; "
-                    f"last error: {self.last_error}"
-                )
-            return
-        self.restarts += 1
-        self._spawn()
-
-    @staticmethod
-    def _load_error(start_ref) -> str | None:
-        """The engine's load error, which the failed run() call behind it would otherwise hide."""
-        import ray
-
-        if not ray.wait([start_ref], timeout=0)[0]:
-            return None
-        try:
-            ray.get(start_ref)
-        except ray.exceptions.RayActorError:
-            return None  # the process died (killed, OOM, node lost): not an error of the engine's load
-        except Exception as e:
-            return f"engine load failed: {_short_error(e)}"
-        return None
-
-    def _loaded(self, start_ref) -> bool:
-        import ray
-
-        ready, _ = ray.wait([start_ref], timeout=0)
-        if not ready:
-            return False
-        try:
-            ray.get(start_ref)
-        except Exception:
-            return False
-        self.loaded_any = True
-        return True
-
-    def _retire(self, wid: str) -> None:
-        """A worker that finished its run: ask it to close its engine (free the GPU, end its ranks) without waiting
-        here. The driver goes on; reap_closed() kills it once close() returns, or at the close deadline."""
-        actor = self.live.pop(wid)[0]
-        self.closing[wid] = (actor, actor.close.remote())
-
-    def reap_closed(self, timeout: float = 0.0) -> None:
-        """Kill the retired workers whose close() has returned (or failed), waiting at most `timeout` seconds."""
-        import ray
-
-        refs = {ref: wid for wid, (_, ref) in self.closing.items()}
-        if not refs:
-            return
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
-        for ref in ready:
-            wid = refs[ref]
-            self._kill(wid, self.closing.pop(wid)[0])
-
-    def _kill(self, wid: str, actor) -> None:
-        import ray
-        from ray.util import remove_placement_group
-
-        ray.kill(actor, no_restart=True)
-        if wid in self.placement_groups:
-            remove_placement_group(self.placement_groups.pop(wid))
-
-    def finish(self, timeout_s: float = 60.0, close_timeout_s: float = 60.0) -> None:
-        """After the last commit: wait (bounded) for workers to finish run(), then close every engine in parallel
-        under one deadline (a job with N workers waits once, not N times). A worker whose engine never loaded (still
-        loading, or its actor still waiting for resources the others held) has no results to hand back: shutdown()
-        kills it without waiting."""
-        import ray
-
-        refs = {entry[1]: wid for wid, entry in self.live.items() if ray.wait([entry[3]], timeout=0)[0]}
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
-        for ref in ready:
-            try:
-                self.results[refs[ref]] = ray.get(ref)
-            except Exception:
-                continue  # it died after the last commit: nothing is lost; shutdown() kills what is left
-            self._retire(refs[ref])
-        started = time.monotonic()
-        self.reap_closed(timeout=close_timeout_s)
-        if self.closing:
-            log.warning("workers %s did not close their engines within %gs; killing them",
-                        sorted(self.closing), close_timeout_s)
-        self.close_wait_s = round(time.monotonic() - started, 3)
-
-    def shutdown(self) -> None:
-        """Workers still live here are mid-run (the job failed or was interrupted), and retired workers whose close()
-        has not returned by now: kill them, do not wait."""
-        for wid, entry in list(self.live.items()):
-            self._kill(wid, entry[0])
-            del self.live[wid]
-        for wid, (actor, _) in list(self.closing.items()):
-            self._kill(wid, actor)
-            del self.closing[wid]
-
-
 def score_metrics(entries) -> dict:
     """The job's score over every committed shard (this run's and earlier runs'): error rows count as wrong."""
     scored = [e.score for e in entries if e.score]
@@ -438,12 +246,6 @@ def score_metrics(entries) -> dict:
     total, rows = sum(s["sum"] for s in scored), sum(s["rows"] for s in scored)
     return {"score_mean": round(total / rows, 6) if rows else 0.0, "score_sum": total, "rows": rows,
             "rows_scored": sum(s["scored"] for s in scored)}
-
-
-def _short_error(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    tail = [line for line in text if line.strip()][-1:] or [type(e).__name__]
-    return f"{type(e).__name__}: {tail[0][:500]}"
 
 
 class _AuthNoticeFilter(logging.Filter):

@@ -222,7 +222,8 @@ def test_worker_runs_at_the_niceness_asked_for(tmp_path, ray_cluster, niceness):
                           "resources": {"num_workers": 2, "niceness": niceness}})
     summary = JobRunner(spec, show_progress=False).run().summary
     expected = ray.get(ray_default_niceness.remote()) if niceness is None else niceness
-    assert len(summary["worker_niceness"]) == 2 and set(summary["worker_niceness"].values()) == {expected}
+    # every worker that ran (one may finish all 10 shards before the other has loaded) ran at that niceness
+    assert summary["worker_niceness"] and set(summary["worker_niceness"].values()) == {expected}
     assert niceness is not None or expected != 0  # the test cluster does nice its workers
 
 

@@ -1,0 +1,210 @@
+"""The worker's data path as pure steps, each testable without Ray (tests/test_datapath.py):
+
+    a leased shard:   read_shard -> key_columns -> render -> row_samplings -> to_requests -> ShardTask
+    its completions:  ShardTask.fill (one per row and sample) -> ShardTask.table -> the Parquet part
+
+Every request carries a RequestKey (shard, row), which engines pass through unchanged: a completion finds its row
+again whatever order it finishes in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from batchrun.engines.base import Completion, Request, RequestKey, Sampling, row_seed
+from batchrun.prompts import PromptBuilder, Prompts, fit_to_context
+from batchrun.shards import Shard
+from batchrun.spec import per_row_value
+
+ROW_INDEX = "row_index"  # the generated id column when the input names none
+
+
+OUTPUT_SCHEMA = [
+    ("generated_text", pa.string()),
+    ("finish_reason", pa.string()),
+    ("num_prompt_tokens", pa.int32()),
+    ("num_generated_tokens", pa.int32()),
+    ("error", pa.string()),
+]
+
+TOP_LOGPROBS_TYPE = pa.list_(pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])))
+
+
+@dataclass
+class ShardTask:
+    """One leased shard between reading and commit. Results are slotted by (row, sample): exactly one per slot."""
+
+    shard: Shard
+    attempt: int
+    keep: pa.Table  # id + passthrough columns, in input order
+    refs: pa.Table  # the columns the scorer reads (reference column, or the whole row for a hook)
+    n: int  # samples per row: slot = row * n + sample_index
+    logprobs: bool  # keep each sample's token logprobs for a `logprobs` column
+    top_logprobs: int = 0  # > 0: a `top_logprobs` column, the k likeliest tokens per generated token
+    requests: list[Request] = field(default_factory=list)  # rows that reached the engine, in submission order
+    started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        slots = self.keep.num_rows * self.n
+        self.text: list[str | None] = [None] * slots
+        self.finish: list[str | None] = [None] * slots
+        self.prompt_tokens, self.gen_tokens = [0] * slots, [0] * slots
+        self.error: list[str | None] = [None] * slots
+        self.token_logprobs: list[list[float] | None] = [None] * slots
+        self.top: list[list[list[dict]] | None] = [None] * slots
+        self.remaining = slots
+
+    def fill(self, offset: int, c: Completion) -> None:
+        slot = offset * self.n + c.sample_index
+        if self.finish[slot] is not None:
+            raise RuntimeError(f"shard {self.shard.shard_id} row {offset} sample {c.sample_index}: "
+                               "a second completion arrived")
+        self.text[slot] = c.text if c.error is None else None
+        self.finish[slot] = c.finish_reason if c.error is None else "error"
+        self.prompt_tokens[slot] = c.num_prompt_tokens
+        self.gen_tokens[slot] = c.num_generated_tokens
+        self.error[slot] = c.error
+        self.token_logprobs[slot] = c.logprobs
+        if self.top_logprobs and c.top_logprobs is not None:
+            self.top[slot] = [[{"token_id": t, "logprob": lp} for t, lp in step.items()] for step in c.top_logprobs]
+        self.remaining -= 1
+
+    def fail_row(self, offset: int, error: str, prompt_tokens: int = 0) -> None:
+        """A row that never reaches the engine: every one of its samples is an error row."""
+        for k in range(self.n):
+            self.fill(offset, Completion(RequestKey(self.shard.shard_id, offset), finish_reason="error", error=error,
+                                         num_prompt_tokens=prompt_tokens, sample_index=k))
+
+    def table(self, parser=None, scorer=None) -> pa.Table:
+        assert self.remaining == 0 and all(f is not None for f in self.finish), \
+            "shard written before every row finished"
+        cols = [self.text, self.finish, self.prompt_tokens, self.gen_tokens, self.error]
+        out, refs = self.keep, self.refs
+        if self.n > 1:  # one output row per sample, in (row, sample) order
+            rows = pa.array([i for i in range(self.keep.num_rows) for _ in range(self.n)], pa.int64())
+            out, refs = out.take(rows), refs.take(rows)
+            out = out.append_column("sample_index", pa.array(list(range(self.n)) * self.keep.num_rows, pa.int32()))
+        for (name, typ), values in zip(OUTPUT_SCHEMA, cols):
+            out = out.append_column(pa.field(name, typ), pa.array(values, type=typ))
+        if self.logprobs:
+            out = out.append_column("logprobs", pa.array(self.token_logprobs, pa.list_(pa.float32())))
+        if self.top_logprobs:
+            out = out.append_column("top_logprobs", pa.array(self.top, TOP_LOGPROBS_TYPE))
+        parsed = None
+        if parser is not None:
+            for name, column in parser.columns(self.text).items():
+                out = out.append_column(name, column)
+            parsed = out.column("parsed").to_pylist()
+        if scorer is not None:
+            out = out.append_column("score", scorer.column(self.text, parsed, refs))
+        return out
+
+
+# ---------------------------------------------------------------- a leased shard -> requests
+
+
+def read_shard(source, units: tuple[str, ...], shard: Shard, columns: list[str]) -> pa.Table:
+    """The shard's rows, only `columns`, in input order; a row count that differs from the plan fails the attempt."""
+    table = source.read(units, shard.fragments, columns)
+    if table.num_rows != shard.num_rows:
+        raise RuntimeError(f"read {table.num_rows} rows, the plan says {shard.num_rows}: did the input change?")
+    return table
+
+
+def key_columns(table: pa.Table, shard: Shard, id_column: str | None, keep: list[str]) -> pa.Table:
+    """The columns each output row carries from its input row: the id (or a generated row_index) and passthrough."""
+    out = table.select(keep)
+    if not id_column:
+        out = out.add_column(0, ROW_INDEX, pa.array(range(shard.row_start, shard.row_start + shard.num_rows),
+                                                    pa.int64()))
+    return out
+
+
+def render(builder: PromptBuilder, table: pa.Table, render_chat: Callable[[list[list[dict]]], list[str]]) -> Prompts:
+    """Prompt text per row (template or column), through the engine's chat template where the job is a chat. A row
+    whose template fails becomes an error; one failure never fails the shard."""
+    prompts = builder.build(table)
+    if not prompts.chat:
+        return prompts
+    ok = [i for i, m in enumerate(prompts.texts) if isinstance(m, list)]  # plain text rows stay as they are
+    texts, errors = [m if isinstance(m, str) else None for m in prompts.texts], list(prompts.errors)
+    try:
+        for i, text in zip(ok, render_chat([prompts.texts[i] for i in ok])):
+            texts[i] = text
+    except Exception as e:  # render row by row to find the rows that fail
+        for i in ok:
+            try:
+                texts[i] = render_chat([prompts.texts[i]])[0]
+            except Exception as row_error:
+                errors[i] = f"chat template failed for this row: {row_error or e}"
+    return Prompts(texts, errors)
+
+
+def row_samplings(table: pa.Table, row_ids: list, base: Sampling, per_row: dict[str, str]) -> list[Sampling | str]:
+    """Per-row sampling: the job's settings, overridden by the columns named in sampling.per_row.
+
+    A job seed becomes one seed per row, derived from the row's id: a row samples the same way whatever shard,
+    worker or batch it lands in. A row whose override is unusable gets the error message instead."""
+    if not per_row and base.seed is None:
+        return [base] * table.num_rows
+    columns = {key: table.column(col).to_pylist() for key, col in per_row.items()}
+    out: list[Sampling | str] = []
+    for i in range(table.num_rows):
+        changes, error = {}, None
+        for key, values in columns.items():
+            if values[i] is None:  # no override in this row: the job's setting
+                continue
+            value, expected = per_row_value(key, values[i])
+            if expected is not None:
+                error = f"column {per_row[key]!r} (sampling.per_row.{key}): expected {expected}, got {values[i]!r}"
+                break
+            changes[key] = value
+        if error is not None:
+            out.append(error)
+            continue
+        if "seed" not in changes and base.seed is not None:
+            changes["seed"] = row_seed(base.seed, row_ids[i])
+        out.append(dataclasses.replace(base, **changes) if changes else base)
+    return out
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a prompt must fit: the engine's context and longest prompt, and the job's truncation policy."""
+
+    context: int | None
+    max_prompt: int | None
+    truncation: str  # error | left | right
+
+
+def to_requests(shard_id: int, prompts: Prompts, samplings: list[Sampling | str],
+                encode: Callable[[list[str]], list[list[int]] | None], limits: Limits
+                ) -> tuple[list[Request], list[tuple[int, str, int]]]:
+    """The rows that reach the engine, as requests in row order, and the rows that do not: (row, why, prompt tokens).
+    Text is tokenized in one call per shard (engines that take text return None: no token ids, no length check)."""
+    errors = list(prompts.errors)
+    for i, s in enumerate(samplings):
+        if isinstance(s, str) and errors[i] is None:
+            errors[i] = s
+    ok = [i for i, t in enumerate(prompts.texts) if t is not None and errors[i] is None]
+    token_ids = encode([prompts.texts[i] for i in ok]) if ok else []
+    requests, failed = [], []
+    for j, i in enumerate(ok):
+        sampling, ids = samplings[i], token_ids[j] if token_ids is not None else None
+        if ids is not None:
+            fitted, why = fit_to_context(ids, sampling.max_tokens, limits.context, limits.truncation,
+                                         limits.max_prompt)
+            why = why or (None if fitted else "prompt is empty (0 tokens)")
+            if why is not None:
+                failed.append((i, why, len(ids)))
+                continue
+            ids = fitted
+        requests.append(Request(RequestKey(shard_id, i), prompts.texts[i], ids, sampling))
+    sent = set(ok)
+    failed += [(i, err, 0) for i, err in enumerate(errors) if err is not None and i not in sent]
+    return requests, sorted(failed)
