@@ -22,7 +22,7 @@ class CountingEcho(EchoEngine):
         self.log = open(os.path.join(log_path, f"{os.getpid()}.log"), "a", buffering=1)
 
     def submit(self, request: Request) -> None:
-        self.log.write(request.request_id + "\n")
+        self.log.write(f"{request.request_id}\n")
         super().submit(request)
 
 

@@ -8,8 +8,7 @@ import random
 import pyarrow as pa
 import pytest
 
-from batchrun.datapath import (Limits, ShardTask, key_columns, read_shard, render, row_samplings,
-                               to_requests)
+from batchrun.datapath import Limits, ShardTask, key_columns, read_shard, render, row_samplings, to_requests
 from batchrun.engines.base import Completion, RequestKey, Sampling, row_seed
 from batchrun.engines.echo import EchoEngine
 from batchrun.plan import make_plan

@@ -1,13 +1,22 @@
 """The engine contract: submit without blocking, take completions in the order they finish, close frees everything.
 
 Every third-party inference API lives behind this interface, inside its own adapter file.
+
+Threads. A worker calls its engine from two threads at once:
+- the main loop: `submit`, `poll`, `window`, `close` (and nothing else calls these);
+- the prefetch thread: `encode` and `render_chat`, for the next shard, while the main loop polls.
+An engine whose `poll` and `encode` share state must make that safe. The HF engine decodes with its own copy of the
+tokenizer (a Hugging Face fast tokenizer is a Rust object that refuses to be borrowed by two threads at once when one
+of them changes its settings: huggingface/tokenizers#537). `__init__` runs before either thread starts.
 """
 
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +32,20 @@ class Sampling:
     top_logprobs: int = 0  # > 0: also the k likeliest tokens at each step, as {token_id: logprob}
 
 
+class RequestKey(NamedTuple):
+    """Which row of which shard a request is: how its completions find their row again, in whatever order they
+    finish. Engines pass it through unchanged."""
+
+    shard_id: int
+    row: int
+
+    def __str__(self) -> str:
+        return f"{self.shard_id}:{self.row}"
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
-    request_id: str  # "shard:row": how a completion finds its row again, whatever order it finishes in
+    request_id: Hashable  # the worker's RequestKey; engines hand it back unchanged on each Completion
     prompt: str  # the rendered prompt text
     prompt_token_ids: list[int] | None  # set when the worker tokenized (engines with a tokenizer); echo: None
     sampling: Sampling
@@ -33,7 +53,7 @@ class Request:
 
 @dataclass(slots=True)
 class Completion:
-    request_id: str
+    request_id: Hashable  # the Request's, unchanged
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "stop"  # stop | length | error

@@ -8,6 +8,7 @@ hf -> hf_tp -> hf_backend.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import random
@@ -44,6 +45,10 @@ class HFEngine(Engine):
         self.max_in_flight = max_in_flight
         self.stop = sampling.stop  # job-level stop strings, cut from the text when a request finishes
         self.copies = 1 if cfg.may_sample else sampling.n  # greedy n > 1: n copies of one generation
+        self.results_per_request = cfg.results_per_request  # raw results a request comes back as (children)
+        self._keys: dict[str, list] = {}  # backend request id -> [the worker's key, raw results still to come]
+        # the prefetch thread encodes with self.tokenizer while the main loop decodes: one tokenizer each
+        self._decoder = copy.deepcopy(self.tokenizer)
         # per-request settings go to RowSampler (hf_sampling.py) as add_request kwargs; the stock path takes none
         self.row_sampling = cfg.row_sampler_needed
         self.logprobs = sampling.logprobs
@@ -65,7 +70,9 @@ class HFEngine(Engine):
             row = {"temperature": float(s.temperature), "top_p": float(s.top_p), "top_k": s.top_k}
             if s.seed is not None:
                 row["seed"] = s.seed
-        self.backend.add(request.request_id, request.prompt_token_ids, s.max_tokens, row)
+        rid = str(request.request_id)  # transformers' ids are strings; the key comes back on the completions
+        self._keys[rid] = [request.request_id, self.results_per_request]
+        self.backend.add(rid, request.prompt_token_ids, s.max_tokens, row)
 
     def poll(self, timeout: float) -> list[Completion]:
         done = [self._completion(r) for r in self.backend.results(timeout)]
@@ -74,8 +81,12 @@ class HFEngine(Engine):
         return done
 
     def _completion(self, r: RawResult) -> Completion:
-        request_id, _, child = r.request_id.partition("__child#")
+        rid, _, child = r.request_id.partition("__child#")
         sample = int(child) + 1 if child else 0
+        entry = self._keys[rid]
+        request_id, entry[1] = entry[0], entry[1] - 1
+        if not entry[1]:  # the request's last result: forget it
+            del self._keys[rid]
         if r.error is not None:
             return Completion(request_id, finish_reason="error", error=r.error, num_prompt_tokens=r.prompt_len,
                               sample_index=sample)
@@ -83,7 +94,7 @@ class HFEngine(Engine):
         ended = bool(tokens) and tokens[-1] in self.eos_ids
         if ended:
             tokens = tokens[:-1]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = self._decoder.decode(tokens, skip_special_tokens=True)  # main loop: its own copy (see base.py)
         text, hit_stop = apply_stop(text, self.stop)
         return Completion(
             request_id=request_id,
