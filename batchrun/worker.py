@@ -62,7 +62,8 @@ class Worker:
         # counters written by the main loop and the writer, read by the heartbeat: every access holds _stats_lock
         self._stats_lock = threading.Lock()
         self.stats = {"max_in_flight": None, "max_in_flight_why": None, "peak_rss_mb": None, "rows": 0, "shards": 0,
-                      "generated_tokens": 0, "prompt_tokens": 0, "in_flight": 0, "since_progress_s": 0.0, "niceness": niceness, "arrow_pool": arrow_pool,
+                      "generated_tokens": 0, "prompt_tokens": 0, "in_flight": 0, "since_progress_s": 0.0,
+                      "niceness": niceness, "arrow_pool": arrow_pool,
                       "first_submit_at": 0.0, "first_completion_at": 0.0,  # the engine's busy window, for benchmarks
                       "last_completion_at": 0.0, "created_at": time.time()}
         self._last_progress = time.monotonic()
