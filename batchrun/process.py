@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 
 import pyarrow as pa
 
@@ -83,3 +84,43 @@ def peak_rss_mb() -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def rss_now_mb() -> dict:
+    """This process's resident memory now, split: anonymous (its own heap, tensors on the CPU) and file-backed
+    (mapped files such as safetensors checkpoints, which the page cache can drop). VmHWM counts both."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    out[line.split(":")[0][3:].lower() + "_mb"] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
+class RssSampler:
+    """The largest anonymous and file-backed resident memory seen while the `with` block runs (sampled every
+    `interval_s` on a thread): VmHWM alone cannot say whether a peak was the process's own memory or a checkpoint
+    the page cache holds mapped."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s, self.peaks = interval_s, {}
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while True:
+            for key, value in rss_now_mb().items():
+                self.peaks[key] = max(self.peaks.get(key, 0.0), value)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="rss-sampler")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -194,6 +194,9 @@ class JobRunner:
             "driver_peak_rss_mb": peak_rss_mb(),
             "metrics": score_metrics(entries),
             "worker_peak_rss_mb": {w: i.get("peak_rss_mb") for w, i in {**snap["workers"], **pool.results}.items()},
+            # resident memory right after the engine loaded: anonymous vs file-backed (a mapped checkpoint)
+            "worker_rss_after_load_mb": {w: i.get("rss_after_load_mb") for w, i in pool.results.items()},
+            "worker_rss_during_load_max_mb": {w: i.get("rss_during_load_max_mb") for w, i in pool.results.items()},
             "worker_niceness": {w: i.get("niceness") for w, i in pool.results.items()},
             "startup": self.startup(pool.results),
             "worker_arrow_pool": {w: i.get("arrow_pool") for w, i in pool.results.items()},

@@ -22,7 +22,7 @@ from batchrun.datapath import ROW_INDEX, Limits, ShardTask, key_columns, read_sh
 from batchrun.engines import create_engine, sampling_from_spec
 from batchrun.metrics import record
 from batchrun.postprocess import Parser, Scorer, totals
-from batchrun.process import node_name, peak_rss_mb, set_niceness, use_steady_arrow_pool
+from batchrun.process import RssSampler, node_name, peak_rss_mb, rss_now_mb, set_niceness, use_steady_arrow_pool
 from batchrun.prompts import PromptBuilder
 from batchrun.shard_queue import DONE, WAIT
 from batchrun.shards import Shard
@@ -82,8 +82,10 @@ class Worker:
     def start(self) -> dict:
         """Load the engine. A failure here surfaces to the driver as this call's error."""
         started = time.time()
-        self.engine = create_engine(self.spec.engine, self.spec.sampling, self.spec.output.parse)
+        with RssSampler() as load_rss:  # what the load holds in memory, anonymous vs a mapped checkpoint
+            self.engine = create_engine(self.spec.engine, self.spec.sampling, self.spec.output.parse)
         self._set(engine_start_s=round(time.time() - started, 3), engine_ready_at=time.time(),
+                  rss_after_load_mb=rss_now_mb(), rss_during_load_max_mb=load_rss.peaks,
                   engine_startup=dict(getattr(self.engine, "startup", {}) or {}),
                   kv_cache_tokens=self.engine.kv_cache_tokens)
         if self.engine.kv_cache_tokens is not None:

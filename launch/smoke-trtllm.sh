@@ -18,7 +18,7 @@ topics = ["the sea", "a city at night", "prime numbers", "a mountain", "coffee",
 pq.write_table(pa.table({"id": list(range(n)), "prompt": [f"Write two sentences about {topics[i % 8]}." for i in range(n)]}), sys.argv[1])
 PY
 cat > "$WORK/job.yaml" <<YAML
-engine: {name: trtllm, model: $MODEL, tensor_parallel_size: $GPUS, max_in_flight: 256}
+engine: {name: trtllm, model: $MODEL, tensor_parallel_size: $GPUS}
 input: {path: $WORK/prompts.parquet, id_column: id}
 sampling: {max_tokens: 128, temperature: 0.0}
 output: {dir: $WORK/out}

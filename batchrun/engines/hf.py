@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import logging
 import random
+import time
 from typing import Any
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_stop
@@ -27,20 +28,27 @@ class HFEngine(Engine):
                  device: str = "auto", trust_remote_code: bool = False, max_in_flight: int | None = None,
                  tensor_parallel_size: int = 1, row_keys: tuple[str, ...] = (), choices: list[str] | None = None,
                  **options):
-        from transformers import AutoTokenizer
+        # Tensor parallel: the ranks are spawned first, so that they import torch and transformers while this
+        # process does the same for the tokenizer (start-up: bench/RESULTS.md, tensor parallelism).
+        ranks = TPBackend(tensor_parallel_size) if tensor_parallel_size > 1 else None
+        try:
+            started = time.monotonic()
+            from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
-        pad = self.tokenizer.pad_token_id
-        choice_ids = tuple(tuple(ids) for ids in self.encode(list(choices))) if choices else ()
-        cfg = LaunchConfig(model, sampling, dtype, device, trust_remote_code, tuple(sorted(options.items())),
-                          pad if pad is not None else 0, tuple(row_keys), choice_ids, random.getrandbits(31))
-        if tensor_parallel_size > 1:
-            self.backend = TPBackend(cfg, tensor_parallel_size)
-        else:
-            self.backend = LocalBackend(cfg)
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
+            tokenizer_s = round(time.monotonic() - started, 3)  # with the import of transformers
+            pad = self.tokenizer.pad_token_id
+            choice_ids = tuple(tuple(ids) for ids in self.encode(list(choices))) if choices else ()
+            cfg = LaunchConfig(model, sampling, dtype, device, trust_remote_code, tuple(sorted(options.items())),
+                               pad if pad is not None else 0, tuple(row_keys), choice_ids, random.getrandbits(31))
+            self.backend = ranks.start(cfg) if ranks else LocalBackend(cfg)
+        except BaseException:
+            if ranks is not None:
+                ranks.close()
+            raise
         self.context_length = self.backend.context_length
         self.kv_cache_tokens = getattr(self.backend, "kv_cache_tokens", None)
-        self.startup = dict(getattr(self.backend, "timings", {}))
+        self.startup = {"tokenizer_s": tokenizer_s, **getattr(self.backend, "timings", {})}
         self.eos_ids = set(self.backend.eos_ids)
         self.max_in_flight = max_in_flight
         self.stop = sampling.stop  # job-level stop strings, cut from the text when a request finishes

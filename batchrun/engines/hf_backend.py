@@ -124,9 +124,11 @@ def start_manager(cfg: LaunchConfig, tp_plan: str | None = None):
         cb_options.setdefault("return_logprobs", True)
     if cfg.choices:  # the choice mask reads each request's tokens so far: no double-buffered (async) batches
         cb_options["use_async_batching"] = False
+    started = time.monotonic()
     manager = model.init_continuous_batching(
         generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**cb_options)
     )
+    timings["batching_init_s"] = round(time.monotonic() - started, 3)
     if cfg.row_sampler_needed:  # before start(): the batch processor takes the list when the loop starts
         manager.logit_processor = RowSampler(
             s, noise=cfg.may_sample and not multinomial, base_seed=cfg.base_seed,
