@@ -94,9 +94,9 @@ class JobRunner:
         self.out.acquire_lock(self.run_id, self.break_lock)
         try:
             self.out.check_fingerprint(self.components(plan), self.overwrite)
-            self.out.reconcile()
+            committed = set(self.out.committed())
+            committed |= set(self.out.reconcile(dict.fromkeys(committed)))
             self.out.clean_tmp()
-            committed = self.out.committed()
             return self._run(plan, pending=sum(s.shard_id not in committed for s in plan.shards))
         finally:
             self.out.release_lock(self.run_id)

@@ -195,9 +195,10 @@ class OutputDir:
     def drop_entry(self, shard_id: int) -> None:
         (self.manifest_dir / f"{shard_id:06d}.json").unlink(missing_ok=True)
 
-    def reconcile(self) -> list[int]:
-        """Rebuild manifest entries for parts committed just before a crash, from their own Parquet metadata."""
-        committed = self.committed()
+    def reconcile(self, committed: dict | None = None) -> list[int]:
+        """Rebuild manifest entries for parts committed just before a crash, from their own Parquet metadata.
+        `committed`: the committed entries, where the caller has read them already (one manifest read per run)."""
+        committed = self.committed() if committed is None else committed
         rebuilt = []
         for part in self.parts():
             shard_id = int(part.stem.split("-")[1])
