@@ -47,14 +47,19 @@ class ShardQueue:
         self.max_attempts = max_attempts
         self.lease_timeout_s = lease_timeout_s
         self.shards = {s.shard_id: s for s in shards}
-        done = set(self.out.committed())
+        entries = self.out.entries()  # one manifest read
+        done = {sid for sid, e in entries.items() if e.state == "committed"}
+        # pending: the order shards are handed out in; pending_ids: which of them are still to do (a commit from a
+        # stale worker removes a shard from pending_ids in O(1); _hand_out skips what is no longer in it)
         self.pending = collections.deque(s.shard_id for s in shards if s.shard_id not in done)
+        self.pending_ids: set[int] = set(self.pending)
         self.done: set[int] = done & set(self.shards)
         self.skipped = len(self.done)  # committed by earlier runs: never sent to an engine again
         self.skipped_rows = sum(self.shards[s].num_rows for s in self.done)
         self.rows_total = sum(s.num_rows for s in shards)
         self.rows_done = self.skipped_rows
         self.leases: dict[int, Lease] = {}
+        self.held: collections.Counter[str] = collections.Counter()  # leases per worker, for the fair share
         self.attempts: collections.Counter[int] = collections.Counter()  # hand-outs in this run
         self.failures: dict[int, list[str]] = collections.defaultdict(list)
         self.quarantined: dict[int, str] = {}
@@ -62,8 +67,10 @@ class ShardQueue:
         self.duplicates = 0  # commits that arrived for an already-committed shard (stale workers)
         self.worker_count = 1  # live workers, set by the driver: each holds at most its share of the open shards
         self.started_at = time.time()
-        for sid in self.pending:  # a re-run retries what an earlier run quarantined
-            self.out.drop_entry(sid)
+        self._next_expiry = 0.0  # leases are checked for expiry at most once a second
+        for sid, e in entries.items():  # a re-run retries what an earlier run quarantined
+            if e.state == "quarantined" and sid in self.pending_ids:
+                self.out.drop_entry(sid)
 
     # ------------------------------------------------------------ worker side
 
@@ -72,31 +79,39 @@ class ShardQueue:
 
     def lease(self, worker: str) -> Shard | str:
         self._expire()
-        if not self.pending:
+        if not self.pending_ids:
             return DONE if not self.leases else WAIT
-        held = sum(1 for lease in self.leases.values() if lease.worker == worker)
-        if held and held >= -(-(len(self.pending) + len(self.leases)) // self.worker_count):
+        held = self.held[worker]
+        if held and held >= -(-(len(self.pending_ids) + len(self.leases)) // self.worker_count):
             # Fair share: a worker that loaded first must not take shards a slower-loading one could run now.
             return WAIT
         return self._hand_out(worker)
 
     def _hand_out(self, worker: str) -> Shard:
         sid = self.pending.popleft()
+        while sid not in self.pending_ids:  # committed meanwhile by a stale worker: skip it
+            sid = self.pending.popleft()
+        self.pending_ids.discard(sid)
         self.attempts[sid] += 1
         now = time.time()
         self.leases[sid] = Lease(worker, self.attempts[sid], now, now + self.lease_timeout_s)
+        self.held[worker] += 1
         return self.shards[sid]
+
+    def _end_lease(self, sid: int) -> Lease | None:
+        lease = self.leases.pop(sid, None)
+        if lease is not None:
+            self.held[lease.worker] -= 1
+        return lease
 
     def attempt_of(self, shard_id: int) -> int:
         return self.attempts[shard_id]
 
     def heartbeat(self, worker: str, node: str, pid: int, stats: dict) -> None:
+        """O(1): a worker's heartbeat renews all its leases at once (a lease expires when its worker's last
+        heartbeat is older than the lease timeout; see _expire)."""
         info = self.workers.setdefault(worker, WorkerInfo(worker))
         info.node, info.pid, info.stats, info.last_heartbeat = node, pid, stats, time.time()
-        expires = time.time() + self.lease_timeout_s
-        for lease in self.leases.values():
-            if lease.worker == worker:
-                lease.expires_at = expires
 
     def commit(self, tmp_path: str, entry: ManifestEntry) -> bool:
         """Publish a finished shard. Returns False (and drops the temp file) if it was already committed."""
@@ -113,10 +128,9 @@ class ShardQueue:
         self.duplicates += not committed
         self.done.add(sid)
         self.rows_done += self.shards[sid].num_rows
-        self.leases.pop(sid, None)
+        self._end_lease(sid)
         self.quarantined.pop(sid, None)
-        if sid in self.pending:  # a stale worker finished a shard that had been handed back: no need to redo it
-            self.pending.remove(sid)
+        self.pending_ids.discard(sid)  # a stale worker finished a shard that had been handed back: no need to redo it
         return committed
 
     def fail(self, shard_id: int, worker: str, error: str) -> None:
@@ -124,7 +138,7 @@ class ShardQueue:
         lease = self.leases.get(shard_id)
         if lease is None or lease.worker != worker or shard_id in self.done:
             return
-        del self.leases[shard_id]
+        self._end_lease(shard_id)
         self.failures[shard_id].append(f"attempt {lease.attempt} on {worker}: {error}")
         if len(self.failures[shard_id]) >= self.max_attempts:
             record("quarantined", 1, run_id=self.run_id)
@@ -135,6 +149,7 @@ class ShardQueue:
         else:
             record("retries", 1, run_id=self.run_id)
             self.pending.appendleft(shard_id)  # retry soon, so one bad shard surfaces early
+            self.pending_ids.add(shard_id)
 
     def release_worker(self, worker: str, error: str) -> list[int]:
         """A worker died: every shard it held fails this attempt and goes back to the queue."""
@@ -150,26 +165,33 @@ class ShardQueue:
     # ------------------------------------------------------------ driver side
 
     def _expire(self) -> None:
+        """Hand back the leases whose worker has not heartbeated for lease_timeout_s. A scan of the open leases, so
+        at most every quarter timeout (and once a second at most): lease() and progress() call it all the time."""
         now = time.time()
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + min(1.0, self.lease_timeout_s / 4)
         for sid, lease in list(self.leases.items()):
-            if lease.expires_at < now:
+            info = self.workers.get(lease.worker)
+            renewed = info.last_heartbeat + self.lease_timeout_s if info else 0.0
+            if max(lease.expires_at, renewed) < now:
                 self.fail(sid, lease.worker, f"lease expired (no heartbeat for {self.lease_timeout_s:.0f}s)")
 
     def finished(self) -> bool:
         self._expire()
-        return not self.pending and not self.leases
+        return not self.pending_ids and not self.leases
 
     def progress(self) -> dict:
         """One snapshot per driver tick: counters, per-worker stats, leases, and whether the job is finished."""
         self._expire()
         return {
-            "finished": not self.pending and not self.leases,
+            "finished": not self.pending_ids and not self.leases,
             "shards_total": len(self.shards),
             "shards_done": len(self.done),
             "shards_skipped": self.skipped,
             "rows_skipped": self.skipped_rows,
             "shards_running": len(self.leases),
-            "shards_pending": len(self.pending),
+            "shards_pending": len(self.pending_ids),
             "shards_quarantined": len(self.quarantined),
             "shard_failures": sum(len(v) for v in self.failures.values()),
             "rows_total": self.rows_total,

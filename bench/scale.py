@@ -1,0 +1,160 @@
+"""Scale simulation of the shard queue and the output dir (issue 16), on this machine: the real ShardQueue actor and
+a real output dir, driven by up to 1,000 simulated workers that lease, heartbeat and commit 1-row shards as fast as
+the queue lets them.
+
+    python bench/scale.py --shards 10000,100000,1000000 --workers 1000 --seconds 20 --resume 100000
+
+Simulated workers run as asyncio tasks in a few client actors (processes). Each task: lease -> write a tiny temp
+part -> commit; and a heartbeat every 2 s, as a worker's heartbeat thread does. Reported per plan size: leases/s and
+commits/s sustained, p50/p99 lease and commit latency seen by the workers, the queue actor's RSS, and the driver's
+RSS after building the plan. --resume: the time to rebuild the queue's state from a manifest of that many entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil  # noqa: E402
+import ray  # noqa: E402
+
+from batchrun.plan import cut_shards  # noqa: E402
+from batchrun.process import peak_rss_mb  # noqa: E402
+from batchrun.shard_queue import DONE, WAIT, ShardQueue  # noqa: E402
+from batchrun.sink import ManifestEntry, OutputDir  # noqa: E402
+
+
+@ray.remote(num_cpus=0)
+class SimClients:
+    """`tasks` simulated workers in one process."""
+
+    async def run(self, queue, first: int, tasks: int, seconds: float, tmp_dir: str) -> dict:
+        stop = time.time() + seconds
+        lease_lat, commit_lat, commits, waits = [], [], [0], [0]
+
+        async def beat(wid: str):
+            while time.time() < stop:
+                await queue.heartbeat.remote(wid, "sim", os.getpid(), {"in_flight": 1})
+                await asyncio.sleep(2.0)
+
+        async def worker(k: int):
+            wid = f"sim{first + k:04d}"
+            hb = asyncio.ensure_future(beat(wid))
+            while time.time() < stop:
+                t0 = time.perf_counter()
+                shard = await queue.lease.remote(wid)
+                lease_lat.append(time.perf_counter() - t0)
+                if shard == DONE:
+                    break
+                if shard == WAIT:
+                    waits[0] += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                tmp = Path(tmp_dir) / f"{shard.shard_id:07d}.{wid}.parquet"
+                tmp.write_bytes(b"PAR1")  # the queue links it into place; it never reads it
+                entry = ManifestEntry(shard.shard_id, "committed", rows=1, worker=wid, node="sim",
+                                      started_at=time.time(), committed_at=time.time())
+                t1 = time.perf_counter()
+                await queue.commit.remote(str(tmp), entry)
+                commit_lat.append(time.perf_counter() - t1)
+                commits[0] += 1
+            hb.cancel()
+
+        await asyncio.gather(*(worker(k) for k in range(tasks)))
+        return {"lease": lease_lat, "commit": commit_lat, "commits": commits[0], "waits": waits[0]}
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
+
+
+def queue_rss_mb() -> float:
+    procs = [p for p in psutil.process_iter(["cmdline"]) if "ShardQueue" in " ".join(p.info["cmdline"] or [])]
+    return round(max(p.memory_info().rss for p in procs) / 2**20, 1) if procs else float("nan")
+
+
+def simulate(n_shards: int, workers: int, seconds: float, clients: int) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="scale-"))
+    od = OutputDir(out)
+    od.ensure()
+    t0 = time.perf_counter()
+    shards = cut_shards((n_shards,), 1)
+    plan_s = time.perf_counter() - t0
+    driver_rss = peak_rss_mb()
+    t0 = time.perf_counter()
+    queue = ray.remote(ShardQueue).options(num_cpus=0, max_concurrency=1).remote(
+        str(out), list(shards), "sim", 4, 120.0, "zstd")
+    ray.get(queue.set_worker_count.remote(workers))
+    start_s = time.perf_counter() - t0
+    actors = [SimClients.remote() for _ in range(clients)]
+    per = workers // clients
+    t0 = time.perf_counter()
+    results = ray.get([a.run.remote(queue, i * per, per, seconds, str(od.tmp)) for i, a in enumerate(actors)])
+    wall = time.perf_counter() - t0
+    lease = [x for r in results for x in r["lease"]]
+    commit = [x for r in results for x in r["commit"]]
+    rss = queue_rss_mb()
+    for a in actors:
+        ray.kill(a)
+    ray.kill(queue)
+    return {"shards": n_shards, "workers": workers, "plan_s": round(plan_s, 2), "queue_start_s": round(start_s, 2),
+            "leases_per_s": round(len(lease) / wall), "commits_per_s": round(sum(r["commits"] for r in results) / wall),
+            "lease_p50_ms": round(pct(lease, 0.5), 1), "lease_p99_ms": round(pct(lease, 0.99), 1),
+            "commit_p50_ms": round(pct(commit, 0.5), 1), "commit_p99_ms": round(pct(commit, 0.99), 1),
+            "waits": sum(r["waits"] for r in results), "queue_rss_mb": rss, "driver_peak_rss_mb": driver_rss}
+
+
+def resume_time(n: int) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="resume-"))
+    od = OutputDir(out)
+    od.ensure()
+    for sid in range(n):
+        od.write_entry(ManifestEntry(sid, "committed", rows=1, worker="w", node="n"))
+    shards = list(cut_shards((n,), 1))
+    t0 = time.perf_counter()
+    q = ShardQueue(str(out), shards, "resume", 4, 120.0)
+    queue_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    committed = od.committed()
+    driver_s = time.perf_counter() - t0
+    assert len(committed) == n and not q.pending
+    return {"resume_shards": n, "queue_rebuild_s": round(queue_s, 2), "driver_manifest_read_s": round(driver_s, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", default="10000,100000")
+    ap.add_argument("--workers", type=int, default=1000)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--resume", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    ray.init(num_cpus=max(8, args.clients), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    rows = [simulate(int(n), args.workers, args.seconds, args.clients) for n in args.shards.split(",")]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    resume = resume_time(args.resume) if args.resume else None
+    if resume:
+        print(json.dumps(resume), flush=True)
+    print("\n| shards | workers | leases/s | commits/s | lease p50 / p99 ms | commit p50 / p99 ms | queue RSS MB | "
+          "driver RSS MB | plan + queue start s |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['shards']:,} | {r['workers']} | {r['leases_per_s']:,} | {r['commits_per_s']:,} | "
+              f"{r['lease_p50_ms']} / {r['lease_p99_ms']} | {r['commit_p50_ms']} / {r['commit_p99_ms']} | "
+              f"{r['queue_rss_mb']} | {r['driver_peak_rss_mb']} | {r['plan_s']} + {r['queue_start_s']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": rows, "resume": resume}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
