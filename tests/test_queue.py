@@ -121,3 +121,23 @@ def test_fingerprint_ignores_keys_left_at_their_defaults():
     explicit = validate_spec({**base, "sampling": {"n": 1, "logprobs": False}}).output_affecting()
     assert plain == explicit and "n" not in plain["sampling"]
     assert validate_spec({**base, "sampling": {"n": 2}}).output_affecting() != plain
+
+
+def test_bookkeeping_stays_exact_through_stale_commits_and_expiry(tmp_path):
+    """The O(1) bookkeeping (pending ids, per-worker lease counts, expiry by last heartbeat) against the slow truth."""
+    q, out = make_queue(tmp_path, n_shards=4, lease_timeout_s=0.2)
+    q.set_worker_count(2)
+    a, b = q.lease("w1"), q.lease("w1")
+    assert (a.shard_id, b.shard_id) == (0, 1) and q.held["w1"] == 2
+    assert q.lease("w1") == WAIT  # its fair share of 4 open shards over 2 workers
+    q.heartbeat("w2", "n", 2, {})
+    time.sleep(0.3)  # w1 never heartbeated: both its leases expire and go back, in order
+    q.heartbeat("w2", "n", 2, {})
+    c = q.lease("w2")
+    assert q.held["w1"] == 0 and c.shard_id == 1 and sorted(q.pending_ids) == [0, 2, 3]
+    assert commit(q, out, 0, "w1", list(range(10)))  # w1's late commit of a shard handed back: it counts, once
+    assert 0 not in q.pending_ids and q.progress()["shards_pending"] == 2
+    assert [q.lease("w2").shard_id] == [2]  # shard 0 is skipped in the hand-out order
+    assert commit(q, out, 1, "w2", list(range(10, 20))) and q.held["w2"] == 1
+    q.fail(2, "w2", "boom")
+    assert q.held["w2"] == 0 and sorted(q.pending_ids) == [2, 3]
