@@ -185,6 +185,7 @@ def plan(tmp_path, capsys, engine: dict, sampling: dict | None = None, cmd: str 
     ({"backend": "tensorrt", "quantization": {"algo": "W4A16_AWQ", "calib_dataset": "/no/such/data"}}, None,
      ["engine.options.quantization.calib_dataset", "/no/such/data", "does not exist"]),
     ({"max_batch_size": 4}, {"n": 8, "temperature": 1.0}, ["sampling.n", "engine.options.max_batch_size"]),
+    ({}, {"top_logprobs": 3}, ["sampling.top_logprobs", "backend: tensorrt"]),
 ])
 def test_plan_refuses_what_upstream_refuses(tllm, demo_model, tmp_path, capsys, options, sampling, words):
     code, err = plan(tmp_path, capsys, {"model": str(demo_model), "options": options}, sampling)
@@ -447,7 +448,7 @@ def test_guided_decoding_and_top_logprobs(tllm, demo_model):
     assert guided_decoding(ParseSpec(kind="json", guided=True)).json_object is True
     assert guided_decoding(ParseSpec(kind="regex", pattern=r"\d+", guided=True)).regex == r"\d+"
 
-    engine = make_engine(demo_model, Sampling(max_tokens=3, logprobs=True, top_logprobs=2),
+    engine = make_engine(demo_model, Sampling(max_tokens=3, logprobs=True, top_logprobs=2), backend="tensorrt",
                          guide=ParseSpec(kind="choice", choices=["1", "2"], guided=True))
     assert tllm.LLM.instances[-1].args["guided_decoding_backend"] == "xgrammar"
     ids = engine.encode(["12+3="])[0]

@@ -122,6 +122,9 @@ def check(spec) -> None:
         if q.calib_dataset:
             raise ValueError("key 'engine.options.quantization.calib_dataset' is for engine.options.backend: "
                              "tensorrt (the PyTorch backend does not calibrate)")
+        if spec.sampling.top_logprobs > 1:  # UPSTREAM.md I1
+            raise ValueError("key 'sampling.top_logprobs' above 1 needs engine.options.backend: tensorrt: the PyTorch "
+                             "backend of the pinned TensorRT-LLM 1.0 returns the sampled token's logprob only")
     elif q.calibrates and not _no_build_needed(spec.engine.model, spec.engine.tensor_parallel_size, opts,
                                                _wants_logprobs(spec.sampling)):
         if not q.calib_dataset:

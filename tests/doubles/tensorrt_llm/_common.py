@@ -326,6 +326,8 @@ class _TorchLLM(BaseLLM):
                              f"{VALID_TORCH_KV_CACHE_DTYPES}.")
 
     def _check_arguments(self, prompt_len: int, sp: SamplingParams) -> None:  # L9 (PyTorch backend)
+        if sp.logprobs and sp.logprobs > 1:  # I1: the 1.0 PyTorch sampler returns the sampled token's logprob only
+            raise ValueError(f"logprobs={sp.logprobs}: only the sampled token's logprob on the PyTorch backend")
         max_num_tokens = self.args.get("max_num_tokens") or 8192  # A1: BaseLlmArgs default
         if not self.args.get("enable_chunked_prefill") and prompt_len > max_num_tokens:
             raise ValueError(f"The sum of prompt length ({prompt_len}), query length (0) should not exceed "
