@@ -305,7 +305,7 @@ def validate_spec(raw: dict, source: str = "job file") -> JobSpec:
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as e:
-        raise SpecError(_describe(e, source)) from None
+        raise SpecError(describe_errors(e, source)) from None
 
 
 _UNION_TAGS = {"int", "str", "float", "bool", "dict", "list", "none"}
@@ -317,17 +317,20 @@ def _key(loc: tuple) -> str:
     return ".".join(parts) or "(top level)"
 
 
-def _describe(err: ValidationError, source: str) -> str:
+def describe_errors(err: ValidationError, source: str, root: type[BaseModel] | None = None,
+                    prefix: tuple = ()) -> str:
+    """One line per mistake, naming the dotted key. `root` is the model validated (the job spec unless given) and
+    `prefix` where it sits in the job file (engine.options for an engine's options model)."""
     lines: list[str] = []
     merged: dict[str, int] = {}  # a union's alternatives become one line: "... or Input should be 'auto'"
     for item in err.errors():
-        key = _key(item["loc"])
+        key = _key((*prefix, *item["loc"]))
         if key in merged and item["type"] not in ("extra_forbidden", "missing"):
             lines[merged[key]] = lines[merged[key]].replace(" (given:", f", or {item['msg']} (given:", 1)
             continue
         given = item.get("input")
         if item["type"] == "extra_forbidden":
-            section = _section_for(item["loc"][:-1])
+            section = _section_for(item["loc"][:-1], root or JobSpec)
             allowed = ", ".join(section.model_fields) if section else ""
             lines.append(f"{source}: unknown key '{key}'; allowed here: {allowed}")
         elif item["type"] == "missing":
@@ -339,8 +342,7 @@ def _describe(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _section_for(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = JobSpec
+def _section_for(loc: tuple, model: type[BaseModel]) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(str(part))
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):

@@ -23,7 +23,7 @@ from batchrun.engines.base import Completion, Engine, Request, Sampling
 from batchrun.engines.build import model_args, require_model_dir, sampling_from_spec
 from batchrun.errors import SpecError
 from batchrun.hooks import load_hook
-from batchrun.spec import BUILTIN_ENGINES, EngineSpec, JobSpec, ParseSpec, SamplingSpec
+from batchrun.spec import BUILTIN_ENGINES, EngineSpec, JobSpec, ParseSpec, SamplingSpec, describe_errors
 
 
 @dataclass(frozen=True)
@@ -51,30 +51,14 @@ def engine_kind(name: str) -> EngineKind:
 
 
 def validate_options(kind: EngineKind, options: dict) -> dict:
-    """engine.options through the engine's model: a typo or a wrong type names its key."""
+    """engine.options through the engine's model: a typo or a wrong type names its key (as the job spec's own)."""
     if kind.options is None:
         return dict(options)
     try:
         return kind.options(**options).model_dump(exclude_unset=True)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            key = ".".join(["engine.options", *map(str, err["loc"])])
-            if err["type"] == "extra_forbidden":
-                lines.append(f"unknown key '{key}' for engine {kind.name!r}; allowed here: "
-                             f"{', '.join(_allowed(kind.options, err['loc'][:-1]))}")
-            else:
-                lines.append(f"key '{key}': {err['msg'].removeprefix('Value error, ')} (given: {err.get('input')!r})")
-        raise SpecError("\n".join(lines)) from None
-
-
-def _allowed(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc:
-        sub = model.model_fields.get(str(part))
-        if sub is None or not (isinstance(sub.annotation, type) and issubclass(sub.annotation, BaseModel)):
-            return []
-        model = sub.annotation
-    return list(model.model_fields)
+        raise SpecError(describe_errors(e, f"job file (engine {kind.name!r})", kind.options,
+                                        ("engine", "options"))) from None
 
 
 def check_engine(spec: JobSpec) -> EngineKind:
