@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from batchrun.errors import BatchrunError
 
@@ -136,9 +135,11 @@ def print_summary(s: dict, samples: int = 3) -> None:
         print(f"  score: {m['score_mean']:.4f} mean over {m['rows']} rows ({m['score_sum']:g} right; "
               f"{m['rows'] - m['rows_scored']} error rows count as wrong)")
     print(f"  output: {s['output_dir']} (summary: _summary.json)")
-    parts = OutputDir(s["output_dir"]).parts()
+    out = OutputDir(s["output_dir"])
+    parts = out.parts()
     if parts:  # a few rows of the first part only: the summary never reads the whole output
-        batch = next(pq.ParquetFile(parts[0]).iter_batches(batch_size=samples))
+        with out.open(parts[0]) as fh:
+            batch = next(pq.ParquetFile(fh).iter_batches(batch_size=samples))
         for row in batch.to_pylist():
             print("  " + json.dumps(row, default=str)[:200])
 
@@ -148,13 +149,17 @@ def cmd_export(args) -> int:
     from batchrun.export import export_openai_batch
     from batchrun.sink import OutputDir
 
-    if not OutputDir(args.out_dir).meta.is_dir():
-        raise SpecError(f"{args.out_dir} is not a batchrun output dir (no _batchrun/ in it)")
+    out = OutputDir(args.out_dir)
+    if not out.exists():
+        raise SpecError(f"{args.out_dir} is not a batchrun output dir (no _batchrun/job.json in it)")
     if args.output == "-":
         n = export_openai_batch(args.out_dir, sys.stdout)
-    else:
-        target = Path(args.output or Path(args.out_dir) / "_batch_output.jsonl")
-        with open(target, "w") as fh:
+    else:  # by default next to the output (on an object store too); -o takes any local path or URL
+        import fsspec
+
+        target = args.output or (out.join("_batch_output.jsonl") if out.local else
+                                 f"{out.protocol}://{out.join('_batch_output.jsonl')}")
+        with fsspec.open(target, "w") as fh:
             n = export_openai_batch(args.out_dir, fh)
         print(f"wrote {n} lines to {target}", file=sys.stderr)
     return 0

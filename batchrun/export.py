@@ -13,7 +13,8 @@ from typing import TextIO
 
 import pyarrow.parquet as pq
 
-from batchrun.sink import OutputDir
+from batchrun.errors import SpecError
+from batchrun.sink import META_KEY, OutputDir
 
 
 def _request_id(custom_id: str) -> str:
@@ -47,11 +48,18 @@ def export_openai_batch(out_dir: str | Path, fh: TextIO) -> int:
     out, n = OutputDir(out_dir), 0
     model = _job_model(out)
     for part in out.parts():
-        created = int(Path(part).stat().st_mtime)  # the part's commit (its atomic rename keeps the write time)
-        for batch in pq.ParquetFile(part).iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                fh.write(json.dumps(openai_line(row, created, model)) + "\n")
-                n += 1
+        with out.open(part) as src:
+            pf = pq.ParquetFile(src)
+            if "custom_id" not in pf.schema_arrow.names:
+                raise SpecError(f"{out.root}: batchrun export writes OpenAI Batch output lines, for jobs whose input "
+                                "is an OpenAI Batch file (input.format: openai-batch); this output has no custom_id "
+                                "column")
+            entry = json.loads((pf.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
+            created = int(entry.get("committed_at", 0))  # the shard's commit, from the entry its footer carries
+            for batch in pf.iter_batches(batch_size=4096):
+                for row in batch.to_pylist():
+                    fh.write(json.dumps(openai_line(row, created, model)) + "\n")
+                    n += 1
     return n
 
 

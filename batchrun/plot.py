@@ -5,12 +5,13 @@ Idle gaps, stragglers, retries (hatched) and restarts (a new worker row) show at
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from batchrun.sink import OutputDir, committed_only
 
 
-def plot_timeline(out: OutputDir, path: Path | None = None, bins: int = 60) -> Path:
+def plot_timeline(out: OutputDir, path: Path | None = None, bins: int = 60) -> str:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -31,7 +32,8 @@ def plot_timeline(out: OutputDir, path: Path | None = None, bins: int = 60) -> P
         gantt.barh(y, e.committed_at - e.started_at, left=e.started_at - t0, height=height * 0.9, color=color,
                    edgecolor="white", hatch="//" if e.attempt > 1 else None)
     gantt.set_yticks(range(len(workers)), [f"{w} ({next(e.node for e in entries if e.worker == w)})" for w in workers])
-    gantt.set_title(f"{out.root.name}: shards per worker (lease -> commit; hatched = retry, red = quarantined)")
+    name = out.root.rstrip("/").rsplit("/", 1)[-1]
+    gantt.set_title(f"{name}: shards per worker (lease -> commit; hatched = retry, red = quarantined)")
     committed = committed_only(entries)
     end = max(e.committed_at for e in entries) - t0
     width = max(end / bins, 1e-3)
@@ -42,10 +44,14 @@ def plot_timeline(out: OutputDir, path: Path | None = None, bins: int = 60) -> P
     rate.set_ylabel("rows/s committed")
     rate.set_xlabel("seconds since the first lease")
     fig.tight_layout()
-    path = path or out.root / "_timeline.png"
+    if path is None:  # next to the output, also on an object store
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=110, format="png")
+        plt.close(fig)
+        return out.write_bytes_named("_timeline.png", buf.getvalue())
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return str(path)
 
 
 def _lanes(entries) -> list[tuple[int, int]]:

@@ -23,7 +23,7 @@ from batchrun.progress import Progress
 from batchrun.prompts import PromptBuilder
 from batchrun.scan import check_template_renders, scan_input
 from batchrun.shard_queue import ShardQueue
-from batchrun.sink import OutputDir, committed_totals
+from batchrun.sink import OutputDir, committed_only, committed_totals
 from batchrun.sources import open_source
 from batchrun.spec import JobSpec
 
@@ -94,8 +94,10 @@ class JobRunner:
         self.out.acquire_lock(self.run_id, self.break_lock)
         try:
             self.out.check_fingerprint(self.components(plan), self.overwrite)
-            committed = set(self.out.committed())
-            committed |= set(self.out.reconcile(dict.fromkeys(committed)))
+            # One manifest read: the segments merged into one (a re-run retries quarantined shards, so their
+            # entries go), then parts committed just before a crash get their entries back from their footers.
+            committed = set(self.out.compact(self.run_id, keep_quarantined=False))
+            committed |= set(self.out.reconcile(committed, self.run_id))
             self.out.clean_tmp()
             return self._run(plan, pending=sum(s.shard_id not in committed for s in plan.shards))
         finally:
@@ -125,6 +127,9 @@ class JobRunner:
                 progress.update(snap)
                 self._check_stall(snap, pool)
                 pool.watch()
+                if self.out.lock_lost:
+                    raise JobFailed(f"output dir {self.out.root}: {self.out.lock_lost}; stopping this run (what it "
+                                    "committed is kept)")
             pool.finish()  # let workers see DONE, close their engines and hand back their final counters
             snap = ray.get(queue.progress.remote())
             report = ray.get(queue.report.remote())
@@ -132,6 +137,10 @@ class JobRunner:
         finally:
             progress.close()
             pool.shutdown()
+            try:  # the queue's last manifest entries (on a failure path too; else the next start reconciles them)
+                ray.get(queue.flush.remote(), timeout=60)
+            except Exception:  # noqa: BLE001 - the queue may be what failed
+                pass
             ray.kill(queue)
         summary = self.write_summary(snap, report, pool)
         if report["quarantined"]:
@@ -158,7 +167,7 @@ class JobRunner:
                 pool.replace(wid, f"no heartbeat for {w['heartbeat_age_s']:.0f}s")
 
     def write_summary(self, snap: dict, report: dict, pool: WorkerPool) -> dict:
-        entries = list(self.out.committed().values())
+        entries = committed_only(self.out.compact(self.run_id).values())  # this run's segments merged into one
         wall = time.time() - self.invoked_at  # the whole command: plan, Ray start, engine loads and the work
         this_run = [e for e in entries if e.run_id == self.run_id]
         gen = sum(e.generated_tokens for e in this_run)
@@ -209,7 +218,7 @@ class JobRunner:
             "worker_engine_window_s": {w: round(i["last_completion_at"] - i["first_submit_at"], 3)
                                        for w, i in pool.results.items() if i.get("first_submit_at")},
         }
-        (self.out.root / "_summary.json").write_text(json.dumps(summary, indent=2))
+        self.out.write_text("_summary.json", json.dumps(summary, indent=2))
         return summary
 
 

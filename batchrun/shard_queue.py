@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from batchrun.metrics import record
 from batchrun.shards import Shard
@@ -68,9 +67,11 @@ class ShardQueue:
         self.worker_count = 1  # live workers, set by the driver: each holds at most its share of the open shards
         self.started_at = time.time()
         self._next_expiry = 0.0  # leases are checked for expiry at most once a second
-        for sid, e in entries.items():  # a re-run retries what an earlier run quarantined
-            if e.state == "quarantined" and sid in self.pending_ids:
-                self.out.drop_entry(sid)
+        # Manifest entries of this run's commits and quarantines, appended as one segment per batch: off the commit's
+        # critical path (the part is already committed; its footer holds the entry until the segment is written).
+        self.unflushed: list[ManifestEntry] = []
+        self.segments = 0
+        self._last_flush = time.monotonic()
 
     # ------------------------------------------------------------ worker side
 
@@ -113,25 +114,38 @@ class ShardQueue:
         info = self.workers.setdefault(worker, WorkerInfo(worker))
         info.node, info.pid, info.stats, info.last_heartbeat = node, pid, stats, time.time()
 
-    def commit(self, tmp_path: str, entry: ManifestEntry) -> bool:
-        """Publish a finished shard. Returns False (and drops the temp file) if it was already committed."""
+    def commit(self, entry: ManifestEntry, published: bool) -> bool:
+        """A worker committed a shard's part (published=True), or the store refused its copy because the shard is
+        committed already (False: a stale attempt). Bookkeeping only: the commit itself happened in the worker."""
         sid = entry.shard_id
-        tmp = Path(tmp_path)
-        if sid in self.done:
-            tmp.unlink(missing_ok=True)
+        if not published:
             self.duplicates += 1
-            return False
-        lease = self.leases.get(sid)
-        entry.started_at = lease.started_at if lease else entry.started_at
-        entry.run_id = self.run_id
-        committed = self.out.commit(tmp, entry)
-        self.duplicates += not committed
+            if sid in self.done:
+                return False
+            # The winner's own report has not arrived (or never will: it died right after its commit): record the
+            # winner's entry, from its part's footer.
+            entry = self.out.part_entry(sid) or entry
+        elif sid in self.done:
+            return True  # the loser reported first and recorded this entry from the footer
+        self.unflushed.append(entry)
+        self.flush(force=False)
         self.done.add(sid)
         self.rows_done += self.shards[sid].num_rows
         self._end_lease(sid)
         self.quarantined.pop(sid, None)
         self.pending_ids.discard(sid)  # a stale worker finished a shard that had been handed back: no need to redo it
-        return committed
+        return published
+
+    def flush(self, force: bool = True) -> int:
+        """Append the unflushed manifest entries as one segment: at once when forced (the end of a run), else once a
+        second or every 1,000 entries."""
+        now = time.monotonic()
+        if self.unflushed and (force or len(self.unflushed) >= 1000 or now - self._last_flush >= 1.0):
+            self.out.append_entries(self.unflushed, self.run_id, self.segments)
+            self.segments += 1
+            self.unflushed = []
+            self._last_flush = now
+        return self.segments
 
     def fail(self, shard_id: int, worker: str, error: str) -> None:
         """The shard's attempt failed (read error, engine crash while holding it, lost lease)."""
@@ -143,9 +157,10 @@ class ShardQueue:
         if len(self.failures[shard_id]) >= self.max_attempts:
             record("quarantined", 1, run_id=self.run_id)
             self.quarantined[shard_id] = error
-            self.out.write_entry(ManifestEntry(shard_id, "quarantined", attempt=lease.attempt, worker=worker,
-                                               run_id=self.run_id, started_at=lease.started_at,
-                                               committed_at=time.time(), error=error))
+            self.unflushed.append(ManifestEntry(shard_id, "quarantined", attempt=lease.attempt, worker=worker,
+                                                run_id=self.run_id, started_at=lease.started_at,
+                                                committed_at=time.time(), error=error))
+            self.flush()
         else:
             record("retries", 1, run_id=self.run_id)
             self.pending.appendleft(shard_id)  # retry soon, so one bad shard surfaces early
@@ -184,6 +199,7 @@ class ShardQueue:
     def progress(self) -> dict:
         """One snapshot per driver tick: counters, per-worker stats, leases, and whether the job is finished."""
         self._expire()
+        self.flush(force=False)
         return {
             "finished": not self.pending_ids and not self.leases,
             "shards_total": len(self.shards),
@@ -203,6 +219,7 @@ class ShardQueue:
         }
 
     def report(self) -> dict:
+        self.flush()
         return {
             "quarantined": {sid: {"error": err, "attempts": self.failures.get(sid, [])}
                             for sid, err in sorted(self.quarantined.items())},

@@ -1,27 +1,40 @@
 """The output directory: Parquet parts committed atomically, the manifest, the fingerprint and the run lock.
 
-Layout (everything internal starts with "_" so pyarrow.dataset and datasets' parquet loader skip it):
+`output.dir` is a local path or an object-store URL (s3://, gs://). Layout (everything internal starts with "_" so
+pyarrow.dataset and datasets' parquet loader skip it):
     out/part-000012.parquet          one committed shard (a file never spans two shards)
     out/_summary.json                the job summary
     out/_batchrun/job.json           fingerprint and its components, to refuse a re-run that would change outputs
-    out/_batchrun/lock.json          the running driver (host, pid, start time)
-    out/_batchrun/manifest/000012.json   one entry per committed or quarantined shard
-    out/_batchrun/tmp/               parts being written; never visible to readers
-The commit point is a hard link from the temp file to the final name: link() fails if the name exists, so a shard
-is committed once even when two attempts (a stale worker and its replacement) race to finish it.
+    out/_batchrun/lock.json          local: the running driver (host, pid, start time)
+    out/_batchrun/lock-000003.json   object store: the running driver's lease, renewed while it runs (see below)
+    out/_batchrun/manifest/*.parquet segments of manifest entries, one per batch of commits (the queue appends them)
+    out/_batchrun/tmp/               local only: parts being written; never visible to readers
+
+The commit point is the creation of the part under its final name, exclusive: it fails if the name exists, so a
+shard is committed once even when two attempts (a stale worker and its replacement) race to finish it, and a reader
+sees either no part or the whole one.
+- local: a hard link from the temp file to the final name (link() refuses an existing name);
+- object store: a conditional PUT of the whole part (S3 `If-None-Match: *`, GCS `ifGenerationMatch=0`, through
+  fsspec's `pipe_file(mode="create")`). A PUT becomes visible only when complete, so no temp object is needed and
+  nothing in progress is ever listed; a second writer gets 412 and drops its copy.
+The part's own footer carries its manifest entry, so the manifest is not a commit point: the queue appends entries
+in batches (one segment per second or per thousand commits), and a crash between a commit and its segment is
+repaired at the next start from the footers of the parts that have no entry (`reconcile`). A resume reads a handful
+of segments, not one object per shard; the driver compacts them into one at each start and end.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
-import shutil
 import socket
+import threading
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+import uuid
+from dataclasses import asdict, dataclass, fields
 
 import psutil
 import pyarrow as pa
@@ -31,6 +44,11 @@ from batchrun.errors import OutputLocked, SpecError
 from batchrun.fingerprint import diff_components, fingerprint
 
 META_KEY = b"batchrun"
+# Object stores with an exclusive create that fsspec exposes as pipe_file(mode="create"): s3fs sends
+# If-None-Match: * (s3fs/core.py _pipe_file, botocore >= 1.35.20), gcsfs ifGenerationMatch=0 (gcsfs/core.py
+# simple_upload). fsspec's generic fallback (exists() then write) is not atomic, so other protocols are refused.
+CREATE_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
+LOCK_LEASE_S = 120.0  # an object-store lock not renewed for this long belongs to a driver that is gone
 
 
 @dataclass(slots=True)
@@ -50,6 +68,15 @@ class ManifestEntry:
     error_rows: int = 0
     error: str | None = None  # quarantined: the last error
     score: dict | None = None  # evals: {"sum", "rows", "scored"} of this shard's score column
+
+
+ENTRY_FIELDS = [f.name for f in fields(ManifestEntry)]
+SEGMENT_SCHEMA = pa.schema([
+    ("shard_id", pa.int64()), ("state", pa.string()), ("rows", pa.int64()), ("ids_digest", pa.string()),
+    ("attempt", pa.int64()), ("worker", pa.string()), ("node", pa.string()), ("run_id", pa.string()),
+    ("started_at", pa.float64()), ("committed_at", pa.float64()), ("generated_tokens", pa.int64()),
+    ("prompt_tokens", pa.int64()), ("error_rows", pa.int64()), ("error", pa.string()), ("score", pa.string()),
+])
 
 
 def committed_only(entries) -> list[ManifestEntry]:
@@ -75,32 +102,190 @@ def ids_digest(ids: pa.ChunkedArray | pa.Array) -> str:
     return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:32]
 
 
+def merge_entries(entries, into: dict[int, ManifestEntry]) -> dict[int, ManifestEntry]:
+    """Union of manifest entries, whatever order the segments are read in: a committed entry is final (its part
+    exists and cannot be replaced), so it wins over a quarantined one; between two quarantined, the later."""
+    for e in entries:
+        old = into.get(e.shard_id)
+        if old is None or (old.state != "committed" and (e.state == "committed" or e.committed_at >= old.committed_at)):
+            into[e.shard_id] = e
+    return into
+
+
+def segment_bytes(entries: list[ManifestEntry]) -> bytes:
+    rows = [dict(asdict(e), score=json.dumps(e.score) if e.score is not None else None) for e in entries]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def read_segment(data: bytes) -> list[ManifestEntry]:
+    table = pq.read_table(pa.BufferReader(data))
+    out = []
+    for row in table.to_pylist():
+        row = {k: v for k, v in row.items() if k in ENTRY_FIELDS and v is not None}  # older segments: defaults
+        if isinstance(row.get("score"), str):
+            row["score"] = json.loads(row["score"])
+        out.append(ManifestEntry(**row))
+    return out
+
+
 class OutputDir:
-    def __init__(self, path: str | Path):
-        self.root = Path(path).absolute()
-        self.meta = self.root / "_batchrun"
-        self.manifest_dir = self.meta / "manifest"
-        self.tmp = self.meta / "tmp"
+    def __init__(self, url):
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+
+        url = str(url)
+        self.fs, path = fsspec.core.url_to_fs(url)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.path = os.path.abspath(path) if self.local else path.rstrip("/")
+        self.protocol = "file" if self.local else url.split("://", 1)[0]
+        self.root = self.path if self.local else url.rstrip("/")  # what users see and pass on
+        self.meta = self.join("_batchrun")
+        self.manifest_dir = self.join("_batchrun", "manifest")
+        self.tmp = self.join("_batchrun", "tmp")
+        self._lock_path: str | None = None  # object store: the lock object this driver holds
+        self._renewer: threading.Thread | None = None
+        self._stop_renew = threading.Event()
+        self.lock_lost: str | None = None  # object store: set when another driver took the lock over
+
+    def join(self, *names: str) -> str:
+        return "/".join([self.path, *names])
+
+    def __repr__(self) -> str:
+        return f"OutputDir({self.root!r})"
+
+    # ------------------------------------------------------------ small file operations, local or object store
+
+    def read_bytes(self, path: str) -> bytes | None:
+        try:
+            if self.local:
+                with open(path, "rb") as fh:
+                    return fh.read()
+            return self.fs.cat_file(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def read_json(self, path: str) -> dict | None:
+        data = self.read_bytes(path)
+        try:
+            return json.loads(data) if data is not None else None
+        except ValueError:
+            return None
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Replace an object whole: readers see the old or the new content, never a part of it."""
+        if self.local:
+            tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)  # one PUT: atomic
+
+    def create(self, path: str, data: bytes) -> bool:
+        """Create `path` only if no object has that name: the commit primitive. False if it exists."""
+        if self.local:
+            tmp = f"{self.tmp}/{os.path.basename(path)}.{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            return self._link(tmp, path)
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+
+    def _link(self, tmp: str, final: str) -> bool:
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            if os.path.exists(final):  # filesystems without hard links: rename (a same-shard race keeps one copy)
+                return False
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return True
+
+    def list(self, path: str, prefix: str = "", suffix: str = "") -> list[str]:
+        """Names directly under `path` (full paths), fresh from the store (no listing cache)."""
+        if self.local:
+            try:
+                with os.scandir(path) as it:
+                    names = [e.name for e in it]
+            except FileNotFoundError:
+                return []
+            return sorted(f"{path}/{n}" for n in names if n.startswith(prefix) and n.endswith(suffix))
+        self.fs.invalidate_cache(path)
+        try:
+            names = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(p for p in (n.rstrip("/") for n in names)
+                      if p.rsplit("/", 1)[-1].startswith(prefix) and p.endswith(suffix))
+
+    def remove(self, paths: list[str]) -> None:
+        if not paths:
+            return
+        if self.local:
+            for p in paths:
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+        else:
+            self.fs.rm(paths)  # batched deletes (S3: 1,000 keys a request)
+
+    def open(self, path: str, mode: str = "rb"):
+        return open(path, mode) if self.local else self.fs.open(path, mode)
+
+    def exists(self) -> bool:
+        """Whether this looks like a batchrun output dir (it has a job file)."""
+        return self.read_bytes(self.join("_batchrun", "job.json")) is not None
 
     # ------------------------------------------------------------ setup
 
     def ensure(self) -> None:
-        if self.root.exists() and not self.root.is_dir():
+        if not self.local:
+            return self._ensure_remote()
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise SpecError(f"key 'output.dir': {self.root} exists and is a file, expected a directory")
         try:
-            for d in (self.root, self.meta, self.manifest_dir, self.tmp):
-                d.mkdir(parents=True, exist_ok=True)
+            for d in (self.path, self.meta, self.manifest_dir, self.tmp):
+                os.makedirs(d, exist_ok=True)
         except OSError as e:
             raise SpecError(f"key 'output.dir': cannot create {self.root} ({e.strerror})") from None
 
+    def _ensure_remote(self) -> None:
+        if self.protocol not in CREATE_PROTOCOLS:
+            raise SpecError(
+                f"key 'output.dir': {self.root}: batchrun commits a part by creating it exclusively, and "
+                f"{self.protocol}:// offers no atomic create-if-absent through fsspec; use a local or shared "
+                f"filesystem path, s3:// or gs://")
+        bucket = self.path.split("/", 1)[0]
+        try:
+            self.fs.invalidate_cache(bucket)
+            ok = self.fs.exists(bucket)
+        except Exception as e:  # credentials and endpoint problems: the error's own words (never a secret)
+            raise SpecError(f"key 'output.dir': cannot reach {self.protocol}://{bucket} "
+                            f"({type(e).__name__}: {e})") from None
+        if not ok:
+            raise SpecError(f"key 'output.dir': bucket {self.protocol}://{bucket} does not exist or is not "
+                            "visible with these credentials")
+
     def check_fingerprint(self, components: dict, overwrite: bool) -> None:
         """Refuse a re-run whose outputs would differ from what is committed; --overwrite starts over."""
-        job = self.meta / "job.json"
+        job = self.join("_batchrun", "job.json")
         new = {"fingerprint": fingerprint(components), "components": components}
+        old = self.read_json(job)
         if overwrite:
             self.clear()
-        elif job.exists():
-            old = json.loads(job.read_text())
+        elif old is not None:
             if old["fingerprint"] != new["fingerprint"]:
                 changes = diff_components(old["components"], components)
                 raise SpecError(
@@ -108,51 +293,65 @@ class OutputDir:
                     + "\n  ".join(changes)
                     + "\nUse --overwrite to discard its outputs, or choose a new output.dir."
                 )
-        elif any(self.parts()):
+        elif self.parts():
             raise SpecError(f"output dir {self.root} holds Parquet parts from another tool or an unknown job; "
                             "use --overwrite or a new output.dir")
-        _atomic_write(job, json.dumps(new, indent=2, default=str))
+        self.write_bytes(job, json.dumps(new, indent=2, default=str).encode())
 
     def clear(self) -> None:
-        for p in self.parts():
-            p.unlink()
-        for d in (self.manifest_dir, self.tmp):
-            shutil.rmtree(d, ignore_errors=True)
-            d.mkdir(parents=True)
-        (self.root / "_summary.json").unlink(missing_ok=True)
+        self.remove(self.parts() + self.list(self.manifest_dir) + self.list(self.tmp)
+                    + [self.join("_summary.json")] * (self.read_bytes(self.join("_summary.json")) is not None))
 
-    def parts(self):
-        return sorted(self.root.glob("part-*.parquet"))
+    def parts(self) -> list[str]:
+        return self.list(self.path, prefix="part-", suffix=".parquet")
 
-    def part_path(self, shard_id: int) -> Path:
-        return self.root / f"part-{shard_id:06d}.parquet"
+    def part_path(self, shard_id: int) -> str:
+        return self.join(f"part-{shard_id:06d}.parquet")
+
+    def write_text(self, name: str, text: str) -> str:
+        """A file at the top of the output dir (the summary). Returns its path or URL."""
+        return self.write_bytes_named(name, text.encode())
+
+    def write_bytes_named(self, name: str, data: bytes) -> str:
+        self.write_bytes(self.join(name), data)
+        return self.join(name) if self.local else f"{self.protocol}://{self.join(name)}"
 
     # ------------------------------------------------------------ lock
 
     def acquire_lock(self, run_id: str, break_lock: bool = False) -> None:
-        lock = self.meta / "lock.json"
+        if not self.local:
+            return self._acquire_remote(run_id, break_lock)
+        lock = self.join("_batchrun", "lock.json")
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(), "run_id": run_id}
         for _ in range(2):
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = _read_json(lock) or {}
+                holder = self.read_json(lock) or {}
                 if break_lock or self._is_stale(holder):
-                    lock.unlink(missing_ok=True)
+                    self.remove([lock])
                     continue
-                raise OutputLocked(
-                    f"output dir {self.root} is in use by another run (host {holder.get('host')}, pid "
-                    f"{holder.get('pid')}, started {time.ctime(holder.get('started_at', 0))}). If that run is gone, "
-                    "re-run with --break-lock."
-                ) from None
+                raise self._locked(holder) from None
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
             return
         raise OutputLocked(f"could not take the lock on {self.root}")
 
+    def _locked(self, holder: dict) -> OutputLocked:
+        renewed = f", renewed {time.time() - holder['renewed_at']:.0f}s ago" if holder.get("renewed_at") else ""
+        return OutputLocked(
+            f"output dir {self.root} is in use by another run (host {holder.get('host')}, pid "
+            f"{holder.get('pid')}, started {time.ctime(holder.get('started_at', 0))}{renewed}). If that run is gone, "
+            "re-run with --break-lock" + (f" or wait {LOCK_LEASE_S:.0f}s for its lease to lapse." if not self.local
+                                          else ".")
+        )
+
     @staticmethod
     def _is_stale(holder: dict) -> bool:
-        """A lock from this host whose process is gone (or is another program now) is stale."""
+        """Local: a lock from this host whose process is gone (or is another program now) is stale. Object store:
+        a lease not renewed for its lease time (clocks of the hosts agree to well within it)."""
+        if "lease_s" in holder:
+            return time.time() - holder.get("renewed_at", 0) > holder["lease_s"]
         if holder.get("host") != socket.gethostname():
             return False  # cannot see another host's processes: only --break-lock breaks it
         pid = holder.get("pid")
@@ -162,98 +361,151 @@ class OutputDir:
         except (psutil.NoSuchProcess, TypeError, ValueError):
             return True
 
+    # Object stores have no O_EXCL file that dies with its process, and an overwrite conditional on the old
+    # version is not offered by every store through fsspec. So the lock is a sequence of lock-NNNNNN.json objects,
+    # each created exclusively: the holder is the newest, a new driver takes a lapsed lease over by creating the
+    # next number (two drivers racing for it: one create wins), and a holder that finds a newer number has lost it.
+    def _remote_locks(self) -> list[str]:
+        return self.list(self.meta, prefix="lock-", suffix=".json")
+
+    def _acquire_remote(self, run_id: str, break_lock: bool) -> None:
+        for _ in range(3):
+            locks = self._remote_locks()
+            number = 1
+            if locks:
+                holder = self.read_json(locks[-1]) or {}
+                if holder and not break_lock and not self._is_stale(holder):
+                    raise self._locked(holder)
+                number = int(locks[-1].rsplit("-", 1)[1].split(".")[0]) + 1
+            path = self.join("_batchrun", f"lock-{number:06d}.json")
+            if self.create(path, self._lock_body(run_id, time.time())):
+                self._lock_path = path
+                self.remove([p for p in locks])  # older leases: lapsed or broken
+                self._stop_renew.clear()
+                self._renewer = threading.Thread(target=self._renew, args=(run_id,), name="batchrun-lock",
+                                                 daemon=True)
+                self._renewer.start()
+                return
+        raise OutputLocked(f"could not take the lock on {self.root}: other drivers keep taking it")
+
+    def _lock_body(self, run_id: str, started_at: float) -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started_at": started_at,
+                           "renewed_at": time.time(), "lease_s": LOCK_LEASE_S, "run_id": run_id}).encode()
+
+    def _renew(self, run_id: str) -> None:
+        started = time.time()
+        while not self._stop_renew.wait(LOCK_LEASE_S / 6):
+            try:
+                newest = self._remote_locks()
+                if newest and newest[-1] != self._lock_path:
+                    self.lock_lost = f"another driver took the lock over ({newest[-1].rsplit('/', 1)[-1]})"
+                    return
+                self.write_bytes(self._lock_path, self._lock_body(run_id, started))
+            except Exception:  # a failed renewal is retried; the lease is long enough for several
+                continue
+
     def release_lock(self, run_id: str) -> None:
-        lock = self.meta / "lock.json"
-        if (_read_json(lock) or {}).get("run_id") == run_id:
-            lock.unlink(missing_ok=True)
+        if not self.local:
+            self._stop_renew.set()
+            if self._lock_path and not self.lock_lost:
+                self.remove([self._lock_path])
+            self._lock_path = None
+            return
+        lock = self.join("_batchrun", "lock.json")
+        if (self.read_json(lock) or {}).get("run_id") == run_id:
+            self.remove([lock])
+
+    def lock_holder(self) -> dict | None:
+        """Who holds the run lock, or None (an object-store lease that lapsed counts as none)."""
+        if self.local:
+            return self.read_json(self.join("_batchrun", "lock.json"))
+        locks = self._remote_locks()
+        holder = self.read_json(locks[-1]) if locks else None
+        return holder if holder and not self._is_stale(holder) else None
 
     # ------------------------------------------------------------ manifest
 
     def entries(self) -> dict[int, ManifestEntry]:
-        out = {}
-        for f in self.manifest_dir.glob("*.json"):
-            data = _read_json(f)
-            if data:
-                e = ManifestEntry(**data)
-                out[e.shard_id] = e
+        out: dict[int, ManifestEntry] = {}
+        for data in self._read_all(self.list(self.manifest_dir, suffix=".parquet")).values():
+            merge_entries(read_segment(data), out)
         return out
+
+    def _read_all(self, paths: list[str]) -> dict[str, bytes]:
+        if not paths:
+            return {}
+        if self.local:
+            return {p: d for p in paths if (d := self.read_bytes(p)) is not None}
+        return self.fs.cat(paths, on_error="omit")  # concurrent GETs
 
     def committed(self) -> dict[int, ManifestEntry]:
         return {e.shard_id: e for e in committed_only(self.entries().values())}
 
     def job(self) -> dict:
         """The job's fingerprint and components (job.json), or {} before its first run."""
-        return _read_json(self.meta / "job.json") or {}
+        return self.read_json(self.join("_batchrun", "job.json")) or {}
 
-    def lock_holder(self) -> dict | None:
-        """Who holds the run lock (lock.json), or None."""
-        return _read_json(self.meta / "lock.json")
+    def append_entries(self, entries: list[ManifestEntry], run_id: str, seq: int) -> None:
+        """One segment of entries (the queue's batch of commits and quarantines)."""
+        if entries:
+            self.write_bytes(self.join("_batchrun", "manifest", f"{run_id}-{seq:06d}.parquet"),
+                             segment_bytes(entries))
 
-    def write_entry(self, entry: ManifestEntry) -> None:
-        _atomic_write(self.manifest_dir / f"{entry.shard_id:06d}.json", json.dumps(asdict(entry)))
+    def compact(self, run_id: str, keep_quarantined: bool = True) -> dict[int, ManifestEntry]:
+        """Merge every segment into one (under the run lock). A segment written meanwhile is not deleted: only the
+        ones read are, after the merged one is in place. keep_quarantined=False drops quarantined entries: a re-run
+        retries those shards. Returns the merged entries."""
+        paths = self.list(self.manifest_dir, suffix=".parquet")
+        merged: dict[int, ManifestEntry] = {}
+        for data in self._read_all(paths).values():
+            merge_entries(read_segment(data), merged)
+        entries = merged if keep_quarantined else {s: e for s, e in merged.items() if e.state == "committed"}
+        if len(paths) > 1 or len(entries) != len(merged):
+            name = self.join("_batchrun", "manifest", f"{run_id}-c{time.time_ns()}.parquet")
+            self.write_bytes(name, segment_bytes(sorted(entries.values(), key=lambda e: e.shard_id)))
+            self.remove([p for p in paths if p != name])
+        return entries
 
-    def drop_entry(self, shard_id: int) -> None:
-        (self.manifest_dir / f"{shard_id:06d}.json").unlink(missing_ok=True)
+    def reconcile(self, known: dict | set, run_id: str) -> list[int]:
+        """Add manifest entries for parts committed just before a crash (their segment was never written), from the
+        parts' own footers. `known`: the shard ids the manifest has."""
+        missing = [p for p in self.parts() if int(p.rsplit("-", 1)[1].split(".")[0]) not in known]
+        rebuilt = [e for e in map(self._footer_entry, missing) if e is not None]
+        self.append_entries(rebuilt, run_id, 999999)
+        return [e.shard_id for e in rebuilt]
 
-    def reconcile(self, committed: dict | None = None) -> list[int]:
-        """Rebuild manifest entries for parts committed just before a crash, from their own Parquet metadata.
-        `committed`: the committed entries, where the caller has read them already (one manifest read per run)."""
-        committed = self.committed() if committed is None else committed
-        rebuilt = []
-        for part in self.parts():
-            shard_id = int(part.stem.split("-")[1])
-            if shard_id in committed:
-                continue
-            meta = pq.read_schema(part).metadata or {}
-            if META_KEY not in meta:
-                continue
-            self.write_entry(ManifestEntry(**json.loads(meta[META_KEY])))
-            rebuilt.append(shard_id)
-        return rebuilt
+    def part_entry(self, shard_id: int) -> ManifestEntry | None:
+        """The manifest entry a committed part carries in its footer, or None."""
+        return self._footer_entry(self.part_path(shard_id))
+
+    def _footer_entry(self, part: str) -> ManifestEntry | None:
+        try:
+            with self.open(part) as fh:
+                meta = pq.read_schema(fh).metadata or {}
+        except FileNotFoundError:
+            return None
+        return ManifestEntry(**json.loads(meta[META_KEY])) if META_KEY in meta else None
 
     def clean_tmp(self) -> None:
-        """Temp files of dead attempts: safe to delete because this run holds the lock."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        """Temp files of dead attempts (local only): safe to delete because this run holds the lock."""
+        if self.local:
+            self.remove(self.list(self.tmp))
+            os.makedirs(self.tmp, exist_ok=True)
 
     # ------------------------------------------------------------ parts
 
-    def write_temp(self, table: pa.Table, entry: ManifestEntry, compression: str) -> Path:
+    def publish(self, table: pa.Table, entry: ManifestEntry, compression: str) -> bool:
+        """Write a shard's part and commit it in one step. False if the shard was already committed (a stale
+        attempt's copy, dropped). The entry travels in the part's footer; the queue adds it to the manifest."""
         meta = dict(table.schema.metadata or {})
         meta[META_KEY] = json.dumps(asdict(entry)).encode()
         table = table.replace_schema_metadata(meta)
-        tmp = self.tmp / f"{entry.shard_id:06d}.{entry.worker}.{entry.attempt}.{os.getpid()}.parquet"
-        pq.write_table(table, tmp, compression=None if compression == "none" else compression)
-        return tmp
-
-    def commit(self, tmp: Path, entry: ManifestEntry) -> bool:
-        """Make the part visible in one step. False if the shard was already committed (a no-op)."""
+        compression = None if compression == "none" else compression
         final = self.part_path(entry.shard_id)
-        try:
-            os.link(tmp, final)
-        except FileExistsError:
-            tmp.unlink(missing_ok=True)
-            return False
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
-            if final.exists():  # filesystems without hard links: rename, guarded by the queue's single writer
-                tmp.unlink(missing_ok=True)
-                return False
-            os.replace(tmp, final)
-        tmp.unlink(missing_ok=True)
-        self.write_entry(entry)
-        return True
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+        if self.local:  # write to a temp file and link it: no copy of the part in memory
+            tmp = f"{self.tmp}/{entry.shard_id:06d}.{entry.worker}.{entry.attempt}.{os.getpid()}.parquet"
+            pq.write_table(table, tmp, compression=compression)
+            return self._link(tmp, final)
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, compression=compression)
+        return self.create(final, buf.getvalue().to_pybytes())

@@ -250,13 +250,16 @@ class Worker:
             id_col = table.column(self.id_column or ROW_INDEX)
             entry = ManifestEntry(
                 shard_id=task.shard.shard_id, state="committed", rows=table.num_rows, ids_digest=ids_digest(id_col),
-                attempt=task.attempt, worker=self.worker_id, node=self.node, started_at=task.started_at,
+                attempt=task.attempt, worker=self.worker_id, node=self.node, run_id=self.tags["run_id"],
+                started_at=task.started_at,
                 committed_at=time.time(), generated_tokens=sum(task.gen_tokens), prompt_tokens=sum(task.prompt_tokens),
                 error_rows=sum(e is not None for e in task.error),
                 score=totals(table.column("score")) if self.scorer else None,
             )
-            tmp = self.out.write_temp(table, entry, self.spec.output.compression)
-            ray.get(self.queue.commit.remote(str(tmp), entry))
+            # The commit happens here, not in the queue actor: the store's exclusive create decides the one winner,
+            # and the queue only records it (its single thread never waits on an upload).
+            published = self.out.publish(table, entry, self.spec.output.compression)
+            ray.get(self.queue.commit.remote(entry, published))
             record("rows", table.num_rows, **self.tags)
             record("shard_seconds", time.time() - task.started_at, **self.tags)
             self._add(rows=table.num_rows, shards=1)

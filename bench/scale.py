@@ -36,7 +36,8 @@ from batchrun.sink import ManifestEntry, OutputDir  # noqa: E402
 class SimClients:
     """`tasks` simulated workers in one process."""
 
-    async def run(self, queue, first: int, tasks: int, seconds: float, tmp_dir: str) -> dict:
+    async def run(self, queue, first: int, tasks: int, seconds: float, out_dir: str) -> dict:
+        od = OutputDir(out_dir)
         stop = time.time() + seconds
         lease_lat, commit_lat, commits, waits = [], [], [0], [0]
 
@@ -58,12 +59,12 @@ class SimClients:
                     waits[0] += 1
                     await asyncio.sleep(0.05)
                     continue
-                tmp = Path(tmp_dir) / f"{shard.shard_id:07d}.{wid}.parquet"
-                tmp.write_bytes(b"PAR1")  # the queue links it into place; it never reads it
                 entry = ManifestEntry(shard.shard_id, "committed", rows=1, worker=wid, node="sim",
                                       started_at=time.time(), committed_at=time.time())
                 t1 = time.perf_counter()
-                await queue.commit.remote(str(tmp), entry)
+                # the worker's own commit (exclusive create of the part), then the queue's bookkeeping
+                published = od.create(od.part_path(shard.shard_id), b"PAR1")
+                await queue.commit.remote(entry, published)
                 commit_lat.append(time.perf_counter() - t1)
                 commits[0] += 1
             hb.cancel()
@@ -97,7 +98,7 @@ def simulate(n_shards: int, workers: int, seconds: float, clients: int) -> dict:
     actors = [SimClients.remote() for _ in range(clients)]
     per = workers // clients
     t0 = time.perf_counter()
-    results = ray.get([a.run.remote(queue, i * per, per, seconds, str(od.tmp)) for i, a in enumerate(actors)])
+    results = ray.get([a.run.remote(queue, i * per, per, seconds, od.root) for i, a in enumerate(actors)])
     wall = time.perf_counter() - t0
     lease = [x for r in results for x in r["lease"]]
     commit = [x for r in results for x in r["commit"]]
@@ -112,21 +113,37 @@ def simulate(n_shards: int, workers: int, seconds: float, clients: int) -> dict:
             "waits": sum(r["waits"] for r in results), "queue_rss_mb": rss, "driver_peak_rss_mb": driver_rss}
 
 
-def resume_time(n: int) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="resume-"))
-    od = OutputDir(out)
+def resume_time(n: int, url: str) -> dict:
+    """A driver's start on an output dir of n committed shards, as a run leaves it (one manifest segment per 1,000
+    commits, n parts): merge the segments, list the parts to reconcile, rebuild the queue's state."""
+    od = OutputDir(url)
     od.ensure()
-    for sid in range(n):
-        od.write_entry(ManifestEntry(sid, "committed", rows=1, worker="w", node="n"))
+    t0 = time.perf_counter()
+    for first in range(0, n, 1000):
+        od.append_entries([ManifestEntry(sid, "committed", rows=1, worker="w", node="n", run_id="r0")
+                           for sid in range(first, min(n, first + 1000))], "r0", first // 1000)
+    parts = {od.part_path(sid): b"PAR1" for sid in range(n)}
+    if od.local:
+        for path, data in parts.items():
+            od.create(path, data)
+    else:
+        od.fs.pipe(parts)  # concurrent PUTs
+    setup_s = time.perf_counter() - t0
     shards = list(cut_shards((n,), 1))
     t0 = time.perf_counter()
-    q = ShardQueue(str(out), shards, "resume", 4, 120.0)
-    queue_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    committed = od.committed()
-    driver_s = time.perf_counter() - t0
+    committed = set(od.compact("resume", keep_quarantined=False))
+    compact_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    assert od.reconcile(committed, "resume") == []
+    reconcile_s = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    q = ShardQueue(od.root, shards, "resume", 4, 120.0)
+    queue_s = time.perf_counter() - t1
+    total = time.perf_counter() - t0
     assert len(committed) == n and not q.pending
-    return {"resume_shards": n, "queue_rebuild_s": round(queue_s, 2), "driver_manifest_read_s": round(driver_s, 2)}
+    return {"resume_shards": n, "store": "local" if od.local else od.protocol, "resume_s": round(total, 2),
+            "merge_segments_s": round(compact_s, 2), "list_parts_s": round(reconcile_s, 2),
+            "queue_rebuild_s": round(queue_s, 2), "setup_s": round(setup_s, 1)}
 
 
 def main() -> None:
@@ -137,14 +154,29 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--resume", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--s3", action="store_true", help="--resume also on a loopback S3 server (moto)")
     args = ap.parse_args()
     ray.init(num_cpus=max(8, args.clients), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    rows = [simulate(int(n), args.workers, args.seconds, args.clients) for n in args.shards.split(",")]
+    rows = [simulate(int(n), args.workers, args.seconds, args.clients) for n in args.shards.split(",") if n]
     for r in rows:
         print(json.dumps(r), flush=True)
-    resume = resume_time(args.resume) if args.resume else None
-    if resume:
-        print(json.dumps(resume), flush=True)
+    resume = []
+    if args.resume:
+        resume.append(resume_time(args.resume, tempfile.mkdtemp(prefix="resume-")))
+        print(json.dumps(resume[-1]), flush=True)
+    if args.resume and args.s3:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from s3server import free_port, make_bucket, s3_env, start_server
+
+        port = free_port()
+        os.environ.update(s3_env(port))
+        server = start_server(port)
+        try:
+            make_bucket("scale")
+            resume.append(resume_time(args.resume, "s3://scale/resume"))
+            print(json.dumps(resume[-1]), flush=True)
+        finally:
+            server.terminate()
     print("\n| shards | workers | leases/s | commits/s | lease p50 / p99 ms | commit p50 / p99 ms | queue RSS MB | "
           "driver RSS MB | plan + queue start s |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -152,6 +184,12 @@ def main() -> None:
         print(f"| {r['shards']:,} | {r['workers']} | {r['leases_per_s']:,} | {r['commits_per_s']:,} | "
               f"{r['lease_p50_ms']} / {r['lease_p99_ms']} | {r['commit_p50_ms']} / {r['commit_p99_ms']} | "
               f"{r['queue_rss_mb']} | {r['driver_peak_rss_mb']} | {r['plan_s']} + {r['queue_start_s']} |")
+    if resume:
+        print("\n| store | shards | resume s | merge segments s | list parts s | queue rebuild s |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for r in resume:
+            print(f"| {r['store']} | {r['resume_shards']:,} | {r['resume_s']} | {r['merge_segments_s']} | "
+                  f"{r['list_parts_s']} | {r['queue_rebuild_s']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": rows, "resume": resume}, indent=1))
 

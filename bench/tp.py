@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
 
 
 def run_job(model: Path, tp: int, n: int, src: str | None) -> dict:
@@ -46,8 +47,9 @@ def run_job(model: Path, tp: int, n: int, src: str | None) -> dict:
     if proc.returncode != 0:
         return {"error": proc.stderr[-800:]}
     s = json.loads((work / "out" / "_summary.json").read_text())
-    last_commit = max(json.loads(f.read_text())["committed_at"] for f in (work / "out" / "_batchrun" / "manifest")
-                      .glob("*.json"))
+    from batchrun.sink import OutputDir
+
+    last_commit = max((e.committed_at for e in OutputDir(work / "out").entries().values()), default=exited)
     window = max(s["worker_engine_window_s"].values())
     return {"tok_s": round(s["generated_tokens"] / window), "tok_s_command": round(s["generated_tokens"] /
                                                                                    (exited - t0)),

@@ -14,6 +14,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "build" / "demo-model"
 
+# The loopback S3 server's address and credentials go into the environment before anything starts (the session's
+# Ray cluster included), the way a user's AWS environment reaches batchrun: its workers inherit it.
+from tests.s3server import free_port, s3_env  # noqa: E402
+
+S3_PORT = free_port()
+os.environ.update(s3_env(S3_PORT))
+
 
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
@@ -38,6 +45,18 @@ def ray_cluster():
     if old is None:
         os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A real S3 API server (moto) on loopback for the session, with one bucket: its name."""
+    from tests.s3server import make_bucket, start_server
+
+    proc = start_server(S3_PORT)
+    make_bucket("batchrun-test")
+    yield "batchrun-test"
+    proc.terminate()
+    proc.wait(timeout=30)
 
 
 def write_parquet(path: Path, table: pa.Table, row_group_size: int | None = None) -> Path:

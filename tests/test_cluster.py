@@ -194,9 +194,10 @@ def test_submit_spreads_over_both_nodes_and_exports_metrics(cluster, tmp_path):
 def test_job_stop_then_resubmit_completes_exactly_once(cluster, tmp_path):
     job_file = make_job(tmp_path, 4000, 0.1, "b")
     cluster.submit(job_file, "batchrun-b1")
-    manifest = tmp_path / "b-out" / "_batchrun" / "manifest"
-    wait_for(lambda: manifest.exists() and len(list(manifest.glob("*.json"))) >= 10, 180, "10 committed shards")
-    during = batchrun_status(tmp_path / "b-out")  # progress from the manifest while the job runs
+    wait_for(lambda: len(list((tmp_path / "b-out").glob("part-*.parquet"))) >= 10, 180, "10 committed shards")
+    # progress from the manifest while the job runs (its segments trail the commits by a second at most)
+    wait_for(lambda: batchrun_status(tmp_path / "b-out")["shards_committed"] >= 10, 30, "10 shards in the manifest")
+    during = batchrun_status(tmp_path / "b-out")
     assert during["running"] is True and 10 <= during["shards_committed"] < 160 and during["rows_total"] == 4000
     assert during["rows_committed"] == 25 * during["shards_committed"] and during["rows_per_s"] > 0
     cluster.job("stop", "batchrun-b1")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pyarrow as pa
@@ -25,7 +24,7 @@ def commit(q, out, shard_id, worker, ids, attempt=1):
     table = pa.table({"id": ids, "generated_text": [worker] * len(ids)})
     entry = ManifestEntry(shard_id, "committed", rows=len(ids), ids_digest=ids_digest(table.column("id")),
                           attempt=attempt, worker=worker)
-    return q.commit(str(out.write_temp(table, entry, "zstd")), entry)
+    return q.commit(entry, out.publish(table, entry, "zstd"))
 
 
 def test_stale_worker_commit_is_a_noop(tmp_path):
@@ -37,8 +36,27 @@ def test_stale_worker_commit_is_a_noop(tmp_path):
     assert commit(q, out, 0, "w2", list(range(10)), attempt=2) is True
     assert commit(q, out, 0, "w1", list(range(10)), attempt=1) is False  # the stale worker comes back
     assert pq.read_table(out.part_path(0)).column("generated_text").to_pylist() == ["w2"] * 10
+    q.flush()
     assert out.entries()[0].worker == "w2" and out.entries()[0].attempt == 2
-    assert not list(out.tmp.iterdir())
+    assert q.progress()["duplicates"] == 1
+    assert not out.list(out.tmp)
+
+
+def test_loser_reporting_first_records_the_winners_entry(tmp_path):
+    """The store decides the winner; if the winner dies right after its commit (or its report is slower), the
+    loser's report must record the winner's entry, from the part's footer, and end the shard."""
+    q, out = make_queue(tmp_path, lease_timeout_s=0.05)
+    q.lease("w1")
+    time.sleep(0.1)
+    q.lease("w2")
+    table = pa.table({"id": list(range(10)), "generated_text": ["w1"] * 10})
+    won = ManifestEntry(0, "committed", rows=10, ids_digest=ids_digest(table.column("id")), attempt=1, worker="w1")
+    assert out.publish(table, won, "zstd") is True  # w1 commits, then dies before telling the queue
+    assert commit(q, out, 0, "w2", list(range(10)), attempt=2) is False
+    q.flush()
+    assert out.entries()[0].worker == "w1" and 0 in q.done and 0 not in q.leases
+    assert q.commit(won, True) is True  # w1's report arriving late changes nothing
+    assert q.progress()["duplicates"] == 1 and q.progress()["shards_done"] == 1
 
 
 def test_commit_is_no_clobber_even_across_queues(tmp_path):
@@ -64,6 +82,7 @@ def test_failures_quarantine_after_max_attempts_and_rerun_retries(tmp_path):
     commit(q, out, 1, "w", list(range(10, 20)))
     commit(q, out, 2, "w", list(range(20, 30)))
     assert q.finished() and q.lease("w") == DONE
+    q.report()  # the end of a run writes the last manifest segment
     q2, _ = make_queue(tmp_path)  # a re-run: state comes from the manifest; the quarantined shard is retried
     assert q2.lease("w").shard_id == 0 and q2.lease("w") == WAIT
     assert q2.progress()["shards_skipped"] == 2
@@ -89,10 +108,26 @@ def test_reconcile_rebuilds_entry_of_a_part_committed_before_a_crash(tmp_path):
     q, out = make_queue(tmp_path)
     q.lease("w")
     commit(q, out, 0, "w", list(range(10)))
-    entry = json.loads((out.manifest_dir / "000000.json").read_text())
-    (out.manifest_dir / "000000.json").unlink()  # crash between the link and the manifest write
-    assert out.reconcile() == [0]
-    assert json.loads((out.manifest_dir / "000000.json").read_text())["ids_digest"] == entry["ids_digest"]
+    assert q.unflushed and out.entries() == {}  # crash after the commit, before the queue wrote its segment
+    assert out.reconcile(set(), "run2") == [0]
+    assert out.entries()[0].ids_digest == q.unflushed[0].ids_digest
+    assert out.reconcile(set(out.entries()), "run3") == []
+
+
+def test_manifest_segments_merge_in_any_order_and_compact(tmp_path):
+    out = OutputDir(tmp_path / "out")
+    out.ensure()
+    q = ManifestEntry(0, "quarantined", committed_at=1.0, error="boom")
+    c = ManifestEntry(0, "committed", rows=10, committed_at=0.5)  # a later run committed it
+    out.append_entries([c, ManifestEntry(1, "committed", rows=10)], "r2", 0)
+    out.append_entries([q, ManifestEntry(2, "quarantined", committed_at=2.0, error="bad")], "r1", 0)
+    entries = out.entries()
+    assert entries[0].state == "committed" and entries[2].state == "quarantined"
+    merged = out.compact("r3", keep_quarantined=False)  # a re-run retries quarantined shards
+    assert sorted(merged) == [0, 1] and len(out.list(out.manifest_dir)) == 1
+    assert sorted(out.entries()) == [0, 1]
+    assert out.compact("r4") == out.entries()  # one segment: nothing to merge, nothing written
+    assert len(out.list(out.manifest_dir)) == 1
 
 
 def test_ids_digest_ignores_chunking():

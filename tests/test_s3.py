@@ -1,0 +1,179 @@
+"""Output to an object store: the same exactly-once, resume, lock and status guarantees as a local dir, against a
+real S3 API server on loopback (moto), through the client a user has (s3fs, credentials from the environment)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+from batchrun.errors import OutputLocked, SpecError
+from batchrun.runner import JobRunner
+from batchrun.sink import LOCK_LEASE_S, ManifestEntry, OutputDir, ids_digest
+from batchrun.spec import validate_spec
+from tests.conftest import PYTHON, ROOT, cli_env, write_parquet
+from tests.test_faults import worker_pids
+
+
+def s3():
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+def url(bucket, tmp_path, name="out") -> str:
+    return f"s3://{bucket}/{tmp_path.name}/{name}"
+
+
+def read_s3(out_url: str) -> pa.Table:
+    return ds.dataset(out_url.removeprefix("s3://"), format="parquet", filesystem=s3()).to_table()
+
+
+def echo_job(tmp_path, out_url, n, engine=None, **extra):
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(n)), "prompt": [f"p {i}" for i in range(n)]}))
+    raw = {"engine": engine or {"name": "echo"}, "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id"},
+           "output": {"dir": out_url}, "resources": {"num_workers": 2}, "shards": {"rows_per_shard": 10}}
+    for key, value in extra.items():
+        raw.setdefault(key, {}).update(value)
+    return raw
+
+
+def test_conditional_create_commits_a_shard_once(s3_bucket, tmp_path):
+    """Two attempts of one shard race to publish: the store's If-None-Match decides, and the part keeps the first."""
+    out = OutputDir(url(s3_bucket, tmp_path))
+    out.ensure()
+    tables = [pa.table({"id": [1, 2], "generated_text": [w, w]}) for w in ("first", "second")]
+    entry = ManifestEntry(0, "committed", rows=2, ids_digest=ids_digest(tables[0].column("id")), worker="a")
+    assert out.publish(tables[0], entry, "zstd") is True
+    assert out.publish(tables[1], entry, "zstd") is False
+    assert read_s3(out.root).column("generated_text").to_pylist() == ["first", "first"]
+    assert out.part_entry(0).worker == "a"  # the entry travels in the footer, for reconcile
+    assert out.list(out.tmp) == []  # no temp objects on a store: nothing but committed parts is ever listed
+
+
+def test_s3_job_exactly_once_resume_status_and_export(s3_bucket, tmp_path, ray_cluster):
+    out_url = url(s3_bucket, tmp_path)
+    raw = echo_job(tmp_path, out_url, 95)
+    summary = JobRunner(validate_spec(raw), show_progress=False).run().summary
+    assert summary["rows"] == 95 and summary["output_dir"] == out_url
+    got = read_s3(out_url)
+    assert sorted(got.column("id").to_pylist()) == list(range(95))
+    fs = s3()
+    assert json.loads(fs.cat(f"{out_url}/_summary.json"))["rows"] == 95
+    assert len(fs.ls(f"{out_url}/_batchrun/manifest")) == 1  # the run's segments compacted into one
+    assert not [p for p in fs.ls(f"{out_url}/_batchrun") if "lock-" in p]  # released
+
+    again = JobRunner(validate_spec(raw), show_progress=False).run().summary  # a re-run resumes: nothing to do
+    assert again["shards_skipped"] == 10 and again["this_run"]["rows"] == 0 and again["rows"] == 95
+
+    status = subprocess.run([PYTHON, "-m", "batchrun.cli", "status", out_url, "--json"], cwd=ROOT, env=cli_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    st = json.loads(status.stdout)
+    assert st["shards_committed"] == 10 and st["rows_committed"] == 95 and st["running"] is False
+    export = subprocess.run([PYTHON, "-m", "batchrun.cli", "export", out_url, "-o", "-"], cwd=ROOT, env=cli_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert export.returncode == 2 and "has no custom_id column" in export.stderr  # read from the store's parts
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in status.stdout + status.stderr + export.stderr
+
+
+def test_s3_driver_sigkill_then_rerun_loses_and_duplicates_nothing(s3_bucket, tmp_path, ray_cluster):
+    n = 2000
+    out_url = url(s3_bucket, tmp_path)
+    raw = echo_job(tmp_path, out_url, n, {"name": "tests.engines:CountingEcho",
+                                          "options": {"log_path": str(tmp_path / "calls"), "delay_s": 0.05}},
+                   shards={"rows_per_shard": 50})
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(raw))
+    cmd = [PYTHON, "-m", "batchrun.cli", "run", str(job_file), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = OutputDir(out_url)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(out.parts()) < 6:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run: commits and manifest segments in flight
+    proc.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and worker_pids():
+        time.sleep(0.5)
+    committed_before = {int(p.rsplit("-", 1)[1].split(".")[0]) for p in out.parts()}
+    assert 6 <= len(committed_before) < n // 50
+    holder = out.lock_holder()
+    assert holder is not None and holder["lease_s"] == LOCK_LEASE_S  # the dead driver's lease has not lapsed
+
+    locked = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert locked.returncode != 0 and "in use by another run" in locked.stderr and "--break-lock" in locked.stderr
+    rerun = subprocess.run(cmd + ["--break-lock"], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(read_s3(out_url).column("id").to_pylist()) == list(range(n))  # every row, exactly once
+    entries = out.entries()
+    summary = json.loads(s3().cat(f"{out_url}/_summary.json"))
+    assert sorted(entries) == list(range(n // 50)) and summary["shards_skipped"] >= len(committed_before)
+    for sid in committed_before:
+        assert entries[sid].run_id != summary["run_id"]  # never recomputed, its entry rebuilt if it was missing
+    calls = collections.Counter(line for f in (tmp_path / "calls").glob("*.log") for line in f.read_text().split())
+    for sid in committed_before:
+        assert all(calls[f"{sid}:{i}"] == 1 for i in range(50)), sid
+
+
+def test_s3_random_worker_kills_lose_and_duplicate_nothing(s3_bucket, tmp_path, ray_cluster):
+    out_url = url(s3_bucket, tmp_path)
+    raw = echo_job(tmp_path, out_url, 600, {"name": "tests.engines:CountingEcho",
+                                            "options": {"log_path": str(tmp_path / "calls"), "delay_s": 0.02}},
+                   faults={"max_attempts": 100, "max_worker_restarts": 60})
+    runner = JobRunner(validate_spec(raw), show_progress=False)
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("summary", runner.run().summary))
+    t.start()
+    kills, rng = 0, random.Random(7)
+    while t.is_alive() and kills < 6:
+        time.sleep(rng.uniform(0.3, 1.0))
+        if pids := worker_pids():
+            os.kill(rng.choice(pids), signal.SIGKILL)
+            kills += 1
+    t.join(timeout=600)
+    assert kills >= 3 and result["summary"]["rows"] == 600
+    assert sorted(read_s3(out_url).column("id").to_pylist()) == list(range(600))
+
+
+def test_s3_lock_lease_takeover_is_won_once(s3_bucket, tmp_path):
+    out = OutputDir(url(s3_bucket, tmp_path))
+    out.ensure()
+    out.acquire_lock("first")
+    with pytest.raises(OutputLocked, match="in use by another run"):
+        OutputDir(out.root).acquire_lock("second")
+    # the first driver stops renewing (it is gone): its lease lapses, and of two drivers taking over, one wins
+    out._stop_renew.set()
+    stale = json.loads(out.read_bytes(out._lock_path))
+    stale["renewed_at"] -= LOCK_LEASE_S + 1
+    out.write_bytes(out._lock_path, json.dumps(stale).encode())
+    assert out.lock_holder() is None
+    a, b = OutputDir(out.root), OutputDir(out.root)
+    a.acquire_lock("a")
+    with pytest.raises(OutputLocked):
+        b.acquire_lock("b")
+    assert a.lock_holder()["run_id"] == "a"
+    assert len(a._remote_locks()) == 1  # the lapsed lease object is gone
+    a.release_lock("a")
+    assert a.lock_holder() is None and a._remote_locks() == []
+
+
+def test_output_dir_on_a_store_without_exclusive_create_is_refused(tmp_path):
+    with pytest.raises(SpecError, match=r"key 'output.dir': memory://x/out: .*no atomic create-if-absent"):
+        OutputDir("memory://x/out").ensure()
+
+
+def test_missing_bucket_names_the_key(s3_bucket):
+    with pytest.raises(SpecError, match=r"key 'output.dir': bucket s3://no-such-bucket-4 does not exist"):
+        OutputDir("s3://no-such-bucket-4/out").ensure()
