@@ -104,6 +104,7 @@ def cmd_run(args) -> int:
 def print_summary(s: dict, samples: int = 3) -> None:
     import pyarrow.parquet as pq
 
+    from batchrun.cost import cost_line
     from batchrun.sink import OutputDir
 
     run = s["this_run"]
@@ -134,6 +135,12 @@ def print_summary(s: dict, samples: int = 3) -> None:
         m = s["metrics"]
         print(f"  score: {m['score_mean']:.4f} mean over {m['rows']} rows ({m['score_sum']:g} right; "
               f"{m['rows'] - m['rows_scored']} error rows count as wrong)")
+    reuse = s.get("prefix_reuse") or {}
+    if reuse.get("prompt_tokens_cached"):
+        print(f"  prefix reuse: {reuse['prompt_tokens_cached']:,} of {s['prompt_tokens']:,} prompt tokens served from "
+              f"cached blocks ({reuse['cached_share']:.1%}); {reuse['prompt_tokens_computed']:,} computed")
+    if s.get("cost"):
+        print(cost_line(s["cost"]))
     print(f"  output: {s['output_dir']} (summary: _summary.json)")
     out = OutputDir(s["output_dir"])
     parts = out.parts()
@@ -166,10 +173,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from batchrun.cost import account, cost_line
     from batchrun.sink import OutputDir, committed_only, committed_totals
 
     out = OutputDir(args.out_dir)
     entries = out.entries()
+    runs = out.runs()
     job, lock = out.job(), out.lock_holder()
     committed = committed_only(entries.values())
     quarantined = {e.shard_id: e.error for e in entries.values() if e.state == "quarantined"}
@@ -191,6 +200,11 @@ def cmd_status(args) -> int:
         "eta_s": round((total_rows - rows) / rate, 1) if rate and lock else None,
         "generated_tokens": totals["generated_tokens"],
         "error_rows": totals["error_rows"],
+        "prompt_tokens": totals["prompt_tokens"],
+        "prompt_tokens_cached": totals["cached_prompt_tokens"],  # served from reused prefix blocks
+        "prompt_tokens_computed": totals["prompt_tokens"] - totals["cached_prompt_tokens"],
+        # GPU time and cost over every run so far (a running one up to its last record), at the last run's price
+        "cost": account(runs, runs[-1].get("gpu_hour_cost")) if runs else None,
         "checked_at": time.time(),
     }
     if args.plot:
@@ -204,6 +218,11 @@ def cmd_status(args) -> int:
         print(f"{out.root}: {state}; {len(committed)} shards committed, {len(quarantined)} quarantined; "
               f"rows {rows}/{total_rows}; {rate:,.1f} rows/s processing (first lease to last commit, without "
               f"start-up)" + (f"; ETA {status['eta_s']}s" if status["eta_s"] else ""))
+        if status["prompt_tokens_cached"]:
+            print(f"  prefix reuse: {status['prompt_tokens_cached']:,} of {status['prompt_tokens']:,} prompt tokens "
+                  "served from cached blocks")
+        if status["cost"]:
+            print(cost_line(status["cost"]))
         for sid, err in sorted(quarantined.items()):
             print(f"  quarantined shard {sid}: {err}")
         if args.plot:

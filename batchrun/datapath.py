@@ -54,6 +54,7 @@ class ShardTask:
         self.text: list[str | None] = [None] * slots
         self.finish: list[str | None] = [None] * slots
         self.prompt_tokens, self.gen_tokens = [0] * slots, [0] * slots
+        self.cached_tokens = [0] * slots  # prompt tokens the engine reused from an earlier request's blocks
         self.error: list[str | None] = [None] * slots
         self.token_logprobs: list[list[float] | None] = [None] * slots
         self.top: list[list[list[dict]] | None] = [None] * slots
@@ -68,6 +69,7 @@ class ShardTask:
         self.finish[slot] = c.finish_reason if c.error is None else "error"
         self.prompt_tokens[slot] = c.num_prompt_tokens
         self.gen_tokens[slot] = c.num_generated_tokens
+        self.cached_tokens[slot] = c.num_cached_prompt_tokens or 0
         self.error[slot] = c.error
         self.token_logprobs[slot] = c.logprobs
         if self.top_logprobs and c.top_logprobs is not None:

@@ -158,6 +158,23 @@ def write_prompts(path: str | Path, n: int = 256, seed: int = 7) -> Path:
     return path
 
 
+RUBRICS = ("strict", "lenient", "digits", "review")
+
+
+def write_rubric_items(path: str | Path, n: int = 256, seed: int = 5) -> Path:
+    """The input of jobs/label-rubric.yaml: short arithmetic items, each graded under one of four rubrics (the long
+    shared instructions live in the job's template), rubrics interleaved row by row as real labelling queues are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = arithmetic_examples(random.Random(seed), n)
+    pq.write_table(pa.table({"id": [f"r{i:05d}" for i in range(n)], "rubric": [RUBRICS[i % 4] for i in range(n)],
+                             "item": [p for p, _ in rows], "answer": [a for _, a in rows]}), path)
+    return path
+
+
 def write_openai_batch(path: str | Path, n: int = 64, seed: int = 11) -> Path:
     """The demo's OpenAI Batch API input: half chat requests (the chat template adds the "="), half completions."""
     path = Path(path)
@@ -184,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     build_model(args.model)
     write_prompts(args.data, args.rows)
     write_openai_batch(Path(args.data).with_name("requests.jsonl"))
-    print(f"demo data: {args.data}, {Path(args.data).with_name('requests.jsonl')}")
+    write_rubric_items(Path(args.data).with_name("rubric.parquet"))
+    print(f"demo data: {args.data}, {Path(args.data).with_name('requests.jsonl')}, "
+          f"{Path(args.data).with_name('rubric.parquet')}")
 
 
 if __name__ == "__main__":

@@ -83,12 +83,15 @@ class WorkerPool:
         self.close_wait_s = 0.0  # how long the job's end waited for engines to close
         self.loaded_any = False  # has any worker ever loaded its engine?
         self.load_failures = 0
+        self.spans: dict[str, list] = {}  # per worker [spawned_at, ended_at or None]: the GPU time it held
+        self.initial: set[str] = set()
 
     # ------------------------------------------------------------ start
 
     def start(self, n: int) -> None:
         for _ in range(n):
             self._spawn()
+        self.initial = set(self.spans)  # the job's first workers: their start-up counts from the command's start
 
     def _spawn(self) -> None:
         self.generation += 1
@@ -98,6 +101,7 @@ class WorkerPool:
             wid, self.spec_json, self.plan.units, self.queue, self.run_id)
         start_ref = actor.start.remote()
         self.live[wid] = LiveWorker(actor, start_ref, actor.run.remote(), placement_group=pg)
+        self.spans[wid] = [self.live[wid].started_at, None]
         self.queue.set_worker_count.remote(len(self.live))
 
     # ------------------------------------------------------------ watch
@@ -201,6 +205,8 @@ class WorkerPool:
         from ray.util import remove_placement_group
 
         ray.kill(w.actor, no_restart=True)
+        if wid in self.spans and self.spans[wid][1] is None:
+            self.spans[wid][1] = time.time()
         if w.placement_group is not None:
             remove_placement_group(w.placement_group)
 
@@ -225,6 +231,13 @@ class WorkerPool:
             log.warning("workers %s did not close their engines within %gs; killing them",
                         sorted(self.closing), close_timeout_s)
         self.close_wait_s = round(time.monotonic() - started, 3)
+
+    def lives(self, stats: dict[str, dict]) -> dict[str, dict]:
+        """Per worker: when it was spawned and ended, and its engine window (from its stats), for cost.py."""
+        return {wid: {"spawned_at": spawned, "ended_at": ended, "initial": wid in self.initial,
+                      "first_submit_at": stats.get(wid, {}).get("first_submit_at"),
+                      "last_completion_at": stats.get(wid, {}).get("last_completion_at")}
+                for wid, (spawned, ended) in self.spans.items()}
 
     def shutdown(self) -> None:
         """Workers still live here are mid-run (the job failed or was interrupted), and retired workers whose close()

@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from batchrun.cost import account, run_record
 from batchrun.engines import check_engine
 from batchrun.errors import JobFailed, SpecError
 from batchrun.fingerprint import model_files
@@ -121,10 +122,14 @@ class JobRunner:
         try:
             # Workers start loading their engines now, while the queue actor rebuilds its state from the manifest
             # (the driver counted what is pending itself): model load overlaps the queue's start.
-            if pending:
-                pool.start(min(resolve_num_workers(spec.resources), pending))
+            self.n_workers = min(resolve_num_workers(spec.resources), pending) if pending else 0
+            pool.start(self.n_workers)
+            recorded = time.time()
             while not (snap := ray.get(queue.progress.remote()))["finished"]:
                 progress.update(snap)
+                if time.time() - recorded > 30:  # the run's GPU time so far: a killed run still counts
+                    self._record_run(pool, snap["workers"], finished=False)
+                    recorded = time.time()
                 self._check_stall(snap, pool)
                 pool.watch()
                 if self.out.lock_lost:
@@ -134,6 +139,9 @@ class JobRunner:
             snap = ray.get(queue.progress.remote())
             report = ray.get(queue.report.remote())
             progress.update(snap)
+        except BaseException:
+            self._record_run(pool, {}, finished=False)
+            raise
         finally:
             progress.close()
             pool.shutdown()
@@ -166,6 +174,21 @@ class JobRunner:
             if w.get("heartbeat_age_s", 0) > max(faults.stall_timeout_s, faults.lease_timeout_s):
                 pool.replace(wid, f"no heartbeat for {w['heartbeat_age_s']:.0f}s")
 
+    n_workers = 0
+
+    def _record_run(self, pool: WorkerPool, stats: dict, finished: bool, generated: int | None = None) -> dict:
+        """This run's cost record (cost.py), written to the output dir; best effort on a failure path."""
+        stats = {**stats, **pool.results}
+        if generated is None:
+            generated = sum(s.get("generated_tokens", 0) for s in stats.values())
+        record = run_record(self.run_id, self.spec.resources.gpus_per_worker, self.n_workers, self.invoked_at,
+                            time.time(), pool.lives(stats), generated, finished, self.spec.resources.gpu_hour_cost)
+        try:
+            self.out.write_run(record)
+        except Exception as e:  # noqa: BLE001 - never fail a job over its cost record
+            log.warning("could not write the run's cost record: %s", e)
+        return record
+
     def write_summary(self, snap: dict, report: dict, pool: WorkerPool) -> dict:
         entries = committed_only(self.out.compact(self.run_id).values())  # this run's segments merged into one
         wall = time.time() - self.invoked_at  # the whole command: plan, Ray start, engine loads and the work
@@ -179,6 +202,10 @@ class JobRunner:
             w["rows"] += e.rows
             w["generated_tokens"] += e.generated_tokens
         totals = committed_totals(entries)
+        self._record_run(pool, snap["workers"], finished=True, generated=gen)
+        cost = account(self.out.runs(), self.spec.resources.gpu_hour_cost)
+        cached = totals["cached_prompt_tokens"]
+        schedules = {w: i.get("prefix_schedule") for w, i in pool.results.items()}
         summary = {
             "status": "quarantined" if report["quarantined"] else "succeeded",
             "run_id": self.run_id,
@@ -196,6 +223,14 @@ class JobRunner:
             "close_wait_s": pool.close_wait_s,  # the end of the job waiting for engines to close, all in parallel
             "prompt_tokens": totals["prompt_tokens"],
             "generated_tokens": totals["generated_tokens"],
+            # prompt tokens the engines served from reused prefix blocks, and what they computed (all runs)
+            "prefix_reuse": {"prompt_tokens_cached": cached, "prompt_tokens_computed": totals["prompt_tokens"] - cached,
+                             "cached_share": round(cached / totals["prompt_tokens"], 4) if totals["prompt_tokens"]
+                             else 0.0, "schedule": schedules,
+                             "engine_reuses": {w: i.get("prefix_reuse") for w, i in pool.results.items()},
+                             "leaders": sum(i.get("prefix_leaders") or 0 for i in pool.results.values()),
+                             "held": sum(i.get("prefix_held") or 0 for i in pool.results.values())},
+            "cost": cost,
             "this_run": {"rows": rows_run, "generated_tokens": gen, "wall_s": round(wall, 3),
                          "rows_per_s": round(rows_run / wall, 2) if wall else 0.0,
                          "generated_tokens_per_s": round(gen / wall, 2) if wall else 0.0},

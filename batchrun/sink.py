@@ -68,6 +68,7 @@ class ManifestEntry:
     error_rows: int = 0
     error: str | None = None  # quarantined: the last error
     score: dict | None = None  # evals: {"sum", "rows", "scored"} of this shard's score column
+    cached_prompt_tokens: int = 0  # prompt tokens the engine served from reused prefix blocks
 
 
 ENTRY_FIELDS = [f.name for f in fields(ManifestEntry)]
@@ -76,6 +77,7 @@ SEGMENT_SCHEMA = pa.schema([
     ("attempt", pa.int64()), ("worker", pa.string()), ("node", pa.string()), ("run_id", pa.string()),
     ("started_at", pa.float64()), ("committed_at", pa.float64()), ("generated_tokens", pa.int64()),
     ("prompt_tokens", pa.int64()), ("error_rows", pa.int64()), ("error", pa.string()), ("score", pa.string()),
+    ("cached_prompt_tokens", pa.int64()),
 ])
 
 
@@ -89,6 +91,7 @@ def committed_totals(entries) -> dict:
     done = committed_only(entries)
     return {"rows": sum(e.rows for e in done), "error_rows": sum(e.error_rows for e in done),
             "prompt_tokens": sum(e.prompt_tokens for e in done),
+            "cached_prompt_tokens": sum(e.cached_prompt_tokens for e in done),
             "generated_tokens": sum(e.generated_tokens for e in done)}
 
 
@@ -144,6 +147,7 @@ class OutputDir:
         self.meta = self.join("_batchrun")
         self.manifest_dir = self.join("_batchrun", "manifest")
         self.tmp = self.join("_batchrun", "tmp")
+        self.runs_dir = self.join("_batchrun", "runs")  # one cost record per run (cost.py)
         self._lock_path: str | None = None  # object store: the lock object this driver holds
         self._renewer: threading.Thread | None = None
         self._stop_renew = threading.Event()
@@ -256,7 +260,7 @@ class OutputDir:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise SpecError(f"key 'output.dir': {self.root} exists and is a file, expected a directory")
         try:
-            for d in (self.path, self.meta, self.manifest_dir, self.tmp):
+            for d in (self.path, self.meta, self.manifest_dir, self.tmp, self.runs_dir):
                 os.makedirs(d, exist_ok=True)
         except OSError as e:
             raise SpecError(f"key 'output.dir': cannot create {self.root} ({e.strerror})") from None
@@ -299,7 +303,7 @@ class OutputDir:
         self.write_bytes(job, json.dumps(new, indent=2, default=str).encode())
 
     def clear(self) -> None:
-        self.remove(self.parts() + self.list(self.manifest_dir) + self.list(self.tmp)
+        self.remove(self.parts() + self.list(self.manifest_dir) + self.list(self.tmp) + self.list(self.runs_dir)
                     + [self.join("_summary.json")] * (self.read_bytes(self.join("_summary.json")) is not None))
 
     def parts(self) -> list[str]:
@@ -444,6 +448,14 @@ class OutputDir:
     def job(self) -> dict:
         """The job's fingerprint and components (job.json), or {} before its first run."""
         return self.read_json(self.join("_batchrun", "job.json")) or {}
+
+    def write_run(self, record: dict) -> None:
+        self.write_bytes(self.join("_batchrun", "runs", f"{record['run_id']}.json"), json.dumps(record).encode())
+
+    def runs(self) -> list[dict]:
+        """Every run's cost record, oldest first."""
+        records = [json.loads(d) for d in self._read_all(self.list(self.runs_dir, suffix=".json")).values()]
+        return sorted(records, key=lambda r: r.get("started_at", 0))
 
     def append_entries(self, entries: list[ManifestEntry], run_id: str, seq: int) -> None:
         """One segment of entries (the queue's batch of commits and quarantines)."""

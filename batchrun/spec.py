@@ -34,6 +34,9 @@ class EngineSpec(_Section):
     # requests a worker keeps submitted to its engine at once (counted in samples when n > 1); auto: sized from the
     # engine's KV cache and the job's prompt and output lengths, so batchrun never caps the engine's batch
     max_in_flight: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # auto: where the engine reuses prompt prefixes, one row per shared prefix goes first and the rows sharing it
+    # once the engine has computed it (batchrun/prefix.py); off: input order. Outputs are the same either way.
+    prefix_schedule: Literal["auto", "off"] = "auto"
     options: dict[str, Any] = Field(default_factory=dict)  # engine-specific settings, passed to the adapter
 
     @model_validator(mode="after")
@@ -198,6 +201,9 @@ class ResourcesSpec(_Section):
     # CPU priority of each worker and the engine ranks it spawns. Ray starts workers at niceness 15, behind every
     # other process on the node, but a worker's engine loop is the job's critical path. null keeps Ray's.
     niceness: int | None = Field(0, ge=-20, le=19)
+    # price of one GPU hour (any currency): the summary and `batchrun status` then give the job's cost and the cost
+    # per 1M generated tokens. A job without GPUs counts one unit per worker.
+    gpu_hour_cost: float | None = Field(None, ge=0)
 
 
 class ShardsSpec(_Section):
@@ -251,7 +257,7 @@ class JobSpec(_Section):
         still resumes jobs started by an earlier one."""
         dump = {"exclude_defaults": True}
         return {
-            "engine": self.engine.model_dump(exclude={"max_in_flight"}, **dump),
+            "engine": self.engine.model_dump(exclude={"max_in_flight", "prefix_schedule"}, **dump),
             "input": self.input.model_dump(**dump),
             "sampling": self.sampling.model_dump(**dump),
             "rows_per_shard": self.rows_per_shard,

@@ -22,6 +22,7 @@ from batchrun.datapath import ROW_INDEX, Limits, ShardTask, key_columns, read_sh
 from batchrun.engines import create_engine, sampling_from_spec
 from batchrun.metrics import record
 from batchrun.postprocess import Parser, Scorer, totals
+from batchrun.prefix import KEY_TOKENS, PrefixScheduler
 from batchrun.process import RssSampler, node_name, peak_rss_mb, rss_now_mb, set_niceness, use_steady_arrow_pool
 from batchrun.prompts import PromptBuilder
 from batchrun.shard_queue import DONE, WAIT
@@ -62,7 +63,8 @@ class Worker:
         # counters written by the main loop and the writer, read by the heartbeat: every access holds _stats_lock
         self._stats_lock = threading.Lock()
         self.stats = {"max_in_flight": None, "max_in_flight_why": None, "peak_rss_mb": None, "rows": 0, "shards": 0,
-                      "generated_tokens": 0, "prompt_tokens": 0, "in_flight": 0, "since_progress_s": 0.0,
+                      "generated_tokens": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "in_flight": 0,
+                      "since_progress_s": 0.0, "prefix_schedule": None,
                       "niceness": niceness, "arrow_pool": arrow_pool,
                       "first_submit_at": 0.0, "first_completion_at": 0.0,  # the engine's busy window, for benchmarks
                       "last_completion_at": 0.0, "created_at": time.time()}
@@ -87,7 +89,7 @@ class Worker:
         self._set(engine_start_s=round(time.time() - started, 3), engine_ready_at=time.time(),
                   rss_after_load_mb=rss_now_mb(), rss_during_load_max_mb=load_rss.peaks,
                   engine_startup=dict(getattr(self.engine, "startup", {}) or {}),
-                  kv_cache_tokens=self.engine.kv_cache_tokens)
+                  kv_cache_tokens=self.engine.kv_cache_tokens, prefix_reuse=self.engine.prefix_reuse)
         if self.engine.kv_cache_tokens is not None:
             log.info("worker %s: the engine's KV cache holds %d tokens", self.worker_id, self.engine.kv_cache_tokens)
         self._beat()
@@ -143,40 +145,48 @@ class Worker:
 
     def _generate(self, ready: queue.Queue, finished: queue.Queue) -> None:
         engine, window = self.engine, 0  # 0: sized from the first shard that reaches the loop
+        # the order requests go to the engine in: input order, or prefix-aware (batchrun/prefix.py)
+        sched = PrefixScheduler(self.spec.engine.prefix_schedule == "auto" and engine.prefix_reuse,
+                                engine.prefix_block_tokens or KEY_TOKENS)
+        self._set(prefix_schedule="on" if sched.enabled else "off")
         by_shard: dict[int, ShardTask] = {}
-        current: ShardTask | None = None
-        cursor, in_flight, exhausted = 0, 0, False
+        in_flight, exhausted = 0, False
         first_submit = first_completion = 0.0  # the engine's busy window, for benchmarks and the start-up split
         while not self._stop.is_set():
             while (not window or in_flight < window) and not exhausted:
-                if current is None or cursor == len(current.requests):
-                    try:  # block only when the engine has nothing to do
-                        current = ready.get(timeout=0.2) if in_flight == 0 else ready.get_nowait()
-                    except queue.Empty:
-                        current = None
+                request = sched.next()
+                if request is None:
+                    # Nothing to submit now: take the next prepared shard, unless the scheduler already holds a
+                    # window's worth of rows waiting for their prefix (lookahead across shards stays bounded).
+                    if window and sched.held_count >= window:
                         break
-                    if current is None:  # the prefetcher's end marker
+                    try:  # block only when the engine has nothing to do
+                        task = ready.get(timeout=0.2) if in_flight == 0 else ready.get_nowait()
+                    except queue.Empty:
+                        break
+                    if task is None:  # the prefetcher's end marker
                         exhausted = True
                         break
-                    cursor = 0
-                    by_shard[current.shard.shard_id] = current
-                    window = window or self._window(current)
-                    if current.remaining == 0:  # every row was an error row
-                        self._put(finished, by_shard.pop(current.shard.shard_id))
+                    by_shard[task.shard.shard_id] = task
+                    window = window or self._window(task)
+                    if task.remaining == 0:  # every row was an error row
+                        self._put(finished, by_shard.pop(task.shard.shard_id))
+                    sched.add(task.requests)
+                    task.requests = []  # the scheduler holds them until they are submitted
                     continue
-                engine.submit(current.requests[cursor])
-                in_flight += current.requests[cursor].sampling.n  # counted in samples: one completion each
-                cursor += 1
-                if cursor == len(current.requests):  # all submitted: the engine holds them now, drop our copies
-                    current.requests, cursor = [], 0
+                engine.submit(request)
+                in_flight += request.sampling.n  # counted in samples: one completion each
                 if not first_submit:
                     first_submit = time.time()
                     self._set(first_submit_at=first_submit)
-            if exhausted and in_flight == 0:
+            if exhausted and in_flight == 0 and not len(sched):
+                self._set(prefix_leaders=sched.stats["leaders"], prefix_held=sched.stats["held"])
                 return
             if in_flight == 0:
                 continue
             done = engine.poll(timeout=0.05)
+            for request_id in engine.prefilled():  # a leader's prompt is computed: its siblings can share it
+                sched.prefilled(request_id)
             if done:
                 self._last_progress = time.monotonic()
                 now = time.time()
@@ -189,7 +199,9 @@ class Worker:
                 key = c.request_id  # the RequestKey the request carried
                 task = by_shard[key.shard_id]
                 task.fill(key.row, c)
-                self._add(generated_tokens=c.num_generated_tokens, prompt_tokens=c.num_prompt_tokens)
+                sched.prefilled(key)  # a finished request's prompt is computed, whether or not the engine said so
+                self._add(generated_tokens=c.num_generated_tokens, prompt_tokens=c.num_prompt_tokens,
+                          cached_prompt_tokens=c.num_cached_prompt_tokens or 0)
                 if task.remaining == 0:
                     self._put(finished, by_shard.pop(key.shard_id))
 
@@ -253,6 +265,7 @@ class Worker:
                 attempt=task.attempt, worker=self.worker_id, node=self.node, run_id=self.tags["run_id"],
                 started_at=task.started_at,
                 committed_at=time.time(), generated_tokens=sum(task.gen_tokens), prompt_tokens=sum(task.prompt_tokens),
+                cached_prompt_tokens=sum(task.cached_tokens),
                 error_rows=sum(e is not None for e in task.error),
                 score=totals(table.column("score")) if self.scorer else None,
             )

@@ -56,7 +56,7 @@ def test_hf_runner_equals_generate_per_prompt(tmp_path, ray_cluster, demo_model)
 
     from batchrun.engines.hf_backend import CPU_CB_DEFAULTS
 
-    least = CPU_CB_DEFAULTS["num_blocks"] * ContinuousBatchingConfig().page_size
+    least = CPU_CB_DEFAULTS["num_blocks"] * CPU_CB_DEFAULTS.get("page_size", ContinuousBatchingConfig().page_size)
     kv = summary["worker_kv_cache_tokens"]
     assert len(kv) == 2 and all(least <= t < 2 * least for t in kv.values()), kv
 

@@ -63,6 +63,9 @@ class Completion:
     top_logprobs: list[dict[int, float]] | None = None  # per generated token: the k likeliest tokens' logprobs
     error: str | None = None  # set for a failure of this request alone; the job goes on
     sample_index: int = 0  # which of the request's n samples this is
+    # prompt tokens the engine served from KV blocks it had computed for an earlier request (prefix reuse); None
+    # where the engine cannot tell
+    num_cached_prompt_tokens: int | None = None
 
 
 class Engine(ABC):
@@ -80,6 +83,15 @@ class Engine(ABC):
     max_prompt_tokens: int | None = None
     #: tokens of KV cache the engine holds for the whole batch (prompts + outputs), where it can tell; None otherwise
     kv_cache_tokens: int | None = None
+    #: the engine reuses the KV blocks of a prompt prefix it has computed before (block sharing / block reuse)
+    prefix_reuse: bool = False
+    #: tokens per KV block, the unit a prefix is reused in (prompts sharing less than one block share nothing)
+    prefix_block_tokens: int | None = None
+
+    def prefilled(self) -> list[Hashable]:
+        """Request ids whose prompt the engine has computed since the last call: from now on their prefix blocks
+        can be reused. Engines that cannot tell return [] (the worker then takes a completion as that signal)."""
+        return []
 
     def window(self, tokens_per_request: float) -> tuple[int, str]:
         """How many requests the worker keeps submitted, and why: the job's number, or enough that batchrun never

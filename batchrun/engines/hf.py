@@ -48,6 +48,9 @@ class HFEngine(Engine):
             raise
         self.context_length = self.backend.context_length
         self.kv_cache_tokens = getattr(self.backend, "kv_cache_tokens", None)
+        prefix = getattr(self.backend, "prefix", {})
+        self.prefix_reuse, self.prefix_block_tokens = prefix.get("reuse", False), prefix.get("block_tokens")
+        self._prefilled: list = []  # request keys whose prompt the cache holds now (PrefixTracker's events)
         self.startup = {"tokenizer_s": tokenizer_s, **getattr(self.backend, "timings", {})}
         self.eos_ids = set(self.backend.eos_ids)
         self.max_in_flight = max_in_flight
@@ -83,10 +86,21 @@ class HFEngine(Engine):
         self.backend.add(rid, request.prompt_token_ids, s.max_tokens, row)
 
     def poll(self, timeout: float) -> list[Completion]:
-        done = [self._completion(r) for r in self.backend.results(timeout)]
+        done = []
+        for r in self.backend.results(timeout):
+            if r.prefilled:
+                entry = self._keys.get(r.request_id.partition("__child#")[0])
+                if entry is not None:
+                    self._prefilled.append(entry[0])
+            else:
+                done.append(self._completion(r))
         if self.copies > 1:
             done = [dataclasses.replace(c, sample_index=k) for c in done for k in range(self.copies)]
         return done
+
+    def prefilled(self) -> list:
+        out, self._prefilled = self._prefilled, []
+        return out
 
     def _completion(self, r: RawResult) -> Completion:
         rid, _, child = r.request_id.partition("__child#")
@@ -97,7 +111,7 @@ class HFEngine(Engine):
             del self._keys[rid]
         if r.error is not None:
             return Completion(request_id, finish_reason="error", error=r.error, num_prompt_tokens=r.prompt_len,
-                              sample_index=sample)
+                              sample_index=sample, num_cached_prompt_tokens=r.cached_tokens)
         tokens = r.tokens
         ended = bool(tokens) and tokens[-1] in self.eos_ids
         if ended:
@@ -113,6 +127,7 @@ class HFEngine(Engine):
             num_prompt_tokens=r.prompt_len,
             num_generated_tokens=len(tokens),
             logprobs=r.logprobs[: len(tokens)] if self.logprobs else None,
+            num_cached_prompt_tokens=r.cached_tokens,
         )
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ get_result; GenerationOutput in requests.py).
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -20,7 +21,10 @@ log = logging.getLogger(__name__)
 # No CUDA graphs or async batching either: transformers decides those from the machine's accelerator, not from the
 # model's device, and a model kept on the CPU of a GPU machine would fail ("Async batching requires a device type in
 # ('cuda', 'xpu')", continuous_batching/initialization.py).
-CPU_CB_DEFAULTS = {"num_blocks": 256, "max_batch_tokens": 512, "use_cuda_graph": False, "use_async_batching": False}
+# Pages of 16 tokens (transformers' default is 256): prefixes are shared in whole pages, and the small models run on
+# a CPU have short contexts (the demo model: 128 tokens), where a 256-token page would share nothing.
+CPU_CB_DEFAULTS = {"num_blocks": 1024, "page_size": 16, "max_batch_tokens": 512, "use_cuda_graph": False,
+                   "use_async_batching": False}
 
 
 class EngineDead(RuntimeError):
@@ -34,6 +38,50 @@ class RawResult:
     tokens: list[int]
     logprobs: list[float]
     error: str | None
+    cached_tokens: int = 0  # prompt tokens served from shared blocks (prefix reuse)
+    prefilled: bool = False  # not a result: the request's prompt is computed (its blocks can be shared now)
+
+
+class PrefixTracker:
+    """What the CB manager's cache does with prefixes, which its results do not carry (transformers 5.24,
+    continuous_batching/cache.py, PagedAttentionCache):
+    - `search_prefix_match(request_id, prompt_ids)` returns how many prompt tokens a new request takes from shared
+      blocks (called once, when the scheduler first takes the request: scheduler.py _infer_request_tokens);
+    - `mark_complete_blocks(state, complete_blocks)` runs after each forward pass that completed blocks of a request
+      (continuous_api.py, the update loop), which makes them shareable; once the request has no prompt tokens left to
+      prefill, every block of its prompt is shareable: the signal that its siblings can now reuse it.
+    Both run on the generation thread; the worker reads the counts and events through collect_results()."""
+
+    def __init__(self, manager):
+        cache = manager.batch_processor.cache
+        self.enabled = bool(getattr(cache, "use_prefix_sharing", False))
+        self.page_size = int(manager.continuous_batching_config.page_size)
+        self.cached: dict[str, int] = {}
+        self.events: collections.deque[str] = collections.deque()
+        self._prefilled: set[str] = set()
+        search, mark = cache.search_prefix_match, cache.mark_complete_blocks
+
+        def search_prefix_match(request_id, prompt_ids):
+            matched = search(request_id, prompt_ids)
+            if matched:
+                self.cached[request_id] = matched
+            return matched
+
+        def mark_complete_blocks(state, complete_blocks):
+            mark(state, complete_blocks)
+            if not state.remaining_prefill_tokens and state.request_id not in self._prefilled:
+                self._prefilled.add(state.request_id)
+                self.events.append(state.request_id)
+
+        cache.search_prefix_match = search_prefix_match
+        cache.mark_complete_blocks = mark_complete_blocks
+
+    def info(self) -> dict:
+        return {"reuse": self.enabled, "block_tokens": self.page_size}
+
+    def take(self, request_id: str) -> int:
+        self._prefilled.discard(request_id)
+        return self.cached.pop(request_id, 0)
 
 
 @dataclass(frozen=True)
@@ -173,15 +221,19 @@ def kv_cache_tokens(manager) -> int | None:
         return None
 
 
-def collect_results(manager, timeout: float) -> list[RawResult]:
-    """Finished results from the manager: wait up to `timeout` for the first, then take what is ready."""
+def collect_results(manager, timeout: float, tracker: PrefixTracker | None = None) -> list[RawResult]:
+    """Finished results from the manager: wait up to `timeout` for the first, then take what is ready; and the
+    requests whose prompt was computed since the last call (prefilled events), where a tracker watches the cache."""
     out = []
     result = manager.get_result(timeout=timeout)
     while result is not None:
         if result.is_finished():
             out.append(RawResult(result.request_id, len(result.prompt_ids), list(result.generated_tokens),
-                                 list(result.logprobs), None if result.error is None else str(result.error)))
+                                 list(result.logprobs), None if result.error is None else str(result.error),
+                                 cached_tokens=tracker.take(result.request_id) if tracker else 0))
         result = manager.get_result(timeout=0)
+    while tracker is not None and tracker.events:
+        out.append(RawResult(tracker.events.popleft(), 0, [], [], None, prefilled=True))
     return out
 
 
@@ -192,6 +244,8 @@ class LocalBackend:
         self.model, self.manager, self.eos_ids, self.timings = start_manager(cfg)
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self.kv_cache_tokens = kv_cache_tokens(self.manager)
+        self.tracker = PrefixTracker(self.manager)
+        self.prefix = self.tracker.info()
 
     def add(self, request_id: str, ids: list[int], max_new_tokens: int, row_sampling: dict) -> None:
         if self.manager.add_request(input_ids=ids, request_id=request_id, max_new_tokens=max_new_tokens,
@@ -199,7 +253,7 @@ class LocalBackend:
             raise EngineDead("the continuous batching manager refused a request (its loop is stopping or dead)")
 
     def results(self, timeout: float) -> list[RawResult]:
-        out = collect_results(self.manager, timeout)
+        out = collect_results(self.manager, timeout, self.tracker)
         if not out and not self.manager.is_running():
             raise EngineDead(f"the generation loop stopped: {self.manager.background_thread_status.fatal_error!r}")
         return out

@@ -20,6 +20,7 @@ from multiprocessing.connection import Client, Listener
 from batchrun.engines.hf_backend import (
     EngineDead,
     LaunchConfig,
+    PrefixTracker,
     RawResult,
     collect_results,
     kv_cache_tokens,
@@ -57,9 +58,10 @@ def hf_rank_main(cfg: LaunchConfig, master_port: int, address: tuple, authkey: b
             started = time.monotonic()
             warm_up(manager, cfg.results_per_request)
             timings["warmup_s"] = round(timings["warmup_s"] + time.monotonic() - started, 3)
-            _drive(manager, Client(address, authkey=authkey),
+            tracker = PrefixTracker(manager)
+            _drive(manager, tracker, Client(address, authkey=authkey),
                    ("ready", getattr(model.config, "max_position_embeddings", None), eos_ids, kv_cache_tokens(manager),
-                    timings))
+                    timings, tracker.info()))
         else:
             manager._generation_thread.join()  # follows rank 0's batches until rank 0 stops the manager
     finally:
@@ -79,13 +81,13 @@ def _teardown(dist, cuda: bool) -> None:
         dist.destroy_process_group()
 
 
-def _drive(manager, conn, ready: tuple) -> None:
+def _drive(manager, tracker, conn, ready: tuple) -> None:
     conn.send(ready)
     stop = threading.Event()
 
     def send_results():
         while not stop.is_set():
-            out = collect_results(manager, 0.05)
+            out = collect_results(manager, 0.05, tracker)
             if out:
                 conn.send(("results", out))
             elif not manager.is_running():
@@ -139,7 +141,7 @@ class TPBackend:
         msg = self._recv(timeout_s)
         if msg[0] != "ready":
             raise EngineDead(f"rank 0 said {msg[0]!r} instead of ready")
-        _, self.context_length, self.eos_ids, self.kv_cache_tokens, timings = msg
+        _, self.context_length, self.eos_ids, self.kv_cache_tokens, timings, self.prefix = msg
         self.timings = {**self.spawn_s, **timings}
         return self
 

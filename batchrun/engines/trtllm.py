@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import functools
 import json
 import logging
@@ -335,15 +336,15 @@ def to_completions(request_id, output, stop: tuple[str, ...], top_k: int = 0, co
     """RequestOutput -> one Completion per sample (outputs[i].index); a greedy request's single output is handed out
     as `copies` identical samples. timeout/cancelled (R1): error rows."""
     prompt_len = len(output.prompt_token_ids or [])
-    out = [_one(request_id, c, prompt_len, stop, top_k) for c in output.outputs]
+    cached = getattr(output, "cached_tokens", None)  # R4: reused prompt tokens, on releases that report them
+    out = [dataclasses.replace(_one(request_id, c, prompt_len, stop, top_k), num_cached_prompt_tokens=cached)
+           for c in output.outputs]
     if copies > 1 and len(out) == 1:
         out = [_with_index(out[0], k) for k in range(copies)]
     return out
 
 
 def _with_index(c: Completion, k: int) -> Completion:
-    import dataclasses
-
     return dataclasses.replace(c, sample_index=k)
 
 
@@ -435,6 +436,7 @@ class TRTLLMEngine(Engine):
         self._ranks = [p for p in descendants() if p.pid not in before]  # what close() must leave no trace of
         self.tokenizer = getattr(self.llm, "tokenizer", None)
         self.max_in_flight = max_in_flight
+        self.prefix_reuse = self.opts.kv_cache.enable_block_reuse  # KvCacheConfig (A3): on by default
         self.batch_limit = self.opts.max_batch_size or DEFAULT_MAX_BATCH_SIZE  # A1; its KV cache size is not exposed
         lim = limits(model, self.opts)
         self.context_length, self.max_prompt_tokens = lim.context, lim.prompt

@@ -62,6 +62,7 @@ class GenerationResult:  # R3: executor/result.py (the part the adapter reads)
         self.prompt_token_ids = prompt_token_ids
         self.outputs: list[CompletionOutput] = []
         self.finished = False
+        self.cached_tokens = 0  # R4: prompt tokens the runtime took from reused KV blocks (set per response)
         self._compute = compute
         self._streaming = False
 
@@ -228,6 +229,20 @@ class BaseLLM:
     def _check_arguments(self, prompt_len: int, sp: SamplingParams) -> None:
         raise NotImplementedError
 
+    REUSE_BLOCK = 32  # the double's model of block reuse: whole blocks of this many tokens, never the last token
+
+    def _reuse(self, ids: list[int]) -> int:
+        """R4's value, modelled: with KvCacheConfig.enable_block_reuse (A3, on by default), the longest run of whole
+        blocks this prompt shares with one computed before; the prompt's own blocks are then kept for later ones."""
+        if not self.kv_cache_config.enable_block_reuse:
+            return 0
+        seen = self.__dict__.setdefault("_blocks", set())
+        b, cached = self.REUSE_BLOCK, 0
+        while cached + b < len(ids) and tuple(ids[: cached + b]) in seen:
+            cached += b
+        seen.update(tuple(ids[:k]) for k in range(b, len(ids) + 1, b))
+        return cached
+
     def _compute(self, rid, prompt, ids, sp):
         async def compute(out):
             try:
@@ -245,6 +260,7 @@ class BaseLLM:
                 logprobs = [{**{t + j + 1: Logprob(-1.0 - j, j + 2) for j in range(sp.logprobs)}, t: Logprob(-0.5, 1)}
                             for t in gen] if sp.logprobs else []
                 out.outputs = [CompletionOutput(i, text, gen, None, logprobs, [], reason) for i in range(sp.n)]
+                out.cached_tokens = self._reuse(ids)
             finally:
                 self.in_flight -= 1
         return compute
