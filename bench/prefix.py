@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-GPU_DEFAULTS = {"attn_implementation": "varlen", "use_cuda_graph": True, "max_batch_tokens": 32768}
+GPU_DEFAULTS = {"attn_implementation": "varlen", "use_cuda_graph": True, "max_batch_tokens": 32768,
+                "max_memory_percent": 0.75}  # batchrun's own GPU defaults (hf_backend.cuda_cb_defaults)
 ALPHABET = "0123456789+-= abcdefghijklmnopqrstuvwxyz"
 
 
