@@ -50,15 +50,17 @@ def make_workload(kind: str, n: int, seed: int = 0) -> tuple[list[str], list[int
     return prompts, [rng.randint(8, 64) for _ in range(n)]
 
 
-def bare(model_path: Path, prompts: list[str], budgets: list[int], sharing: bool) -> dict:
-    from hf_engine import free_gpu, load, run_bare
+def bare(model_path: Path, prompts: list[str], budgets: list[int], sharing: bool, profile: bool = False) -> dict:
+    from hf_engine import free_gpu, load, profile_bare, run_bare
 
     tok, model = load(model_path, "bfloat16", "cuda")
     ids = tok(prompts, add_special_tokens=False)["input_ids"]
-    r = run_bare(model, ids, budgets, {**GPU_DEFAULTS, "allow_block_sharing": sharing})
+    r = (profile_bare if profile else run_bare)(model, ids, budgets, {**GPU_DEFAULTS, "allow_block_sharing": sharing})
     del model
     free_gpu()
-    return {"seconds": round(r["seconds"], 2), "tok_s": round(r["tok_s"]), "prompt_tokens": sum(map(len, ids))}
+    keep = ("gpu_busy_s", "gpu_busy_frac", "attention_frac", "top_kernels")
+    return {"seconds": round(r["seconds"], 2), "tok_s": round(r["tok_s"]), "prompt_tokens": sum(map(len, ids)),
+            **{k: r[k] for k in keep if k in r}}
 
 
 def batchrun_job(model_path: Path, prompts, budgets, variant: str) -> dict:
@@ -101,8 +103,8 @@ def main() -> None:
         prompts, budgets = make_workload(kind, args.n)
         for run in args.runs.split(","):
             t0 = time.perf_counter()
-            if run.startswith("bare"):
-                r = bare(model, prompts, budgets, sharing=run == "bare-on")
+            if run.startswith("bare"):  # bare-off, bare-on, bare-on-profile (torch.profiler: where GPU time goes)
+                r = bare(model, prompts, budgets, sharing=run.startswith("bare-on"), profile=run.endswith("profile"))
             else:
                 r = batchrun_job(model, prompts, budgets, run)
             r["call_s"] = round(time.perf_counter() - t0, 1)
@@ -126,6 +128,12 @@ def main() -> None:
         off, on = results.get((kind, "bare-off")), results.get((kind, "bare-on"))
         if off and on:
             print(f"engine alone, {kind}: reuse on {off['seconds'] / on['seconds']:.2f}x reuse off")
+        prof = results.get((kind, "bare-on-profile"))
+        if prof:
+            print(f"profile, {kind}, engine alone with reuse: GPU busy {prof['gpu_busy_s']:.1f} s of "
+                  f"{prof['seconds']:.1f} s ({prof['gpu_busy_frac']:.0%}), attention {prof['attention_frac']:.0%}")
+            for k in prof["top_kernels"][:8]:
+                print(f"  {k['s']:8.3f} s {k['calls']:7d} calls  {k['name']}")
     if args.json:
         Path(args.json).write_text(json.dumps({f"{k}|{r}": v for (k, r), v in results.items()}, indent=1,
                                               default=str))
