@@ -96,9 +96,12 @@ class JobRunner:
         try:
             self.out.check_fingerprint(self.components(plan), self.overwrite)
             # One manifest read: the segments merged into one (a re-run retries quarantined shards, so their
-            # entries go), then parts committed just before a crash get their entries back from their footers.
+            # entries go); after a run that did not end cleanly, parts committed just before it died get their
+            # entries back from their footers.
+            complete = self.out.take_complete_mark()
             committed = set(self.out.compact(self.run_id, keep_quarantined=False))
-            committed |= set(self.out.reconcile(committed, self.run_id))
+            if complete != len(committed):  # the last run did not end cleanly: list the parts (a LIST per 1,000)
+                committed |= set(self.out.reconcile(committed, self.run_id))
             self.out.clean_tmp()
             return self._run(plan, pending=sum(s.shard_id not in committed for s in plan.shards))
         finally:
@@ -126,6 +129,7 @@ class JobRunner:
             pool.start(self.n_workers)
             recorded = time.time()
             while not (snap := ray.get(queue.progress.remote()))["finished"]:
+                self._workers_seen = snap["workers"]  # for the cost record of a run that ends early
                 progress.update(snap)
                 if time.time() - recorded > 30:  # the run's GPU time so far: a killed run still counts
                     self._record_run(pool, snap["workers"], finished=False)
@@ -140,7 +144,7 @@ class JobRunner:
             report = ray.get(queue.report.remote())
             progress.update(snap)
         except BaseException:
-            self._record_run(pool, {}, finished=False)
+            self._record_run(pool, self._workers_seen, finished=False)
             raise
         finally:
             progress.close()
@@ -175,6 +179,7 @@ class JobRunner:
                 pool.replace(wid, f"no heartbeat for {w['heartbeat_age_s']:.0f}s")
 
     n_workers = 0
+    _workers_seen: dict = {}
 
     def _record_run(self, pool: WorkerPool, stats: dict, finished: bool, generated: int | None = None) -> dict:
         """This run's cost record (cost.py), written to the output dir; best effort on a failure path."""
@@ -191,6 +196,7 @@ class JobRunner:
 
     def write_summary(self, snap: dict, report: dict, pool: WorkerPool) -> dict:
         entries = committed_only(self.out.compact(self.run_id).values())  # this run's segments merged into one
+        self.out.mark_complete(len(entries))  # no worker of this run is left: the manifest holds every part
         wall = time.time() - self.invoked_at  # the whole command: plan, Ray start, engine loads and the work
         this_run = [e for e in entries if e.run_id == self.run_id]
         gen = sum(e.generated_tokens for e in this_run)

@@ -145,6 +145,8 @@ class ShardQueue:
             self.segments += 1
             self.unflushed = []
             self._last_flush = now
+            if self.segments % 64 == 0:  # a long run: its segments merged into one now and then (~1 a minute)
+                self.out.compact(self.run_id, only_run=True)
         return self.segments
 
     def fail(self, shard_id: int, worker: str, error: str) -> None:

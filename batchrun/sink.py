@@ -304,7 +304,8 @@ class OutputDir:
 
     def clear(self) -> None:
         self.remove(self.parts() + self.list(self.manifest_dir) + self.list(self.tmp) + self.list(self.runs_dir)
-                    + [self.join("_summary.json")] * (self.read_bytes(self.join("_summary.json")) is not None))
+                    + [p for p in (self.join("_summary.json"), self.join("_batchrun", "complete.json"))
+                       if self.read_bytes(p) is not None])
 
     def parts(self) -> list[str]:
         return self.list(self.path, prefix="part-", suffix=".parquet")
@@ -463,11 +464,12 @@ class OutputDir:
             self.write_bytes(self.join("_batchrun", "manifest", f"{run_id}-{seq:06d}.parquet"),
                              segment_bytes(entries))
 
-    def compact(self, run_id: str, keep_quarantined: bool = True) -> dict[int, ManifestEntry]:
-        """Merge every segment into one (under the run lock). A segment written meanwhile is not deleted: only the
-        ones read are, after the merged one is in place. keep_quarantined=False drops quarantined entries: a re-run
-        retries those shards. Returns the merged entries."""
-        paths = self.list(self.manifest_dir, suffix=".parquet")
+    def compact(self, run_id: str, keep_quarantined: bool = True, only_run: bool = False) -> dict[int, ManifestEntry]:
+        """Merge every segment into one (under the run lock; only_run: just this run's own segments, which the queue
+        does while the run goes on, so that readers never face thousands of them). A segment written meanwhile is
+        not deleted: only the ones read are, after the merged one is in place. keep_quarantined=False drops
+        quarantined entries: a re-run retries those shards. Returns the merged entries."""
+        paths = self.list(self.manifest_dir, prefix=f"{run_id}-" if only_run else "", suffix=".parquet")
         merged: dict[int, ManifestEntry] = {}
         for data in self._read_all(paths).values():
             merge_entries(read_segment(data), merged)
@@ -477,6 +479,18 @@ class OutputDir:
             self.write_bytes(name, segment_bytes(sorted(entries.values(), key=lambda e: e.shard_id)))
             self.remove([p for p in paths if p != name])
         return entries
+
+    # A run that ended cleanly leaves the number of committed shards in complete.json: every part has its manifest
+    # entry then, and the next start need not list the parts (on an object store, one LIST per 1,000 of them). A
+    # start takes the mark away before any work, so a run that dies leaves none and the next start reconciles.
+    def mark_complete(self, committed: int) -> None:
+        self.write_bytes(self.join("_batchrun", "complete.json"), json.dumps({"committed": committed}).encode())
+
+    def take_complete_mark(self) -> int | None:
+        mark = self.read_json(self.join("_batchrun", "complete.json"))
+        if mark is not None:
+            self.remove([self.join("_batchrun", "complete.json")])
+        return (mark or {}).get("committed")
 
     def reconcile(self, known: dict | set, run_id: str) -> list[int]:
         """Add manifest entries for parts committed just before a crash (their segment was never written), from the

@@ -1,13 +1,16 @@
 """Scale simulation of the shard queue and the output dir (issue 16), on this machine: the real ShardQueue actor and
-a real output dir, driven by up to 1,000 simulated workers that lease, heartbeat and commit 1-row shards as fast as
-the queue lets them.
+a real output dir, driven by up to 1,000 simulated workers that lease, heartbeat and commit 1-row shards, as fast as
+the queue lets them (--rates 0: its capacity) or together at a set rate of commits/s (the latency a worker sees at
+that load).
 
-    python bench/scale.py --shards 10000,100000,1000000 --workers 1000 --seconds 20 --resume 100000
+    python bench/scale.py --shards 10000,100000,1000000 --workers 1000 --seconds 20 --rates 0,500 --resume 100000 --s3
 
-Simulated workers run as asyncio tasks in a few client actors (processes). Each task: lease -> write a tiny temp
-part -> commit; and a heartbeat every 2 s, as a worker's heartbeat thread does. Reported per plan size: leases/s and
+Simulated workers run as asyncio tasks in a few client actors (processes). Each task: lease -> create its part
+exclusively (the worker's commit) -> report the commit to the queue; and a heartbeat every 2 s, as a worker's
+heartbeat thread does. Reported per plan size: leases/s and
 commits/s sustained, p50/p99 lease and commit latency seen by the workers, the queue actor's RSS, and the driver's
-RSS after building the plan. --resume: the time to rebuild the queue's state from a manifest of that many entries.
+RSS after building the plan. --resume: a driver's start on an output dir of that many committed shards (merge the
+manifest segments, list the parts, rebuild the queue), on local disk and with --s3 on a loopback S3 server (moto).
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ from batchrun.sink import ManifestEntry, OutputDir  # noqa: E402
 class SimClients:
     """`tasks` simulated workers in one process."""
 
-    async def run(self, queue, first: int, tasks: int, seconds: float, out_dir: str) -> dict:
+    async def run(self, queue, first: int, tasks: int, seconds: float, out_dir: str, period: float = 0.0) -> dict:
+        """period > 0: each simulated worker takes one shard every `period` seconds (a GPU finishing a shard at a
+        set rate; latency then is what a worker waits at that load); 0: as fast as the queue answers (capacity)."""
+        import random
+
         od = OutputDir(out_dir)
         stop = time.time() + seconds
         lease_lat, commit_lat, commits, waits = [], [], [0], [0]
@@ -49,7 +56,11 @@ class SimClients:
         async def worker(k: int):
             wid = f"sim{first + k:04d}"
             hb = asyncio.ensure_future(beat(wid))
+            due = time.time() + random.uniform(0, period)
             while time.time() < stop:
+                if period:
+                    await asyncio.sleep(max(0.0, due - time.time()))
+                    due += period
                 t0 = time.perf_counter()
                 shard = await queue.lease.remote(wid)
                 lease_lat.append(time.perf_counter() - t0)
@@ -82,7 +93,7 @@ def queue_rss_mb() -> float:
     return round(max(p.memory_info().rss for p in procs) / 2**20, 1) if procs else float("nan")
 
 
-def simulate(n_shards: int, workers: int, seconds: float, clients: int) -> dict:
+def simulate(n_shards: int, workers: int, seconds: float, clients: int, rate: float = 0.0) -> dict:
     out = Path(tempfile.mkdtemp(prefix="scale-"))
     od = OutputDir(out)
     od.ensure()
@@ -98,7 +109,8 @@ def simulate(n_shards: int, workers: int, seconds: float, clients: int) -> dict:
     actors = [SimClients.remote() for _ in range(clients)]
     per = workers // clients
     t0 = time.perf_counter()
-    results = ray.get([a.run.remote(queue, i * per, per, seconds, od.root) for i, a in enumerate(actors)])
+    period = workers / rate if rate else 0.0
+    results = ray.get([a.run.remote(queue, i * per, per, seconds, od.root, period) for i, a in enumerate(actors)])
     wall = time.perf_counter() - t0
     lease = [x for r in results for x in r["lease"]]
     commit = [x for r in results for x in r["commit"]]
@@ -106,7 +118,8 @@ def simulate(n_shards: int, workers: int, seconds: float, clients: int) -> dict:
     for a in actors:
         ray.kill(a)
     ray.kill(queue)
-    return {"shards": n_shards, "workers": workers, "plan_s": round(plan_s, 2), "queue_start_s": round(start_s, 2),
+    return {"shards": n_shards, "workers": workers, "rate": rate or "max", "plan_s": round(plan_s, 2),
+            "queue_start_s": round(start_s, 2),
             "leases_per_s": round(len(lease) / wall), "commits_per_s": round(sum(r["commits"] for r in results) / wall),
             "lease_p50_ms": round(pct(lease, 0.5), 1), "lease_p99_ms": round(pct(lease, 0.99), 1),
             "commit_p50_ms": round(pct(commit, 0.5), 1), "commit_p99_ms": round(pct(commit, 0.99), 1),
@@ -130,20 +143,24 @@ def resume_time(n: int, url: str) -> dict:
         od.fs.pipe(parts)  # concurrent PUTs
     setup_s = time.perf_counter() - t0
     shards = list(cut_shards((n,), 1))
-    t0 = time.perf_counter()
-    committed = set(od.compact("resume", keep_quarantined=False))
-    compact_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    assert od.reconcile(committed, "resume") == []
-    reconcile_s = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    q = ShardQueue(od.root, shards, "resume", 4, 120.0)
-    queue_s = time.perf_counter() - t1
-    total = time.perf_counter() - t0
-    assert len(committed) == n and not q.pending
-    return {"resume_shards": n, "store": "local" if od.local else od.protocol, "resume_s": round(total, 2),
-            "merge_segments_s": round(compact_s, 2), "list_parts_s": round(reconcile_s, 2),
-            "queue_rebuild_s": round(queue_s, 2), "setup_s": round(setup_s, 1)}
+    out = {"resume_shards": n, "store": "local" if od.local else od.protocol, "setup_s": round(setup_s, 1)}
+    for case in ("after a crash", "after a clean end"):  # the start of runner.run: the same calls
+        t0 = time.perf_counter()
+        complete = od.take_complete_mark()
+        committed = set(od.compact("resume", keep_quarantined=False))
+        compact_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if complete != len(committed):
+            assert od.reconcile(committed, "resume") == []
+        reconcile_s = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        q = ShardQueue(od.root, shards, "resume", 4, 120.0)
+        queue_s = time.perf_counter() - t1
+        assert len(committed) == n and not q.pending
+        out[case] = {"resume_s": round(time.perf_counter() - t0, 2), "merge_segments_s": round(compact_s, 2),
+                     "list_parts_s": round(reconcile_s, 2), "queue_rebuild_s": round(queue_s, 2)}
+        od.mark_complete(len(committed))
+    return out
 
 
 def main() -> None:
@@ -155,9 +172,12 @@ def main() -> None:
     ap.add_argument("--resume", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--s3", action="store_true", help="--resume also on a loopback S3 server (moto)")
+    ap.add_argument("--rates", default="0", help="commits/s the workers aim at together, per run; 0: as fast as the "
+                    "queue answers (capacity); e.g. 0,500")
     args = ap.parse_args()
     ray.init(num_cpus=max(8, args.clients), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    rows = [simulate(int(n), args.workers, args.seconds, args.clients) for n in args.shards.split(",") if n]
+    rows = [simulate(int(n), args.workers, args.seconds, args.clients, float(rate))
+            for n in args.shards.split(",") if n for rate in args.rates.split(",")]
     for r in rows:
         print(json.dumps(r), flush=True)
     resume = []
@@ -177,19 +197,22 @@ def main() -> None:
             print(json.dumps(resume[-1]), flush=True)
         finally:
             server.terminate()
-    print("\n| shards | workers | leases/s | commits/s | lease p50 / p99 ms | commit p50 / p99 ms | queue RSS MB | "
+    print("\n| shards | workers | target commits/s | leases/s | commits/s | lease p50 / p99 ms | commit p50 / p99 ms | "
+          "queue RSS MB | "
           "driver RSS MB | plan + queue start s |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['shards']:,} | {r['workers']} | {r['leases_per_s']:,} | {r['commits_per_s']:,} | "
+        print(f"| {r['shards']:,} | {r['workers']} | {r['rate']} | {r['leases_per_s']:,} | {r['commits_per_s']:,} | "
               f"{r['lease_p50_ms']} / {r['lease_p99_ms']} | {r['commit_p50_ms']} / {r['commit_p99_ms']} | "
               f"{r['queue_rss_mb']} | {r['driver_peak_rss_mb']} | {r['plan_s']} + {r['queue_start_s']} |")
     if resume:
-        print("\n| store | shards | resume s | merge segments s | list parts s | queue rebuild s |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        print("\n| store | shards | start | resume s | merge segments s | list parts s | queue rebuild s |")
+        print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
         for r in resume:
-            print(f"| {r['store']} | {r['resume_shards']:,} | {r['resume_s']} | {r['merge_segments_s']} | "
-                  f"{r['list_parts_s']} | {r['queue_rebuild_s']} |")
+            for case in ("after a crash", "after a clean end"):
+                c = r[case]
+                print(f"| {r['store']} | {r['resume_shards']:,} | {case} | {c['resume_s']} | {c['merge_segments_s']} | "
+                      f"{c['list_parts_s']} | {c['queue_rebuild_s']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": rows, "resume": resume}, indent=1))
 

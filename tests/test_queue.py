@@ -130,6 +130,18 @@ def test_manifest_segments_merge_in_any_order_and_compact(tmp_path):
     assert len(out.list(out.manifest_dir)) == 1
 
 
+def test_a_long_run_merges_its_own_segments_as_it_goes(tmp_path):
+    q, out = make_queue(tmp_path, n_shards=200)
+    out.append_entries([ManifestEntry(199, "committed", rows=10)], "earlier", 0)  # another run's segment stays
+    for sid in range(130):
+        q.lease("w")
+        commit(q, out, sid, "w", list(range(sid * 10, sid * 10 + 10)))
+        q.flush()  # one segment per commit here: the queue merges its own every 64
+    segments = out.list(out.manifest_dir)
+    assert len(segments) == 1 + 1 + 2  # the earlier run's, one merged of 128, and the last 2
+    assert sorted(out.entries()) == list(range(130)) + [199]
+
+
 def test_ids_digest_ignores_chunking():
     a = pa.chunked_array([[1, 2, 3, 4]])
     b = pa.chunked_array([[1, 2], [3, 4]])
