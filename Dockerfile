@@ -15,9 +15,10 @@ COPY batchrun ./batchrun
 COPY jobs ./jobs
 COPY launch ./launch
 # torch and tensorrt_llm come from the base image and already satisfy batchrun's open requirements.
+# s3, gcs: output.dir on an object store (s3fs / gcsfs, whose exclusive create is the commit point).
 # DL3013: this installs the project itself; its dependency ranges live in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[mpi,plot]" \
+RUN pip install --no-cache-dir ".[mpi,plot,s3,gcs]" \
     && useradd --create-home --uid 1000 batchrun \
     && chown -R batchrun /opt/batchrun
 

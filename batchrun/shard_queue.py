@@ -114,9 +114,12 @@ class ShardQueue:
         info = self.workers.setdefault(worker, WorkerInfo(worker))
         info.node, info.pid, info.stats, info.last_heartbeat = node, pid, stats, time.time()
 
-    def commit(self, entry: ManifestEntry, published: bool) -> bool:
+    def commit(self, entry: ManifestEntry, published: bool, beat: tuple | None = None) -> bool:
         """A worker committed a shard's part (published=True), or the store refused its copy because the shard is
-        committed already (False: a stale attempt). Bookkeeping only: the commit itself happened in the worker."""
+        committed already (False: a stale attempt). Bookkeeping only: the commit itself happened in the worker.
+        `beat`: the worker's heartbeat (node, pid, stats), carried by the commit instead of a call of its own."""
+        if beat is not None:
+            self.heartbeat(entry.worker, *beat)
         sid = entry.shard_id
         if not published:
             self.duplicates += 1

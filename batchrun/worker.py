@@ -69,6 +69,7 @@ class Worker:
                       "first_submit_at": 0.0, "first_completion_at": 0.0,  # the engine's busy window, for benchmarks
                       "last_completion_at": 0.0, "created_at": time.time()}
         self._last_progress = time.monotonic()
+        self._last_beat = 0.0  # when the queue last heard this worker's stats (a heartbeat or a commit)
         self._stop = threading.Event()
         self._error: BaseException | None = None
 
@@ -272,7 +273,7 @@ class Worker:
             # The commit happens here, not in the queue actor: the store's exclusive create decides the one winner,
             # and the queue only records it (its single thread never waits on an upload).
             published = self.out.publish(table, entry, self.spec.output.compression)
-            ray.get(self.queue.commit.remote(entry, published))
+            ray.get(self.queue.commit.remote(entry, published, self._beat_payload()))
             record("rows", table.num_rows, **self.tags)
             record("shard_seconds", time.time() - task.started_at, **self.tags)
             self._add(rows=table.num_rows, shards=1)
@@ -280,17 +281,25 @@ class Worker:
     # ------------------------------------------------------------ heartbeat
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.spec.faults.heartbeat_s):
-            self._beat()
+        """A heartbeat when the worker has said nothing for heartbeat_s: a commit carries one (the queue's single
+        thread then takes one call per shard instead of two; at 1,000 workers, heartbeats alone were 500 calls/s)."""
+        every = self.spec.faults.heartbeat_s
+        while not self._stop.wait(max(0.05, every - (time.monotonic() - self._last_beat))):
+            if time.monotonic() - self._last_beat >= every:
+                self._beat()
 
-    def _beat(self) -> None:
+    def _beat_payload(self) -> tuple:
         with self._stats_lock:
             self.stats["peak_rss_mb"] = peak_rss_mb()
             idle = time.monotonic() - self._last_progress
             self.stats["since_progress_s"] = idle if self.stats["in_flight"] else 0.0
             stats = dict(self.stats)
         record("in_flight", stats["in_flight"], **self.tags)
-        self.queue.heartbeat.remote(self.worker_id, self.node, os.getpid(), stats)
+        self._last_beat = time.monotonic()
+        return self.node, os.getpid(), stats
+
+    def _beat(self) -> None:
+        self.queue.heartbeat.remote(self.worker_id, *self._beat_payload())
 
     def _set(self, **values) -> None:
         with self._stats_lock:

@@ -45,6 +45,22 @@ def worker_pids() -> list[int]:
     return actor_pids(("ray::Worker",))
 
 
+def run_killing_workers(runner: JobRunner, max_kills: int, seed: int, pause=(0.2, 1.0)) -> tuple[dict, int]:
+    """Run the job in a thread and SIGKILL a random worker process every `pause` seconds, up to max_kills times.
+    Returns the job's summary and how many workers were killed."""
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("summary", runner.run().summary))
+    t.start()
+    kills, rng = 0, random.Random(seed)
+    while t.is_alive() and kills < max_kills:
+        time.sleep(rng.uniform(*pause))
+        if pids := worker_pids():
+            os.kill(rng.choice(pids), signal.SIGKILL)
+            kills += 1
+    t.join(timeout=600)
+    return result["summary"], kills
+
+
 def arithmetic_table(n: int) -> pa.Table:
     rng = random.Random(11)
     return pa.table({"id": list(range(n)), "prompt": [f"{rng.randrange(100)}+{rng.randrange(100)}=" for _ in range(n)]})
@@ -58,20 +74,8 @@ def test_random_worker_kills_lose_and_duplicate_nothing(tmp_path, ray_cluster, d
     clean = validate_spec({**raw, "output": {"dir": str(tmp_path / "clean")}})
     JobRunner(clean, show_progress=False).run()
 
-    runner = JobRunner(validate_spec(raw), show_progress=False)
-    result: dict = {}
-    t = threading.Thread(target=lambda: result.setdefault("summary", runner.run().summary))
-    t.start()
-    kills, rng = 0, random.Random(5)
-    while t.is_alive() and kills < 12:
-        time.sleep(rng.uniform(0.2, 1.0))
-        pids = worker_pids()
-        if pids:
-            os.kill(rng.choice(pids), signal.SIGKILL)
-            kills += 1
-    t.join(timeout=600)
+    summary, kills = run_killing_workers(JobRunner(validate_spec(raw), show_progress=False), 12, seed=5)
     assert kills >= 10, f"the job finished after only {kills} kills"
-    summary = result["summary"]
     assert summary["worker_restarts"] >= 10 and summary["rows"] == 400
     got = read_output(tmp_path / "out")
     assert sorted(got.column("id").to_pylist()) == list(range(400))  # every row, exactly once

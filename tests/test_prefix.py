@@ -154,7 +154,7 @@ def test_cost_fields_with_a_price_and_a_resumed_job(tmp_path, ray_cluster):
     assert first.wait(timeout=120) != 0
     runs_dir = tmp_path / "out" / "_batchrun" / "runs"
     (rec1,) = [json.loads(p.read_text()) for p in runs_dir.glob("*.json")]
-    assert rec1["finished"] is False and rec1["gpu_seconds_held"] > 0 and rec1["gpu_seconds_engine"] > 0, (rec1, first.stderr.read()[-3000:])
+    assert rec1["finished"] is False and rec1["gpu_seconds_held"] > 0 and rec1["gpu_seconds_engine"] > 0, rec1
     assert rec1["generated_tokens"] > 0 and rec1["gpu_hour_cost"] == 4.0
 
     second = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)

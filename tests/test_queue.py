@@ -188,3 +188,17 @@ def test_bookkeeping_stays_exact_through_stale_commits_and_expiry(tmp_path):
     assert commit(q, out, 1, "w2", list(range(10, 20))) and q.held["w2"] == 1
     q.fail(2, "w2", "boom")
     assert q.held["w2"] == 0 and sorted(q.pending_ids) == [2, 3]
+
+
+def test_a_commit_carries_the_workers_heartbeat(tmp_path):
+    q, out = make_queue(tmp_path, lease_timeout_s=0.3)
+    q.lease("w")
+    q.lease("w")
+    time.sleep(0.2)
+    table = pa.table({"id": list(range(10)), "generated_text": ["w"] * 10})
+    entry = ManifestEntry(0, "committed", rows=10, ids_digest=ids_digest(table.column("id")), attempt=1, worker="w")
+    assert q.commit(entry, out.publish(table, entry, "zstd"), ("node-a", 42, {"in_flight": 7})) is True
+    time.sleep(0.2)  # 0.4 s after the lease: shard 1 is still held, renewed by the commit's heartbeat
+    assert 1 in q.leases
+    worker = q.progress()["workers"]["w"]
+    assert worker["node"] == "node-a" and worker["in_flight"] == 7

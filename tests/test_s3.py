@@ -6,10 +6,8 @@ from __future__ import annotations
 import collections
 import json
 import os
-import random
 import signal
 import subprocess
-import threading
 import time
 
 import pyarrow as pa
@@ -22,7 +20,7 @@ from batchrun.runner import JobRunner
 from batchrun.sink import LOCK_LEASE_S, ManifestEntry, OutputDir, ids_digest
 from batchrun.spec import validate_spec
 from tests.conftest import PYTHON, ROOT, cli_env, write_parquet
-from tests.test_faults import worker_pids
+from tests.test_faults import run_killing_workers, worker_pids
 
 
 def s3():
@@ -132,18 +130,9 @@ def test_s3_random_worker_kills_lose_and_duplicate_nothing(s3_bucket, tmp_path, 
     raw = echo_job(tmp_path, out_url, 600, {"name": "tests.engines:CountingEcho",
                                             "options": {"log_path": str(tmp_path / "calls"), "delay_s": 0.02}},
                    faults={"max_attempts": 100, "max_worker_restarts": 60})
-    runner = JobRunner(validate_spec(raw), show_progress=False)
-    result: dict = {}
-    t = threading.Thread(target=lambda: result.setdefault("summary", runner.run().summary))
-    t.start()
-    kills, rng = 0, random.Random(7)
-    while t.is_alive() and kills < 6:
-        time.sleep(rng.uniform(0.3, 1.0))
-        if pids := worker_pids():
-            os.kill(rng.choice(pids), signal.SIGKILL)
-            kills += 1
-    t.join(timeout=600)
-    assert kills >= 3 and result["summary"]["rows"] == 600
+    summary, kills = run_killing_workers(JobRunner(validate_spec(raw), show_progress=False), 6, seed=7,
+                                         pause=(0.3, 1.0))
+    assert kills >= 3 and summary["rows"] == 600
     assert sorted(read_s3(out_url).column("id").to_pylist()) == list(range(600))
 
 
