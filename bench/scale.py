@@ -93,9 +93,18 @@ def pct(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
+def queue_procs() -> list:
+    return [p for p in psutil.process_iter(["cmdline"]) if "ShardQueue" in " ".join(p.info["cmdline"] or [])]
+
+
 def queue_rss_mb() -> float:
-    procs = [p for p in psutil.process_iter(["cmdline"]) if "ShardQueue" in " ".join(p.info["cmdline"] or [])]
+    procs = queue_procs()
     return round(max(p.memory_info().rss for p in procs) / 2**20, 1) if procs else float("nan")
+
+
+def queue_cpu_s() -> float:
+    """CPU seconds the queue actor's process has used (user + system): how busy its one thread is."""
+    return sum(sum(p.cpu_times()[:2]) for p in queue_procs())
 
 
 def simulate(n_shards: int, workers: int, seconds: float, clients: int, rate: float = 0.0) -> dict:
@@ -113,10 +122,12 @@ def simulate(n_shards: int, workers: int, seconds: float, clients: int, rate: fl
     start_s = time.perf_counter() - t0
     actors = [SimClients.remote() for _ in range(clients)]
     per = workers // clients
+    cpu0 = queue_cpu_s()
     t0 = time.perf_counter()
     period = workers / rate if rate else 0.0
     results = ray.get([a.run.remote(queue, i * per, per, seconds, od.root, period) for i, a in enumerate(actors)])
     wall = time.perf_counter() - t0
+    cpu = queue_cpu_s() - cpu0
     lease = [x for r in results for x in r["lease"]]
     commit = [x for r in results for x in r["commit"]]
     rss = queue_rss_mb()
@@ -128,7 +139,8 @@ def simulate(n_shards: int, workers: int, seconds: float, clients: int, rate: fl
             "leases_per_s": round(len(lease) / wall), "commits_per_s": round(sum(r["commits"] for r in results) / wall),
             "lease_p50_ms": round(pct(lease, 0.5), 1), "lease_p99_ms": round(pct(lease, 0.99), 1),
             "commit_p50_ms": round(pct(commit, 0.5), 1), "commit_p99_ms": round(pct(commit, 0.99), 1),
-            "waits": sum(r["waits"] for r in results), "queue_rss_mb": rss, "driver_peak_rss_mb": driver_rss}
+            "waits": sum(r["waits"] for r in results),
+            "queue_cpu_busy": round(cpu / wall, 3), "queue_rss_mb": rss, "driver_peak_rss_mb": driver_rss}
 
 
 def resume_time(n: int, url: str) -> dict:
@@ -203,12 +215,13 @@ def main() -> None:
         finally:
             server.terminate()
     print("\n| shards | workers | target commits/s | leases/s | commits/s | lease p50 / p99 ms | commit p50 / p99 ms | "
-          "queue RSS MB | "
+          "queue thread busy | queue RSS MB | "
           "driver RSS MB | plan + queue start s |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['shards']:,} | {r['workers']} | {r['rate']} | {r['leases_per_s']:,} | {r['commits_per_s']:,} | "
               f"{r['lease_p50_ms']} / {r['lease_p99_ms']} | {r['commit_p50_ms']} / {r['commit_p99_ms']} | "
+              f"{r['queue_cpu_busy']:.0%} | "
               f"{r['queue_rss_mb']} | {r['driver_peak_rss_mb']} | {r['plan_s']} + {r['queue_start_s']} |")
     if resume:
         print("\n| store | shards | start | resume s | merge segments s | list parts s | queue rebuild s |")
