@@ -62,6 +62,20 @@ def load_state(start_ref) -> tuple[bool, str | None]:
     return True, None
 
 
+HEARTBEATS_PER_S = 250  # what the one queue actor takes from all workers together, beside leases and commits
+
+
+def heartbeat_for(spec: JobSpec, workers: int) -> JobSpec:
+    """The spec the workers run with: faults.heartbeat_s, or longer where many workers would flood the queue actor
+    (its one thread spends ~0.5 ms a call: 10,000 workers beating every 2 s would need 2.5 cores), at most a third of
+    the lease timeout so that a live worker never loses its leases."""
+    f = spec.faults
+    every = min(max(f.heartbeat_s, workers / HEARTBEATS_PER_S), f.lease_timeout_s / 3)
+    if every <= f.heartbeat_s:
+        return spec
+    return spec.model_copy(update={"faults": f.model_copy(update={"heartbeat_s": every})})
+
+
 class WorkerPool:
     """Starts worker actors, restarts dead ones within the budget, and hands a dead worker's shards back."""
 
@@ -89,6 +103,7 @@ class WorkerPool:
     # ------------------------------------------------------------ start
 
     def start(self, n: int) -> None:
+        self.spec_json = heartbeat_for(self.spec, n).model_dump_json()
         for _ in range(n):
             self._spawn()
         self.initial = set(self.spans)  # the job's first workers: their start-up counts from the command's start

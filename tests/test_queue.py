@@ -202,3 +202,14 @@ def test_a_commit_carries_the_workers_heartbeat(tmp_path):
     assert 1 in q.leases
     worker = q.progress()["workers"]["w"]
     assert worker["node"] == "node-a" and worker["in_flight"] == 7
+
+
+def test_heartbeat_interval_grows_with_the_worker_count():
+    from batchrun.pool import heartbeat_for
+    from batchrun.spec import validate_spec
+
+    spec = validate_spec({"engine": {"name": "echo"}, "input": {"path": "x.parquet"}, "output": {"dir": "o"}})
+    assert heartbeat_for(spec, 8) is spec  # the job's 2 s
+    assert heartbeat_for(spec, 1000).faults.heartbeat_s == 4.0  # 1,000 workers: 250 heartbeats/s in all
+    assert heartbeat_for(spec, 10_000).faults.heartbeat_s == 40.0  # a third of the 120 s lease timeout
+    assert heartbeat_for(spec, 100_000).faults.heartbeat_s == 40.0
