@@ -118,7 +118,7 @@ class JobRunner:
         # and so do the workers: leftovers of a killed driver cannot keep committing (see README, failure model).
         queue = ray.remote(ShardQueue).options(num_cpus=0, max_concurrency=1).remote(
             str(self.out.root), list(plan.shards), self.run_id, faults.max_attempts, faults.lease_timeout_s,
-            spec.output.compression,
+            spec.output.compression, spec.resources.niceness,
         )
         pool = WorkerPool(spec, plan, queue, self.run_id)
         progress = Progress(total=plan.total_rows, enabled=self.show_progress)

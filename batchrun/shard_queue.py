@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from batchrun.metrics import record
+from batchrun.process import set_niceness
 from batchrun.shards import Shard
 from batchrun.sink import ManifestEntry, OutputDir
 
@@ -42,7 +43,10 @@ class WorkerInfo:
 
 class ShardQueue:
     def __init__(self, out_dir: str, shards: list[Shard], run_id: str, max_attempts: int, lease_timeout_s: float,
-                 compression: str = "zstd"):
+                 compression: str = "zstd", niceness: int | None = None):
+        # Every worker waits on this one thread for its next shard: it runs at the workers' priority
+        # (resources.niceness), not behind everything else on the head node at Ray's 15
+        set_niceness(niceness)
         self.out = OutputDir(out_dir)
         self.run_id = run_id
         self.max_attempts = max_attempts

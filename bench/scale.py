@@ -30,6 +30,7 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 
 from batchrun.plan import cut_shards  # noqa: E402
+from batchrun.pool import HEARTBEATS_PER_S  # noqa: E402
 from batchrun.process import peak_rss_mb  # noqa: E402
 from batchrun.shard_queue import DONE, WAIT, ShardQueue  # noqa: E402
 from batchrun.sink import ManifestEntry, OutputDir  # noqa: E402
@@ -39,7 +40,8 @@ from batchrun.sink import ManifestEntry, OutputDir  # noqa: E402
 class SimClients:
     """`tasks` simulated workers in one process."""
 
-    async def run(self, queue, first: int, tasks: int, seconds: float, out_dir: str, period: float = 0.0) -> dict:
+    async def run(self, queue, first: int, tasks: int, seconds: float, out_dir: str, period: float = 0.0,
+                  every: float = 2.0) -> dict:
         """period > 0: each simulated worker takes one shard every `period` seconds (a GPU finishing a shard at a
         set rate; latency then is what a worker waits at that load); 0: as fast as the queue answers (capacity)."""
         import random
@@ -50,12 +52,12 @@ class SimClients:
 
         last_beat: dict[str, float] = {}
 
-        async def beat(wid: str):  # as a worker's heartbeat thread: only when no commit carried one for 2 s
+        async def beat(wid: str):  # as a worker's heartbeat thread: only when no commit carried one for `every` s
             while time.time() < stop:
-                if time.time() - last_beat.get(wid, 0.0) >= 2.0:
+                if time.time() - last_beat.get(wid, 0.0) >= every:
                     last_beat[wid] = time.time()
                     await queue.heartbeat.remote(wid, "sim", os.getpid(), {"in_flight": 1})
-                await asyncio.sleep(max(0.05, 2.0 - (time.time() - last_beat[wid])))
+                await asyncio.sleep(max(0.05, every - (time.time() - last_beat[wid])))
 
         async def worker(k: int):
             wid = f"sim{first + k:04d}"
@@ -117,7 +119,7 @@ def simulate(n_shards: int, workers: int, seconds: float, clients: int, rate: fl
     driver_rss = peak_rss_mb()
     t0 = time.perf_counter()
     queue = ray.remote(ShardQueue).options(num_cpus=0, max_concurrency=1).remote(
-        str(out), list(shards), "sim", 4, 120.0, "zstd")
+        str(out), list(shards), "sim", 4, 120.0, "zstd", 0)  # at batchrun's default niceness, as a job runs it
     ray.get(queue.set_worker_count.remote(workers))
     start_s = time.perf_counter() - t0
     actors = [SimClients.remote() for _ in range(clients)]
@@ -125,7 +127,9 @@ def simulate(n_shards: int, workers: int, seconds: float, clients: int, rate: fl
     cpu0 = queue_cpu_s()
     t0 = time.perf_counter()
     period = workers / rate if rate else 0.0
-    results = ray.get([a.run.remote(queue, i * per, per, seconds, od.root, period) for i, a in enumerate(actors)])
+    every = max(2.0, workers / HEARTBEATS_PER_S)  # the interval batchrun gives this many workers (pool.heartbeat_for)
+    results = ray.get([a.run.remote(queue, i * per, per, seconds, od.root, period, every)
+                       for i, a in enumerate(actors)])
     wall = time.perf_counter() - t0
     cpu = queue_cpu_s() - cpu0
     lease = [x for r in results for x in r["lease"]]
