@@ -61,6 +61,13 @@ def test_scheduler_off_keeps_input_order():
     assert drain(s) == ["a1", "a2", "b1"]
 
 
+def test_tracker_on_a_transformers_without_the_cache_hooks_turns_reuse_figures_off():
+    from batchrun.engines.hf_backend import PrefixTracker
+
+    tracker = PrefixTracker(object())  # no batch_processor.cache.search_prefix_match / mark_complete_blocks
+    assert tracker.info() == {"reuse": False, "block_tokens": None} and tracker.take("r") == 0
+
+
 def test_run_record_and_account_add_up_runs_with_a_price():
     lives = {"w1": {"spawned_at": 100.0, "ended_at": 160.0, "first_submit_at": 110.0, "last_completion_at": 150.0,
                     "initial": True},  # the run started at 95: its first workers start up from there

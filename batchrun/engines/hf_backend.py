@@ -53,13 +53,19 @@ class PrefixTracker:
     Both run on the generation thread; the worker reads the counts and events through collect_results()."""
 
     def __init__(self, manager):
-        cache = manager.batch_processor.cache
-        self.enabled = bool(getattr(cache, "use_prefix_sharing", False))
-        self.page_size = int(manager.continuous_batching_config.page_size)
         self.cached: dict[str, int] = {}
         self.events: collections.deque[str] = collections.deque()
         self._prefilled: set[str] = set()
-        search, mark = cache.search_prefix_match, cache.mark_complete_blocks
+        try:
+            cache = manager.batch_processor.cache
+            self.page_size = int(manager.continuous_batching_config.page_size)
+            search, mark = cache.search_prefix_match, cache.mark_complete_blocks
+        except AttributeError as e:  # another transformers release: no reuse figures, input order; jobs still run
+            log.warning("prefix reuse cannot be tracked on this transformers version (%s): no reuse figures, "
+                        "requests go in input order", e)
+            self.enabled, self.page_size = False, None
+            return
+        self.enabled = bool(getattr(cache, "use_prefix_sharing", False))
 
         def search_prefix_match(request_id, prompt_ids):
             matched = search(request_id, prompt_ids)
