@@ -101,6 +101,12 @@ def cmd_run(args) -> int:
     return 0
 
 
+def reuse_line(cached: int, prompt: int) -> str:
+    """The final line about prefix reuse, for `batchrun run` and `batchrun status` alike."""
+    return (f"  prefix reuse: {cached:,} of {prompt:,} prompt tokens served from cached blocks "
+            f"({cached / prompt:.1%}); {prompt - cached:,} computed")
+
+
 def print_summary(s: dict, samples: int = 3) -> None:
     import pyarrow.parquet as pq
 
@@ -135,10 +141,8 @@ def print_summary(s: dict, samples: int = 3) -> None:
         m = s["metrics"]
         print(f"  score: {m['score_mean']:.4f} mean over {m['rows']} rows ({m['score_sum']:g} right; "
               f"{m['rows'] - m['rows_scored']} error rows count as wrong)")
-    reuse = s.get("prefix_reuse") or {}
-    if reuse.get("prompt_tokens_cached"):
-        print(f"  prefix reuse: {reuse['prompt_tokens_cached']:,} of {s['prompt_tokens']:,} prompt tokens served from "
-              f"cached blocks ({reuse['cached_share']:.1%}); {reuse['prompt_tokens_computed']:,} computed")
+    if (s.get("prefix_reuse") or {}).get("prompt_tokens_cached"):
+        print(reuse_line(s["prefix_reuse"]["prompt_tokens_cached"], s["prompt_tokens"]))
     if s.get("cost"):
         print(cost_line(s["cost"]))
     print(f"  output: {s['output_dir']} (summary: _summary.json)")
@@ -219,8 +223,7 @@ def cmd_status(args) -> int:
               f"rows {rows}/{total_rows}; {rate:,.1f} rows/s processing (first lease to last commit, without "
               f"start-up)" + (f"; ETA {status['eta_s']}s" if status["eta_s"] else ""))
         if status["prompt_tokens_cached"]:
-            print(f"  prefix reuse: {status['prompt_tokens_cached']:,} of {status['prompt_tokens']:,} prompt tokens "
-                  "served from cached blocks")
+            print(reuse_line(status["prompt_tokens_cached"], status["prompt_tokens"]))
         if status["cost"]:
             print(cost_line(status["cost"]))
         for sid, err in sorted(quarantined.items()):

@@ -40,9 +40,9 @@ class PrefixScheduler:
         self.enabled = enabled
         self.key_tokens = key_tokens
         self.ready: collections.deque[Request] = collections.deque()
-        self.held: dict[Hashable, list[Request]] = {}  # siblings waiting for their prefix's leader
-        self.leaders: dict[Hashable, Hashable] = {}  # leader request id -> its prefix key (leader in flight)
-        self.leading: set[Hashable] = set()  # prefix keys whose leader is in flight and not yet prefilled
+        # prefix key -> siblings waiting for its leader: a key is here while its leader is in flight, not prefilled
+        self.held: dict[Hashable, list[Request]] = {}
+        self.leaders: dict[Hashable, Hashable] = {}  # leader request id -> its prefix key
         self.warm: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
         self.held_count = 0
         self.stats = collections.Counter()  # leaders, held (siblings that waited), direct (no wait)
@@ -62,12 +62,12 @@ class PrefixScheduler:
                     self.warm.move_to_end(key)
                 self.stats["direct"] += 1
                 self.ready.append(r)
-            elif key in self.leading:
-                self.held.setdefault(key, []).append(r)
+            elif key in self.held:
+                self.held[key].append(r)
                 self.held_count += 1
                 self.stats["held"] += 1
             else:
-                self.leading.add(key)
+                self.held[key] = []
                 self.leaders[r.request_id] = key
                 self.stats["leaders"] += 1
                 self.ready.append(r)
@@ -82,10 +82,9 @@ class PrefixScheduler:
         key = self.leaders.pop(request_id, None)
         if key is None:
             return
-        self.leading.discard(key)
         self.warm[key] = None
         if len(self.warm) > MAX_WARM:
             self.warm.popitem(last=False)
-        siblings = self.held.pop(key, [])
+        siblings = self.held.pop(key)
         self.held_count -= len(siblings)
         self.ready.extendleft(reversed(siblings))

@@ -69,6 +69,8 @@ class JobRunner:
         self.out = OutputDir(spec.output.dir)
         self.invoked_at = time.time()
         self.timings: dict = {}  # the driver's start-up phases
+        self.n_workers = 0  # the workers this run started with (cost.py: GPUs held over the wall time)
+        self._workers_seen: dict = {}  # the last progress snapshot's worker stats
 
     # ------------------------------------------------------------ preparation (no Ray, no work)
 
@@ -103,11 +105,11 @@ class JobRunner:
             if complete != len(committed):  # the last run did not end cleanly: list the parts (a LIST per 1,000)
                 committed |= set(self.out.reconcile(committed, self.run_id))
             self.out.clean_tmp()
-            return self._run(plan, pending=sum(s.shard_id not in committed for s in plan.shards))
+            return self._run(plan, committed)
         finally:
             self.out.release_lock(self.run_id)
 
-    def _run(self, plan: Plan, pending: int) -> JobResult:
+    def _run(self, plan: Plan, committed: set[int]) -> JobResult:
         import ray
 
         ray_started = time.time()
@@ -118,13 +120,14 @@ class JobRunner:
         # and so do the workers: leftovers of a killed driver cannot keep committing (see README, failure model).
         queue = ray.remote(ShardQueue).options(num_cpus=0, max_concurrency=1).remote(
             str(self.out.root), list(plan.shards), self.run_id, faults.max_attempts, faults.lease_timeout_s,
-            spec.output.compression, spec.resources.niceness,
+            spec.output.compression, spec.resources.niceness, committed,
         )
         pool = WorkerPool(spec, plan, queue, self.run_id)
         progress = Progress(total=plan.total_rows, enabled=self.show_progress)
         try:
-            # Workers start loading their engines now, while the queue actor rebuilds its state from the manifest
-            # (the driver counted what is pending itself): model load overlaps the queue's start.
+            # Workers start loading their engines now, while the queue actor builds its state (from what the driver
+            # read of the manifest): model load overlaps the queue's start.
+            pending = sum(s.shard_id not in committed for s in plan.shards)
             self.n_workers = min(resolve_num_workers(spec.resources), pending) if pending else 0
             pool.start(self.n_workers)
             recorded = time.time()
@@ -132,7 +135,7 @@ class JobRunner:
                 self._workers_seen = snap["workers"]  # for the cost record of a run that ends early
                 progress.update(snap)
                 if time.time() - recorded > 30:  # the run's GPU time so far: a killed run still counts
-                    self._record_run(pool, snap["workers"], finished=False)
+                    self._record_run(pool, self._workers_seen, finished=False)
                     recorded = time.time()
                 self._check_stall(snap, pool)
                 pool.watch()
@@ -177,9 +180,6 @@ class JobRunner:
                 )
             if w.get("heartbeat_age_s", 0) > max(faults.stall_timeout_s, faults.lease_timeout_s):
                 pool.replace(wid, f"no heartbeat for {w['heartbeat_age_s']:.0f}s")
-
-    n_workers = 0
-    _workers_seen: dict = {}
 
     def _record_run(self, pool: WorkerPool, stats: dict, finished: bool, generated: int | None = None) -> dict:
         """This run's cost record (cost.py), written to the output dir; best effort on a failure path."""

@@ -43,7 +43,9 @@ class WorkerInfo:
 
 class ShardQueue:
     def __init__(self, out_dir: str, shards: list[Shard], run_id: str, max_attempts: int, lease_timeout_s: float,
-                 compression: str = "zstd", niceness: int | None = None):
+                 compression: str = "zstd", niceness: int | None = None, done: set[int] | None = None):
+        """done: the shards committed by earlier runs, where the driver has read the manifest already (it merges
+        and reconciles it at start); None: read it here."""
         # Every worker waits on this one thread for its next shard: it runs at the workers' priority
         # (resources.niceness), not behind everything else on the head node at Ray's 15
         set_niceness(niceness)
@@ -52,8 +54,8 @@ class ShardQueue:
         self.max_attempts = max_attempts
         self.lease_timeout_s = lease_timeout_s
         self.shards = {s.shard_id: s for s in shards}
-        entries = self.out.entries()  # one manifest read
-        done = {sid for sid, e in entries.items() if e.state == "committed"}
+        if done is None:
+            done = set(self.out.committed())
         # pending: the order shards are handed out in; pending_ids: which of them are still to do (a commit from a
         # stale worker removes a shard from pending_ids in O(1); _hand_out skips what is no longer in it)
         self.pending = collections.deque(s.shard_id for s in shards if s.shard_id not in done)

@@ -115,6 +115,11 @@ def merge_entries(entries, into: dict[int, ManifestEntry]) -> dict[int, Manifest
     return into
 
 
+def name_number(path: str) -> int:
+    """The number in part-000012.parquet or lock-000003.json (the shard id, the lock's sequence)."""
+    return int(path.rsplit("-", 1)[1].split(".")[0])
+
+
 def segment_bytes(entries: list[ManifestEntry]) -> bytes:
     rows = [dict(asdict(e), score=json.dumps(e.score) if e.score is not None else None) for e in entries]
     buf = io.BytesIO()
@@ -149,7 +154,6 @@ class OutputDir:
         self.tmp = self.join("_batchrun", "tmp")
         self.runs_dir = self.join("_batchrun", "runs")  # one cost record per run (cost.py)
         self._lock_path: str | None = None  # object store: the lock object this driver holds
-        self._renewer: threading.Thread | None = None
         self._stop_renew = threading.Event()
         self.lock_lost: str | None = None  # object store: set when another driver took the lock over
 
@@ -381,15 +385,13 @@ class OutputDir:
                 holder = self.read_json(locks[-1]) or {}
                 if holder and not break_lock and not self._is_stale(holder):
                     raise self._locked(holder)
-                number = int(locks[-1].rsplit("-", 1)[1].split(".")[0]) + 1
+                number = name_number(locks[-1]) + 1
             path = self.join("_batchrun", f"lock-{number:06d}.json")
             if self.create(path, self._lock_body(run_id, time.time())):
                 self._lock_path = path
-                self.remove([p for p in locks])  # older leases: lapsed or broken
+                self.remove(locks)  # older leases: lapsed or broken
                 self._stop_renew.clear()
-                self._renewer = threading.Thread(target=self._renew, args=(run_id,), name="batchrun-lock",
-                                                 daemon=True)
-                self._renewer.start()
+                threading.Thread(target=self._renew, args=(run_id,), name="batchrun-lock", daemon=True).start()
                 return
         raise OutputLocked(f"could not take the lock on {self.root}: other drivers keep taking it")
 
@@ -431,8 +433,11 @@ class OutputDir:
     # ------------------------------------------------------------ manifest
 
     def entries(self) -> dict[int, ManifestEntry]:
+        return self._merged(self.list(self.manifest_dir, suffix=".parquet"))
+
+    def _merged(self, segments: list[str]) -> dict[int, ManifestEntry]:
         out: dict[int, ManifestEntry] = {}
-        for data in self._read_all(self.list(self.manifest_dir, suffix=".parquet")).values():
+        for data in self._read_all(segments).values():
             merge_entries(read_segment(data), out)
         return out
 
@@ -470,9 +475,7 @@ class OutputDir:
         not deleted: only the ones read are, after the merged one is in place. keep_quarantined=False drops
         quarantined entries: a re-run retries those shards. Returns the merged entries."""
         paths = self.list(self.manifest_dir, prefix=f"{run_id}-" if only_run else "", suffix=".parquet")
-        merged: dict[int, ManifestEntry] = {}
-        for data in self._read_all(paths).values():
-            merge_entries(read_segment(data), merged)
+        merged = self._merged(paths)
         entries = merged if keep_quarantined else {s: e for s, e in merged.items() if e.state == "committed"}
         if len(paths) > 1 or len(entries) != len(merged):
             name = self.join("_batchrun", "manifest", f"{run_id}-c{time.time_ns()}.parquet")
@@ -495,7 +498,7 @@ class OutputDir:
     def reconcile(self, known: dict | set, run_id: str) -> list[int]:
         """Add manifest entries for parts committed just before a crash (their segment was never written), from the
         parts' own footers. `known`: the shard ids the manifest has."""
-        missing = [p for p in self.parts() if int(p.rsplit("-", 1)[1].split(".")[0]) not in known]
+        missing = [p for p in self.parts() if name_number(p) not in known]
         rebuilt = [e for e in map(self._footer_entry, missing) if e is not None]
         self.append_entries(rebuilt, run_id, 999999)
         return [e.shard_id for e in rebuilt]

@@ -390,6 +390,33 @@ def test_output_mapping(tllm):
     assert [(c.sample_index, c.text, c.finish_reason) for c in two] == [(0, "a", "stop"), (1, "b", "length")]
 
 
+def test_reused_prompt_tokens_come_from_the_results_cached_tokens(tllm, demo_model):
+    """R4: the request's cached_tokens reaches each completion; a release whose results lack it (the older
+    result.py) reads as unknown; prefix_reuse follows kv_cache.enable_block_reuse (A3, on by default)."""
+    from tensorrt_llm.executor.result import CompletionOutput
+
+    from batchrun.engines.trtllm import to_completions
+
+    engine = make_engine(demo_model)
+    assert engine.prefix_reuse is True
+    rubric = "Grade the sum, digits only; no words and no spaces at all in the answer. "  # 73 tokens
+    texts = [rubric + "1+2=", rubric + "30+4="]
+    ids = engine.encode(texts)
+    first = collect(engine, [Request("0:0", texts[0], ids[0], Sampling(max_tokens=3))], expect=1)[0]
+    second = collect(engine, [Request("0:1", texts[1], ids[1], Sampling(max_tokens=3))], expect=1)[0]
+    assert first.num_cached_prompt_tokens == 0 and second.num_cached_prompt_tokens == 64  # 2 whole blocks of 32
+    engine.close()
+    off = make_engine(demo_model, kv_cache={"enable_block_reuse": False})
+    assert off.prefix_reuse is False
+    got = collect(off, [Request(f"0:{i}", t, x, Sampling(max_tokens=3)) for i, (t, x) in enumerate(zip(texts, ids))],
+                  expect=2)
+    assert [c.num_cached_prompt_tokens for c in got] == [0, 0]
+    off.close()
+    old = output(tllm, [CompletionOutput(0, "a", [5], finish_reason="stop")])
+    del old.cached_tokens  # 1.0's GenerationResultBase has no such attribute
+    assert to_completions("x", old, ())[0].num_cached_prompt_tokens is None
+
+
 def test_windowed_async_submission_out_of_order(tllm, demo_model):
     engine = make_engine(demo_model)
     texts = [f"{i}+{i}=" for i in range(40)]
