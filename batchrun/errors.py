@@ -21,3 +21,11 @@ class OutputLocked(BatchrunError):
     """Another run holds the output directory."""
 
     exit_code = 3
+
+
+class JobInterrupted(BatchrunError):
+    """A stop signal drained the job: what finished is committed, the rest was handed back; a re-run resumes."""
+
+    def __init__(self, message: str, signal_name: str = "SIGINT"):
+        super().__init__(message)
+        self.exit_code = 143 if signal_name == "SIGTERM" else 130  # 128 + the signal's number, as shells report it

@@ -4,11 +4,14 @@ closes them at the end. Each live worker is a LiveWorker; a retired one waits in
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchrun.engines.base import EngineDead
 from batchrun.errors import JobFailed
 from batchrun.plan import Plan
 from batchrun.spec import JobSpec
@@ -92,6 +95,10 @@ class WorkerPool:
         self.closing: dict[str, tuple[LiveWorker, Any]] = {}  # retired: (worker, close ref), killed once it returns
         self.results: dict[str, dict] = {}  # final counters returned by workers' run()
         self.restarts = 0
+        self.restart_times: collections.deque[float] = collections.deque()  # the budget is per hour (restart_budget)
+        self.engine_deaths = 0  # workers whose engine died (EngineDead) or that stalled
+        self.drained: list[str] = []  # workers that drained on a stop signal and returned
+        self.draining = False  # the driver is stopping: no replacement is started
         self.generation = 0
         self.last_error = ""
         self.close_wait_s = 0.0  # how long the job's end waited for engines to close
@@ -134,9 +141,15 @@ class WorkerPool:
             wid = refs[ref]
             try:
                 self.results[wid] = ray.get(ref)
-                self._retire(wid)
             except Exception as e:  # the actor died (killed, OOM, node lost) or the engine raised
+                self.engine_deaths += isinstance(e, EngineDead) or isinstance(getattr(e, "cause", None), EngineDead)
                 self.replace(wid, load_state(self.live[wid].start_ref)[1] or _short_error(e))
+                continue
+            self._retire(wid)
+            if self.results[wid].get("drain"):  # it drained on a stop signal (preemption): its work goes on elsewhere
+                self.drained.append(wid)
+                if not self.draining and self._work_left():
+                    self._spawn()
         self.reap_closed()
         self._replace_slow_loaders()
 
@@ -181,18 +194,38 @@ class WorkerPool:
         import ray
 
         ray.get(self.queue.release_worker.remote(wid, error))
+        return self._work_left()
+
+    def _work_left(self) -> bool:
+        import ray
+
         progress = ray.get(self.queue.progress.remote())
         return bool(progress["shards_pending"] or progress["shards_running"])
 
+    def restart_budget(self) -> dict:
+        """Replacements allowed in any hour: max_worker_restarts, or restarts_per_worker_hour per worker of the job
+        when that is more; and how many the last hour used."""
+        f = self.spec.faults
+        now = time.time()
+        while self.restart_times and self.restart_times[0] < now - 3600:
+            self.restart_times.popleft()
+        per_hour = max(f.max_worker_restarts, math.ceil(f.restarts_per_worker_hour * len(self.initial)))
+        return {"per_hour": per_hour, "used_last_hour": len(self.restart_times), "restarts": self.restarts}
+
     def _respawn(self) -> None:
-        if self.restarts >= self.spec.faults.max_worker_restarts:
+        if self.draining:
+            return
+        budget = self.restart_budget()
+        if budget["used_last_hour"] >= budget["per_hour"]:
             if not self.live:
                 raise JobFailed(
-                    f"no worker is alive and the restart budget ({self.spec.faults.max_worker_restarts}) is spent; "
-                    f"last error: {self.last_error}"
+                    f"no worker is alive and the restart budget ({budget['per_hour']} an hour: faults."
+                    f"max_worker_restarts, or faults.restarts_per_worker_hour x {len(self.initial)} workers) is "
+                    f"spent; last error: {self.last_error}"
                 )
             return
         self.restarts += 1
+        self.restart_times.append(time.time())
         self._spawn()
 
     # ------------------------------------------------------------ retire and close

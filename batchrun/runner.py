@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from batchrun.cost import account, run_record
 from batchrun.engines import check_engine
-from batchrun.errors import JobFailed, SpecError
+from batchrun.errors import JobFailed, JobInterrupted, SpecError
 from batchrun.fingerprint import model_files
 from batchrun.hooks import load_hook
 from batchrun.plan import Plan, make_plan
@@ -71,6 +71,11 @@ class JobRunner:
         self.timings: dict = {}  # the driver's start-up phases
         self.n_workers = 0  # the workers this run started with (cost.py: GPUs held over the wall time)
         self._workers_seen: dict = {}  # the last progress snapshot's worker stats
+        self.stop_signal: str | None = None  # set from a signal handler: drain and stop (README, failure model)
+
+    def stop(self, signal_name: str) -> None:
+        """Drain the job: called from a signal handler, so it only sets a flag the driver's loop reads."""
+        self.stop_signal = self.stop_signal or signal_name
 
     # ------------------------------------------------------------ preparation (no Ray, no work)
 
@@ -130,8 +135,12 @@ class JobRunner:
             pending = sum(s.shard_id not in committed for s in plan.shards)
             self.n_workers = min(resolve_num_workers(spec.resources), pending) if pending else 0
             pool.start(self.n_workers)
-            recorded = time.time()
+            recorded, drain_deadline = time.time(), None
             while not (snap := ray.get(queue.progress.remote()))["finished"]:
+                if self.stop_signal and drain_deadline is None:
+                    drain_deadline = self._start_drain(queue, pool)
+                if drain_deadline is not None and (not pool.live or time.monotonic() > drain_deadline):
+                    self._end_drain(queue, pool)
                 self._workers_seen = snap["workers"]  # for the cost record of a run that ends early
                 progress.update(snap)
                 if time.time() - recorded > 30:  # the run's GPU time so far: a killed run still counts
@@ -166,18 +175,38 @@ class JobRunner:
             )
         return JobResult(str(self.out.root), summary)
 
+    def _start_drain(self, queue, pool: WorkerPool) -> float:
+        log.warning("%s: draining: workers commit what finishes within %gs and hand the rest back",
+                    self.stop_signal, self.spec.faults.drain_s)
+        pool.draining = True
+        queue.drain.remote()
+        # the workers' own deadline, plus the heartbeat that tells them and their last commits
+        return time.monotonic() + self.spec.faults.drain_s + 2 * self.spec.faults.heartbeat_s + 15
+
+    def _end_drain(self, queue, pool: WorkerPool) -> None:
+        import ray
+
+        pool.reap_closed(timeout=10)  # drained workers close their engines (and ranks) before the driver ends
+        ray.get(queue.flush.remote(), timeout=60)
+        snap = ray.get(queue.progress.remote())
+        raise JobInterrupted(
+            f"stopped by {self.stop_signal}: drained; {snap['shards_done']} of {snap['shards_total']} shards are "
+            f"committed, {snap['shards_pending'] + snap['shards_running']} are not. Re-run the same command to "
+            "resume.", self.stop_signal)
+
     def _check_stall(self, snap: dict, pool: WorkerPool) -> None:
         faults = self.spec.faults
         for wid, w in snap["workers"].items():
             if w.get("dead") or wid not in pool.live:
                 continue
             if w.get("in_flight", 0) and w.get("since_progress_s", 0) > faults.stall_timeout_s:
+                # one stalled engine fails its worker, not the job: replaced, its shards handed back
                 held = [sid for sid, owner in snap["leases"].items() if owner == wid]
-                raise JobFailed(
-                    f"stalled: worker {wid} on {w['node']} has had {w['in_flight']} requests in flight and no "
-                    f"completion for {w['since_progress_s']:.0f}s (faults.stall_timeout_s={faults.stall_timeout_s:g}); "
-                    f"shards {held} are uncommitted. Committed shards are kept: re-run to resume."
-                )
+                pool.engine_deaths += 1
+                pool.replace(wid, f"stalled: worker {wid} on {w['node']} has had {w['in_flight']} requests in flight "
+                                  f"and no completion for {w['since_progress_s']:.0f}s (faults.stall_timeout_s="
+                                  f"{faults.stall_timeout_s:g}); its shards {held} go back to the queue")
+                continue
             if w.get("heartbeat_age_s", 0) > max(faults.stall_timeout_s, faults.lease_timeout_s):
                 pool.replace(wid, f"no heartbeat for {w['heartbeat_age_s']:.0f}s")
 
@@ -226,6 +255,13 @@ class JobRunner:
             # commits the queue refused because the shard was already committed (a stale worker's late copy)
             "duplicate_commits_refused": snap["duplicates"],
             "worker_restarts": pool.restarts,
+            # replacements allowed per hour (faults.max_worker_restarts or restarts_per_worker_hour x workers)
+            "restart_budget": pool.restart_budget(),
+            # workers whose engine died (EngineDead, a stall): their shards went back, charged to the engine
+            "engine_deaths": pool.engine_deaths,
+            "engine_deaths_charged_to_shards": snap["engine_deaths_charged"],
+            "workers_drained": pool.drained,  # workers that drained on a stop signal (preemption) and were replaced
+            "shards_handed_back": snap["shards_handed_back"],
             "close_wait_s": pool.close_wait_s,  # the end of the job waiting for engines to close, all in parallel
             "prompt_tokens": totals["prompt_tokens"],
             "generated_tokens": totals["generated_tokens"],

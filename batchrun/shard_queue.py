@@ -16,12 +16,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from batchrun.metrics import record
+from batchrun.metrics import record as record_metric
 from batchrun.process import set_niceness
 from batchrun.shards import Shard
 from batchrun.sink import ManifestEntry, OutputDir
 
-WAIT, DONE = "wait", "done"
+WAIT, DONE, DRAIN = "wait", "done", "drain"
 
 
 @dataclass(slots=True)
@@ -68,10 +68,15 @@ class ShardQueue:
         self.leases: dict[int, Lease] = {}
         self.held: collections.Counter[str] = collections.Counter()  # leases per worker, for the fair share
         self.attempts: collections.Counter[int] = collections.Counter()  # hand-outs in this run
-        self.failures: dict[int, list[str]] = collections.defaultdict(list)
+        self.failures: dict[int, list[str]] = collections.defaultdict(list)  # the shard's own failed attempts
+        # engines that died while running the shard: charged to the engine (its worker is replaced), and to the shard
+        # only as a suspect, so that a poison shard that kills every engine it reaches still ends in quarantine
+        self.engine_deaths: dict[int, list[str]] = collections.defaultdict(list)
+        self.handed_back = 0  # leases handed back uncharged (a draining worker, shards a dead engine never started)
         self.quarantined: dict[int, str] = {}
         self.workers: dict[str, WorkerInfo] = {}
         self.duplicates = 0  # commits that arrived for an already-committed shard (stale workers)
+        self.draining = False  # the driver is stopping the job: leases answer DRAIN, heartbeats say so
         self.worker_count = 1  # live workers, set by the driver: each holds at most its share of the open shards
         self.started_at = time.time()
         self._next_expiry = 0.0  # leases are checked for expiry at most once a second
@@ -91,7 +96,13 @@ class ShardQueue:
     def set_worker_count(self, n: int) -> None:
         self.worker_count = max(1, n)
 
+    def drain(self) -> None:
+        """The driver got a stop signal: every worker stops admitting shards and hands back what it cannot finish."""
+        self.draining = True
+
     def lease(self, worker: str) -> Shard | str:
+        if self.draining:
+            return DRAIN
         self._expire()
         if not self.pending_ids:
             return DONE if not self.leases else WAIT
@@ -121,11 +132,12 @@ class ShardQueue:
     def attempt_of(self, shard_id: int) -> int:
         return self.attempts[shard_id]
 
-    def heartbeat(self, worker: str, node: str, pid: int, stats: dict) -> None:
+    def heartbeat(self, worker: str, node: str, pid: int, stats: dict) -> bool:
         """O(1): a worker's heartbeat renews all its leases at once (a lease expires when its worker's last
-        heartbeat is older than the lease timeout; see _expire)."""
+        heartbeat is older than the lease timeout; see _expire). Returns whether the job is draining."""
         info = self.workers.setdefault(worker, WorkerInfo(worker))
         info.node, info.pid, info.stats, info.last_heartbeat = node, pid, stats, time.time()
+        return self.draining
 
     def commit(self, entry: ManifestEntry, published: bool, beat: tuple | None = None) -> bool:
         """A worker committed a shard's part (published=True), or the store refused its copy because the shard is
@@ -172,30 +184,53 @@ class ShardQueue:
         return self.segments
 
     def fail(self, shard_id: int, worker: str, error: str) -> None:
-        """The shard's attempt failed (read error, engine crash while holding it, lost lease)."""
+        """The shard's attempt failed (unreadable input, lost lease, a worker that died holding it)."""
+        self._charge(shard_id, worker, error, self.failures)
+
+    def _charge(self, shard_id: int, worker: str, error: str, record: dict[int, list[str]]) -> None:
         lease = self.leases.get(shard_id)
         if lease is None or lease.worker != worker or shard_id in self.done:
             return
         self._end_lease(shard_id)
-        self.failures[shard_id].append(f"attempt {lease.attempt} on {worker}: {error}")
-        if len(self.failures[shard_id]) >= self.max_attempts:
-            record("quarantined", 1, run_id=self.run_id)
-            self.quarantined[shard_id] = error
-            self.unflushed.append(ManifestEntry(shard_id, "quarantined", attempt=lease.attempt, worker=worker,
-                                                run_id=self.run_id, started_at=lease.started_at,
-                                                committed_at=time.time(), error=error))
-            self.flush()
+        record[shard_id].append(f"attempt {lease.attempt} on {worker}: {error}")
+        if len(record[shard_id]) >= self.max_attempts:
+            self._quarantine(shard_id, lease, worker, error)
         else:
-            record("retries", 1, run_id=self.run_id)
-            self.pending.appendleft(shard_id)  # retry soon, so one bad shard surfaces early
-            self.pending_ids.add(shard_id)
+            record_metric("retries", 1, run_id=self.run_id)
+            self._requeue(shard_id)
+
+    def _quarantine(self, shard_id: int, lease: Lease, worker: str, error: str) -> None:
+        record_metric("quarantined", 1, run_id=self.run_id)
+        self.quarantined[shard_id] = error
+        self.unflushed.append(ManifestEntry(shard_id, "quarantined", attempt=lease.attempt, worker=worker,
+                                            run_id=self.run_id, started_at=lease.started_at,
+                                            committed_at=time.time(), error=error))
+        self.flush()
+
+    def _requeue(self, shard_id: int) -> None:
+        self.pending.appendleft(shard_id)  # leased again at once (and one bad shard surfaces early)
+        self.pending_ids.add(shard_id)
+
+    def hand_back(self, worker: str, shard_ids: list[int] | None, reason: str, engine_death: bool = False) -> list[int]:
+        """A live worker gives its leases back at once, instead of letting them expire after lease_timeout_s: all of
+        them (shard_ids None) or these. engine_death: its engine died running them (charged as engine deaths, see
+        above); otherwise uncharged (a drain before preemption, shards a dead engine had not started)."""
+        held = [sid for sid, lease in self.leases.items()
+                if lease.worker == worker and (shard_ids is None or sid in shard_ids)]
+        for sid in held:
+            if engine_death:
+                self._charge(sid, worker, reason, self.engine_deaths)
+            else:
+                self._end_lease(sid)
+                self._requeue(sid)
+                self.handed_back += 1
+        return held
 
     def release_worker(self, worker: str, error: str) -> list[int]:
-        """A worker died: every shard it held fails this attempt and goes back to the queue."""
-        record("restarts", 1, run_id=self.run_id)
-        held = [sid for sid, lease in self.leases.items() if lease.worker == worker]
-        for sid in held:
-            self.fail(sid, worker, error)
+        """A worker died (its process, or its engine, or it stalled): every shard it still held goes back to the
+        queue at once, charged as an engine death (see engine_deaths)."""
+        record_metric("restarts", 1, run_id=self.run_id)
+        held = self.hand_back(worker, None, error, engine_death=True)
         if worker in self.workers:
             self.workers[worker].stats["in_flight"] = 0
             self.workers[worker].stats["dead"] = True
@@ -234,6 +269,8 @@ class ShardQueue:
             "shards_pending": len(self.pending_ids),
             "shards_quarantined": len(self.quarantined),
             "shard_failures": sum(len(v) for v in self.failures.values()),
+            "engine_deaths_charged": sum(len(v) for v in self.engine_deaths.values()),
+            "shards_handed_back": self.handed_back,
             "rows_total": self.rows_total,
             "rows_done": self.rows_done,
             "duplicates": self.duplicates,
@@ -245,7 +282,8 @@ class ShardQueue:
     def report(self) -> dict:
         self.flush()
         return {
-            "quarantined": {sid: {"error": err, "attempts": self.failures.get(sid, [])}
+            "quarantined": {sid: {"error": err, "attempts": self.failures.get(sid, [])
+                                  + self.engine_deaths.get(sid, [])}
                             for sid, err in sorted(self.quarantined.items())},
             "failures": {sid: v for sid, v in self.failures.items()},
         }

@@ -212,10 +212,15 @@ class ShardsSpec(_Section):
 
 class FaultsSpec(_Section):
     max_attempts: int = Field(4, ge=1)  # a shard failing this many times is quarantined
-    max_worker_restarts: int = Field(16, ge=0)  # replacement workers the job may start in all
+    # Replacement workers the job may start, relative to the fleet: in any hour, at most max_worker_restarts or
+    # restarts_per_worker_hour x the job's workers, whichever is more (a throttling burst on 1,000 workers must not
+    # end the job; a model that cannot run still fails it within the hour)
+    max_worker_restarts: int = Field(16, ge=0)
+    restarts_per_worker_hour: float = Field(0.5, ge=0)
     lease_timeout_s: float = Field(120.0, gt=0)  # a lease not renewed by a heartbeat for this long is handed out again
     heartbeat_s: float = Field(2.0, gt=0)
-    stall_timeout_s: float = Field(600.0, gt=0)  # no completion while requests are in flight: the job fails
+    stall_timeout_s: float = Field(600.0, gt=0)  # no completion while requests are in flight: the worker is replaced
+    drain_s: float = Field(20.0, ge=0)  # on SIGTERM/SIGINT: commit what finishes within this, hand the rest back
     startup_timeout_s: float = Field(900.0, gt=0)  # a worker must have its engine loaded within this
 
 

@@ -8,6 +8,13 @@ Three threads, so the engine never waits on I/O:
   here, off the engine's critical path);
 - the writer turns a finished shard into a Parquet part and asks the queue to commit it.
 A heartbeat thread renews the worker's leases and reports its counters.
+
+Failures inside the live process (README, failure model):
+- the engine dies (EngineDead from submit/poll, or the safety net below): nothing more of it is committed; shards
+  already finished are committed, the ones it was running go back charged to the engine, the ones it had not started
+  go back uncharged, all at once; run() raises and the driver replaces the worker.
+- a stop signal (SIGTERM/SIGINT: preemption notice, `ray job stop`) or the driver's drain: stop admitting shards,
+  commit what finishes within faults.drain_s, hand the rest back at once, return.
 """
 
 from __future__ import annotations
@@ -15,17 +22,19 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 
 from batchrun.datapath import ROW_INDEX, Limits, ShardTask, key_columns, read_shard, render, row_samplings, to_requests
 from batchrun.engines import create_engine, sampling_from_spec
+from batchrun.engines.base import EngineDead, engine_failure
 from batchrun.metrics import record
 from batchrun.postprocess import Parser, Scorer, totals
 from batchrun.prefix import KEY_TOKENS, PrefixScheduler
 from batchrun.process import RssSampler, node_name, peak_rss_mb, rss_now_mb, set_niceness, use_steady_arrow_pool
 from batchrun.prompts import PromptBuilder
-from batchrun.shard_queue import DONE, WAIT
+from batchrun.shard_queue import DONE, DRAIN, WAIT
 from batchrun.shards import Shard
 from batchrun.sink import ManifestEntry, OutputDir, ids_digest
 from batchrun.sources import open_source
@@ -72,6 +81,26 @@ class Worker:
         self._last_beat = 0.0  # when the queue last heard this worker's stats (a heartbeat or a commit)
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        self._drain = threading.Event()  # stop admitting shards; finish what can finish by _drain_deadline
+        self._drain_deadline = float("inf")
+        self._install_stop_handlers()
+
+    def _install_stop_handlers(self) -> None:
+        """SIGTERM/SIGINT drain instead of killing: a spot VM's preemption notice, Kubernetes' grace period and
+        `ray stop` all send SIGTERM first. Python handlers can only be set from the main thread, where Ray runs a
+        synchronous actor's methods."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: self.drain(signal.Signals(signum).name))
+
+    def drain(self, why: str) -> None:
+        if not self._drain.is_set():
+            self._drain_deadline = time.monotonic() + self.spec.faults.drain_s
+            self._set(drain=why, drain_started_at=time.time())
+            log.warning("worker %s: draining (%s): committing what finishes within %gs", self.worker_id, why,
+                        self.spec.faults.drain_s)
+            self._drain.set()
 
     def _score_columns(self, score) -> list[str]:
         """A built-in scorer reads the reference column; a hook sees every column the job reads, and the reference."""
@@ -110,16 +139,41 @@ class Worker:
         ]
         for t in threads:
             t.start()
+        running: set[int] = set()  # shards the engine has requests of: what an engine death is charged to
+        dead: EngineDead | None = None
         try:
-            self._generate(ready, finished)
+            self._generate(ready, finished, running)
+        except EngineDead as e:
+            dead = e
         finally:
             self._put(finished, None)
-            threads[1].join()
+            threads[1].join()  # shards finished before a death or within a drain are committed first
             self._stop.set()
+        if dead is not None:
+            self._hand_back_after_death(dead, running)
+            raise dead
         if self._error is not None:
             raise self._error
+        if self._drain.is_set():
+            handed = self._hand_back(None, f"drained ({self.stats.get('drain')})")
+            self._set(drained_shards_handed_back=len(handed))
         self._beat()
         return dict(self._snapshot(), worker=self.worker_id, node=self.node)
+
+    def _hand_back(self, shard_ids, why: str, engine_death: bool = False) -> list[int]:
+        import ray
+
+        return ray.get(self.queue.hand_back.remote(self.worker_id, shard_ids, why, engine_death))
+
+    def _hand_back_after_death(self, dead: EngineDead, running: set[int]) -> None:
+        """The dying engine's shards go back now (not when the driver notices): the ones it was running charged to
+        the engine, the ones it never started uncharged."""
+        log.error("worker %s: the engine died: %s", self.worker_id, dead)
+        try:
+            self._hand_back(sorted(running), f"engine died: {dead}", engine_death=True)
+            self._hand_back(None, "its engine died before it started this shard")
+        except Exception:  # noqa: BLE001 - the driver releases whatever is left when it replaces this worker
+            log.exception("worker %s: could not hand back its shards", self.worker_id)
 
     def close(self) -> None:
         if self.engine is not None:
@@ -144,7 +198,7 @@ class Worker:
 
     # ------------------------------------------------------------ main loop: the engine's window
 
-    def _generate(self, ready: queue.Queue, finished: queue.Queue) -> None:
+    def _generate(self, ready: queue.Queue, finished: queue.Queue, running: set[int]) -> None:
         engine, window = self.engine, 0  # 0: sized from the first shard that reaches the loop
         # the order requests go to the engine in: input order, or prefix-aware (batchrun/prefix.py)
         sched = PrefixScheduler(self.spec.engine.prefix_schedule == "auto" and engine.prefix_reuse,
@@ -154,12 +208,16 @@ class Worker:
         in_flight, exhausted = 0, False
         first_submit = first_completion = 0.0  # the engine's busy window, for benchmarks and the start-up split
         while not self._stop.is_set():
+            # draining: admit no new shard; the admitted ones' requests still go in, to finish within the drain
+            draining = self._drain.is_set()
+            if draining and time.monotonic() > self._drain_deadline:
+                return
             while (not window or in_flight < window) and not exhausted:
                 request = sched.next()
                 if request is None:
                     # Nothing to submit now: take the next prepared shard, unless the scheduler already holds a
                     # window's worth of rows waiting for their prefix (lookahead across shards stays bounded).
-                    if window and sched.held_count >= window:
+                    if draining or (window and sched.held_count >= window):
                         break
                     try:  # block only when the engine has nothing to do
                         task = ready.get(timeout=0.2) if in_flight == 0 else ready.get_nowait()
@@ -175,12 +233,13 @@ class Worker:
                     sched.add(task.requests)
                     task.requests = []  # the scheduler holds them until they are submitted
                     continue
+                running.add(request.request_id.shard_id)
                 engine.submit(request)
                 in_flight += request.sampling.n  # counted in samples: one completion each
                 if not first_submit:
                     first_submit = time.time()
                     self._set(first_submit_at=first_submit)
-            if exhausted and in_flight == 0 and not len(sched):
+            if (exhausted or draining) and in_flight == 0 and not len(sched):
                 self._set(prefix_leaders=sched.stats["leaders"], prefix_held=sched.stats["held"])
                 return
             if in_flight == 0:
@@ -198,12 +257,17 @@ class Worker:
             record("tokens", sum(c.num_generated_tokens for c in done), **self.tags)
             for c in done:
                 key = c.request_id  # the RequestKey the request carried
+                if c.error is not None and engine_failure(c.error):  # the safety net: never an error row
+                    raise EngineDead(f"the engine failed request {key} with an engine-wide error: {c.error}")
                 task = by_shard[key.shard_id]
                 task.fill(key.row, c)
                 sched.prefilled(key)  # a finished request's prompt is computed, whether or not the engine said so
                 self._add(generated_tokens=c.num_generated_tokens, prompt_tokens=c.num_prompt_tokens,
                           cached_prompt_tokens=c.num_cached_prompt_tokens or 0)
                 if task.remaining == 0:
+                    if any(e is not None for e in task.error):
+                        engine.check_alive()  # error rows of an engine that is dying are not the requests'
+                    running.discard(key.shard_id)
                     self._put(finished, by_shard.pop(key.shard_id))
 
     def _window(self, task: ShardTask) -> int:
@@ -221,9 +285,11 @@ class Worker:
     def _prefetch(self, ready: queue.Queue) -> None:
         import ray
 
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._drain.is_set():
             shard = ray.get(self.queue.lease.remote(self.worker_id))
-            if shard == DONE:
+            if shard == DRAIN:
+                self.drain("the driver is draining the job")
+            if shard in (DONE, DRAIN):
                 self._put(ready, None)
                 return
             if shard == WAIT:  # other workers hold the rest; one may die and hand its shards back
@@ -283,10 +349,12 @@ class Worker:
     def _heartbeat(self) -> None:
         """A heartbeat when the worker has said nothing for heartbeat_s: a commit carries one (the queue's single
         thread then takes one call per shard instead of two; at 1,000 workers, heartbeats alone were 500 calls/s)."""
+        import ray
+
         every = self.spec.faults.heartbeat_s
         while not self._stop.wait(max(0.05, every - (time.monotonic() - self._last_beat))):
-            if time.monotonic() - self._last_beat >= every:
-                self._beat()
+            if time.monotonic() - self._last_beat >= every and ray.get(self._beat(), timeout=60):
+                self.drain("the driver is draining the job")  # the heartbeat's answer: the job is stopping
 
     def _beat_payload(self) -> tuple:
         with self._stats_lock:
@@ -298,8 +366,9 @@ class Worker:
         self._last_beat = time.monotonic()
         return self.node, os.getpid(), stats
 
-    def _beat(self) -> None:
-        self.queue.heartbeat.remote(self.worker_id, *self._beat_payload())
+    def _beat(self):
+        """Send the worker's stats; the returned ref resolves to whether the job is draining."""
+        return self.queue.heartbeat.remote(self.worker_id, *self._beat_payload())
 
     def _set(self, **values) -> None:
         with self._stats_lock:

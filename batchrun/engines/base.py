@@ -68,8 +68,32 @@ class Completion:
     num_cached_prompt_tokens: int | None = None
 
 
+class EngineDead(RuntimeError):
+    """The engine itself is gone (its loop or executor stopped, a rank died, a CUDA/NCCL error, the whole engine timed
+    out), not one request. Nothing it still has in flight may be committed: the worker hands its shards back at once
+    and is replaced, and the attempt is charged to the engine, not to the shards."""
+
+
+# Words in an error that only an engine-wide failure produces, whichever engine reports it. The worker's safety net:
+# a completion whose error says one of these is never committed as an error row, even from an engine that (wrongly)
+# reports its own death per request. Upstream sources: TensorRT-LLM's "LLM is shutting down" (llmapi/llm.py
+# generate_async) and "Executor worker died/returned error" (executor/proxy.py); transformers' continuous batching
+# loop failing every request with the loop's own exception (continuous_api.py _handle_critical_error); CUDA/NCCL.
+ENGINE_FAILURE_MARKERS = ("llm is shutting down", "executor is shut down", "executor worker", "shutting down",
+                          "shut down", "cuda error", "cudaerror", "cuda failure", "illegal memory access",
+                          "device-side assert", "nccl", "generation loop", "enginedead", "rank died", "mpi_err")
+
+
+def engine_failure(error: str | None) -> bool:
+    """Whether an error text is the engine's (see ENGINE_FAILURE_MARKERS), not one request's."""
+    return bool(error) and any(m in error.lower() for m in ENGINE_FAILURE_MARKERS)
+
+
 class Engine(ABC):
-    """One inference engine replica, owned by one worker actor."""
+    """One inference engine replica, owned by one worker actor.
+
+    Failures: a request's own failure (bad input, too long, refused parameters) is a Completion with `error` set; a
+    failure of the engine itself is EngineDead, raised from `submit` or `poll`, never an error row."""
 
     #: requests (samples) the worker keeps submitted at once, when the job sets engine.max_in_flight; None: auto
     max_in_flight: int | None = None
@@ -92,6 +116,11 @@ class Engine(ABC):
         """Request ids whose prompt the engine has computed since the last call: from now on their prefix blocks
         can be reused. Engines that cannot tell return [] (the worker then takes a completion as that signal)."""
         return []
+
+    def check_alive(self) -> None:
+        """Raise EngineDead if the engine knows it is gone. The worker asks before it commits a shard that has error
+        rows, so that rows failed by a dying engine are never committed as the request's errors."""
+        return None
 
     def window(self, tokens_per_request: float) -> tuple[int, str]:
         """How many requests the worker keeps submitted, and why: the job's number, or enough that batchrun never

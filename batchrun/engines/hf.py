@@ -98,6 +98,9 @@ class HFEngine(Engine):
             done = [dataclasses.replace(c, sample_index=k) for c in done for k in range(self.copies)]
         return done
 
+    def check_alive(self) -> None:
+        self.backend.check_alive()
+
     def prefilled(self) -> list:
         out, self._prefilled = self._prefilled, []
         return out

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from batchrun.engines.base import Sampling
+from batchrun.engines.base import EngineDead, Sampling, engine_failure
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,6 @@ log = logging.getLogger(__name__)
 # a CPU have short contexts (the demo model: 128 tokens), where a 256-token page would share nothing.
 CPU_CB_DEFAULTS = {"num_blocks": 1024, "page_size": 16, "max_batch_tokens": 512, "use_cuda_graph": False,
                    "use_async_batching": False}
-
-
-class EngineDead(RuntimeError):
-    """The engine's generation loop died: the worker must be restarted, the in-flight shards go back to the queue."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +243,28 @@ def collect_results(manager, timeout: float, tracker: PrefixTracker | None = Non
     return out
 
 
+def loop_failure(manager, out: list[RawResult]) -> str | None:
+    """Why these results are the engine's failure, not their requests' (None: they are the requests' own).
+
+    When the generation loop dies, transformers fails every request it holds with the loop's own exception
+    (transformers 5.24 continuous_api.py `_handle_critical_error`: it requests HARD_STOP first, then fails the
+    remaining requests, then records `fatal_error`). So a failed result delivered while the loop is stopping, or by a
+    loop that is gone, belongs to the engine and must never become an error row; a request's own failure
+    (`_handle_request_error` on a bad request) comes while the loop goes on (`can_accept_new_requests()` is None)."""
+    failed = [r for r in out if r.error is not None]
+    status = getattr(manager, "background_thread_status", None)
+    stopping = status.can_accept_new_requests() if status is not None else None
+    if not manager.is_running():
+        stopping = stopping or "the generation loop is not running"
+    elif out and not failed:
+        return None
+    if not stopping and not any(engine_failure(r.error) for r in failed):
+        return None
+    fatal = getattr(status, "fatal_error", None)
+    return f"{stopping} ({fatal or (failed[0].error if failed else 'no result')!r})" if stopping or fatal else \
+        failed[0].error
+
+
 class LocalBackend:
     """The model and its CB manager in this process."""
 
@@ -262,10 +280,14 @@ class LocalBackend:
                                     **row_sampling) is None:
             raise EngineDead("the continuous batching manager refused a request (its loop is stopping or dead)")
 
+    def check_alive(self) -> None:
+        if (why := loop_failure(self.manager, [])) is not None:
+            raise EngineDead(f"the generation loop stopped: {why}")
+
     def results(self, timeout: float) -> list[RawResult]:
         out = collect_results(self.manager, timeout, self.tracker)
-        if not out and not self.manager.is_running():
-            raise EngineDead(f"the generation loop stopped: {self.manager.background_thread_status.fatal_error!r}")
+        if (why := loop_failure(self.manager, out)) is not None:
+            raise EngineDead(f"the generation loop stopped: {why}")
         return out
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ from batchrun.engines.hf_backend import (
     RawResult,
     collect_results,
     kv_cache_tokens,
+    loop_failure,
     start_manager,
     warm_up,
 )
@@ -88,11 +89,11 @@ def _drive(manager, tracker, conn, ready: tuple) -> None:
     def send_results():
         while not stop.is_set():
             out = collect_results(manager, 0.05, tracker)
+            if (why := loop_failure(manager, out)) is not None:  # a dying loop's failed requests are not results
+                conn.send(("dead", why))
+                return
             if out:
                 conn.send(("results", out))
-            elif not manager.is_running():
-                conn.send(("dead", repr(manager.background_thread_status.fatal_error)))
-                return
 
     sender = threading.Thread(target=send_results, daemon=True)
     sender.start()
@@ -172,6 +173,9 @@ class TPBackend:
             if timeout <= 0:
                 raise EngineDead("rank 0 did not answer in time")
         return self.conn.recv()
+
+    def check_alive(self) -> None:
+        self._check_ranks()
 
     def add(self, request_id: str, ids: list[int], max_new_tokens: int, row_sampling: dict) -> None:
         self.pending.append((request_id, ids, max_new_tokens, row_sampling))

@@ -20,6 +20,11 @@ folder implements exactly those rules. What upstream would refuse at run time, `
   max_position_embeddings; TensorRT engines also cap the prompt at max_input_len (BuildConfig default 1024, set
   here to the context), the PyTorch backend at max_num_tokens (default 8192) without chunked prefill.
 - shutdown() can wait forever on its MPI ranks (L11); close() bounds it and then ends the ranks itself.
+- Whose failure (E1-E4): a request's own failure is `RequestError` (a response carrying an error message), or an
+  argument check of generate_async (ValueError/TypeError): an error row. Anything else an awaited result raises is
+  the executor's background error, raised once after the executor shut itself down; from then on generate_async
+  raises "LLM is shutting down" and the requests it held are aborted ('cancelled') or raise. All of that is the
+  engine's death (EngineDead), never error rows.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_stop
+from batchrun.engines.base import Completion, Engine, EngineDead, Request, Sampling, apply_stop
 from batchrun.engines.build import model_args, require_model_dir, sampling_from_spec
 from batchrun.engines.mpi import abandon_mpi_manager_threads, actor_gpu_ids, descendants, kill_all, prepare_mpi_process
 from batchrun.fingerprint import fingerprint, model_files
@@ -334,7 +339,10 @@ def shutdown_llm(llm, ranks: list, timeout_s: float) -> bool:
 
 def to_completions(request_id, output, stop: tuple[str, ...], top_k: int = 0, copies: int = 1) -> list[Completion]:
     """RequestOutput -> one Completion per sample (outputs[i].index); a greedy request's single output is handed out
-    as `copies` identical samples. timeout/cancelled (R1): error rows."""
+    as `copies` identical samples. timeout (R1): an error row. cancelled: batchrun never aborts a request, so the
+    executor did, as it shuts down (E3): the engine's death, not the request's."""
+    if any(c.finish_reason == "cancelled" for c in output.outputs):
+        raise EngineDead("TensorRT-LLM cancelled a request: the executor is shutting down")
     prompt_len = len(output.prompt_token_ids or [])
     cached = getattr(output, "cached_tokens", None)  # R4: reused prompt tokens, on releases that report them
     out = [dataclasses.replace(_one(request_id, c, prompt_len, stop, top_k), num_cached_prompt_tokens=cached)
@@ -342,6 +350,12 @@ def to_completions(request_id, output, stop: tuple[str, ...], top_k: int = 0, co
     if copies > 1 and len(out) == 1:
         out = [_with_index(out[0], k) for k in range(copies)]
     return out
+
+
+def is_request_error(e: BaseException) -> bool:
+    """E2, E4: a response's own error reaches its awaiter as tensorrt_llm.executor.utils.RequestError (a
+    RuntimeError subclass), by class: matched by name so that the check holds without importing the executor."""
+    return any(cls.__name__ == "RequestError" for cls in type(e).__mro__)
 
 
 def _with_index(c: Completion, k: int) -> Completion:
@@ -444,6 +458,7 @@ class TRTLLMEngine(Engine):
         # so the cache is bounded
         self._sampling_params = functools.lru_cache(maxsize=4096)(self._build_params)
         self._done: queue.Queue[Completion] = queue.Queue()
+        self._dead: str | None = None  # set by the asyncio thread when the executor dies (E1)
         self._loop = _Loop()
 
     def encode(self, texts: list[str]) -> list[list[int]] | None:
@@ -473,12 +488,28 @@ class TRTLLMEngine(Engine):
     async def _generate(self, request: Request, inputs, params) -> None:
         s = request.sampling
         try:
-            output = await self.llm.generate_async(inputs, sampling_params=params).aresult()
-            for c in to_completions(request.request_id, output, s.stop, s.top_logprobs,
-                                    copies=s.n if is_greedy(s) else 1):
-                self._done.put(c)
-        except Exception as e:  # a failure of this request alone (bad input, per-request engine error)
-            self._fail(request, e)
+            pending = self.llm.generate_async(inputs, sampling_params=params)
+        except (ValueError, TypeError) as e:  # L7-L9: argument checks refuse this request alone
+            return self._fail(request, e)
+        except Exception as e:  # "LLM is shutting down" (L7), or a background error raised at submit (E3)
+            return self._died(e)
+        try:
+            output = await pending.aresult()
+            completions = to_completions(request.request_id, output, s.stop, s.top_logprobs,
+                                         copies=s.n if is_greedy(s) else 1)
+        except Exception as e:
+            return self._fail(request, e) if is_request_error(e) else self._died(e)
+        for c in completions:
+            self._done.put(c)
+
+    def _died(self, e: Exception) -> None:
+        """The executor is gone (E1): the first background error, then every result it still held. The next poll
+        raises EngineDead; nothing from this engine is committed after it."""
+        self._dead = self._dead or f"TensorRT-LLM executor died: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+
+    def check_alive(self) -> None:
+        if self._dead:
+            raise EngineDead(self._dead)
 
     def _fail(self, request: Request, e: Exception) -> None:
         for k in range(request.sampling.n):
@@ -486,6 +517,7 @@ class TRTLLMEngine(Engine):
                                       sample_index=k))
 
     def poll(self, timeout: float) -> list[Completion]:
+        self.check_alive()
         out = []
         try:
             out.append(self._done.get(timeout=timeout))
@@ -493,6 +525,7 @@ class TRTLLMEngine(Engine):
                 out.append(self._done.get_nowait())
         except queue.Empty:
             pass
+        self.check_alive()  # completions taken with the death are dropped with it: their shards are retried
         return out
 
     def close(self) -> None:

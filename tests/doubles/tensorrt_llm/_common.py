@@ -5,7 +5,12 @@ a per-request delay so completions come back out of order.
 Test knobs (what a real cluster would make happen, set by a test through the model directory it passes):
 - a prompt containing FAILREQ fails, as a per-request engine error would;
 - `tllm_double.json` in the model dir with {"shutdown_hangs": true}: shutdown() never returns, as upstream's
-  executor/proxy.py waits on its MPI futures with no timeout when a rank does not answer (L11).
+  executor/proxy.py waits on its MPI futures with no timeout when a rank does not answer (L11);
+- {"die_after": N, "die_once": PATH}: the executor's worker dies after N requests were submitted (a rank exits, a
+  CUDA error): E1-E3 below. With die_once, only the first LLM to create PATH dies (one bad GPU in a fleet).
+Executor death, as upstream (UPSTREAM.md E1-E3): the background error goes to the executor's error queue; the next
+awaited result raises it, once, after the executor shut itself down; from then on generate_async raises "LLM is
+shutting down" (L7) and every result still in flight raises.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from tensorrt_llm._args import (
     KvCacheConfig,
     QuantConfig,
 )
+from tensorrt_llm.executor.utils import RequestError
 from tensorrt_llm.sampling_params import SamplingParams
 
 POISON = "FAILREQ"
@@ -155,6 +161,8 @@ class BaseLLM:
                           and os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else None)
         self._ids = itertools.count()
         self._shutdown = False
+        self._error_queue: list[BaseException] = []  # E1: background errors, raised once each
+        self._background_error: BaseException | None = None  # what in-flight results raise once the executor is gone
         self.in_flight = 0
         self.max_in_flight_seen = 0
         BaseLLM.instances.append(self)
@@ -211,10 +219,38 @@ class BaseLLM:
             raise TypeError(f"The inputs must be type str or list of int, but got {type(inputs)}")
         self._check_arguments(len(ids), sp)
         rid = next(self._ids)
+        self._maybe_die(rid)
         self.in_flight += 1
         self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
-        return RequestOutput._from_generation_result(GenerationResult(rid, ids, self._compute(rid, prompt, ids, sp)),
-                                                     prompt, self.tokenizer)
+        out = RequestOutput._from_generation_result(GenerationResult(rid, ids, self._compute(rid, prompt, ids, sp)),
+                                                    prompt, self.tokenizer)
+        self._handle_background_error()  # E3: submit surfaces a queued background error
+        return out
+
+    def _maybe_die(self, rid: int) -> None:
+        """The knob die_after: the executor's worker process dies (proxy.py mpi_done_callback puts its exception on
+        the error queue, E3)."""
+        n = self.knobs.get("die_after")
+        if n is None or rid != n or self._background_error is not None:
+            return
+        once = self.knobs.get("die_once")
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return  # another engine died already: this one is healthy
+        self._error_queue.append(RuntimeError("Executor worker died: rank 0 exited with CUDA error 700 (double)"))
+
+    def _handle_background_error(self, error=None) -> None:
+        """E1: a str is a per-request error (RequestError); otherwise the first queued background error is raised
+        once, after the executor shut down."""
+        if isinstance(error, str):
+            raise RequestError(error)
+        if self._error_queue:
+            e = self._error_queue.pop(0)
+            self._background_error = e
+            self._shutdown = True  # shutdown(): later generate_async calls raise "LLM is shutting down" (L7)
+            raise e
 
     def _prepare_sampling_params(self, sp):  # L8
         if sp is None:
@@ -247,9 +283,11 @@ class BaseLLM:
         async def compute(out):
             try:
                 await asyncio.sleep(random.Random(rid * 7919).uniform(0, 0.02))  # finish out of order
+                if self._background_error is not None:  # the executor is gone: a result still in flight raises
+                    raise RuntimeError(f"the executor shut down with {self._background_error!r}")
                 text_in = prompt if prompt is not None else (self.tokenizer.decode(ids) if self.tokenizer else "")
-                if POISON in text_in:
-                    raise RuntimeError("RequestError: the engine rejected this request")
+                if POISON in text_in:  # E2: a response with an error message reaches the awaiter as RequestError
+                    self._handle_background_error("the engine rejected this request")
                 gen = list(reversed(ids))[: sp.max_tokens]
                 text = self.tokenizer.decode(gen) if self.tokenizer else ""
                 reason = "length" if len(gen) == sp.max_tokens else "stop"
@@ -261,6 +299,7 @@ class BaseLLM:
                             for t in gen] if sp.logprobs else []
                 out.outputs = [CompletionOutput(i, text, gen, None, logprobs, [], reason) for i in range(sp.n)]
                 out.cached_tokens = self._reuse(ids)
+                self._handle_background_error()  # E2: after every response, the first background error surfaces
             finally:
                 self.in_flight -= 1
         return compute
