@@ -111,7 +111,10 @@ class PromptBuilder:
 
     def _from_template(self, table: pa.Table) -> Prompts:
         texts, errors = [], []
-        for row in table.select(self.variables).to_pylist():
+        # a template that names no column (a constant prompt, e.g. to sample n synthetic examples) renders per row
+        # too: a table of no columns lists no rows, so count them
+        rows = table.select(self.variables).to_pylist() if self.variables else [{}] * table.num_rows
+        for row in rows:
             missing = [k for k in self.variables if row.get(k) is None]
             if missing:
                 texts.append(None)

@@ -261,6 +261,9 @@ class JobRunner:
             "engine_deaths": pool.engine_deaths,
             "engine_deaths_charged_to_shards": snap["engine_deaths_charged"],
             "workers_drained": pool.drained,  # workers that drained on a stop signal (preemption) and were replaced
+            "drains": {w: {"why": pool.results[w].get("drain"), "at": pool.results[w].get("drain_started_at"),
+                           "handed_back": pool.results[w].get("drained_shards_handed_back", [])}
+                       for w in pool.drained},
             "shards_handed_back": snap["shards_handed_back"],
             "close_wait_s": pool.close_wait_s,  # the end of the job waiting for engines to close, all in parallel
             "prompt_tokens": totals["prompt_tokens"],

@@ -110,7 +110,7 @@ def check_template_renders(spec: JobSpec, plan: Plan, source, builder) -> None:
     rows = min(TEMPLATE_SAMPLE_ROWS, plan.unit_rows[0]) if plan.unit_rows[0] else 0
     if not rows:
         return
-    table = source.read_fragment(plan.units[0], Fragment(0, 0, rows), builder.variables)
+    table = source.read(plan.units[:1], (Fragment(0, 0, rows),), builder.variables)
     errors = builder.build(table).errors
     if all(e is not None for e in errors):
         raise SpecError(f"key 'input.prompt_template': the template failed on all of the first {rows} rows; "

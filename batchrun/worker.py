@@ -156,7 +156,7 @@ class Worker:
             raise self._error
         if self._drain.is_set():
             handed = self._hand_back(None, f"drained ({self.stats.get('drain')})")
-            self._set(drained_shards_handed_back=len(handed))
+            self._set(drained_shards_handed_back=handed)
         self._beat()
         return dict(self._snapshot(), worker=self.worker_id, node=self.node)
 

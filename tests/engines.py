@@ -141,3 +141,17 @@ class DyingHF:
 
             module.forward = failing_forward
         return engine
+
+
+class SlowEcho(CountingEcho):
+    """Echo at a bounded pace: at most `per_poll` completions a poll, `delay_s` apart, so shards are in flight for a
+    while (a stop signal then finds work to drain and work to hand back)."""
+
+    def __init__(self, log_path: str, per_poll: int = 1, delay_s: float = 0.1, **kw):
+        super().__init__(log_path, **{k: v for k, v in kw.items() if k == "max_in_flight"})
+        self.per_poll, self.pace = per_poll, delay_s
+
+    def poll(self, timeout: float) -> list[Completion]:
+        time.sleep(self.pace)
+        done = [self._done.popleft() for _ in range(min(self.per_poll, len(self._done)))]
+        return done

@@ -123,3 +123,17 @@ def test_shard_task_slots_completions_back_in_row_and_sample_order():
         ("a", 0, "0.0", "length"), ("a", 1, "0.1", "length"), ("b", 0, None, "error"), ("b", 1, None, "error"),
         ("c", 0, "2.0", "length"), ("c", 1, "2.1", "length")]
     assert out[2]["error"] == "too long" and out[2]["num_prompt_tokens"] == 99
+
+
+def test_a_constant_template_renders_one_prompt_per_row_with_no_column_read(tmp_path):
+    """A template that names no column and no id column: nothing is read but the rows are still counted (plan, the
+    template check and the worker's read), each row gets the prompt."""
+    from batchrun.runner import JobRunner
+
+    spec, plan, source = job(tmp_path, 10, prompt_template="Write a haiku about the sea")
+    JobRunner(spec, show_progress=False).prepare()  # the template check renders the first rows
+    shard = plan.shards[1]
+    table = read_shard(source, plan.units, shard, [])
+    assert table.num_columns == 0 and table.num_rows == shard.num_rows == 4
+    assert render(PromptBuilder(spec.input), table, None).texts == ["Write a haiku about the sea"] * 4
+    assert key_columns(table, shard, None, []).column(0).to_pylist() == [4, 5, 6, 7]

@@ -66,8 +66,8 @@ def test_trtllm_executor_death_is_not_error_rows(tmp_path, ray_cluster, demo_mod
     from tests.test_trtllm import model_with_knobs
 
     model = model_with_knobs(tmp_path, demo_model, die_after=23, die_once=str(tmp_path / "died"))
-    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(100)),
-                                                     "prompt": ["FAILREQ" if i == 5 else f"{i}+1=" for i in range(100)]}))
+    prompts = ["FAILREQ" if i == 5 else f"{i}+1=" for i in range(100)]
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(100)), "prompt": prompts}))
     spec = validate_spec({
         "engine": {"name": "trtllm", "model": str(model), "max_in_flight": 8},
         "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id"},

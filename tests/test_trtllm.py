@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from batchrun.engines.base import Request, Sampling
+from batchrun.engines.base import EngineDead, Request, Sampling
 from tests.conftest import PYTHON, ROOT, cli_env, write_parquet
 from tests.procs import pids_where, wait_gone
 
@@ -378,9 +378,10 @@ def test_output_mapping(tllm):
     assert (c.text, c.finish_reason, c.num_prompt_tokens, c.num_generated_tokens, c.error) == ("ab", "stop", 3, 2, None)
     c = to_completions("x", output(tllm, [CompletionOutput(0, "a", [5], finish_reason="length")]), ())[0]
     assert c.finish_reason == "length"
-    for reason in ("timeout", "cancelled"):
-        c = to_completions("x", output(tllm, [CompletionOutput(0, "a", [5], finish_reason=reason)]), ())[0]
-        assert c.finish_reason == "error" and reason in c.error
+    c = to_completions("x", output(tllm, [CompletionOutput(0, "a", [5], finish_reason="timeout")]), ())[0]
+    assert c.finish_reason == "error" and "timeout" in c.error  # the request's own time ran out: an error row
+    with pytest.raises(EngineDead, match="cancelled"):  # E3: only a shutting-down executor aborts batchrun's requests
+        to_completions("x", output(tllm, [CompletionOutput(0, "a", [5], finish_reason="cancelled")]), ())
     c = to_completions("x", output(tllm, [CompletionOutput(0, "a", [5, 6], finish_reason="length",
                                                            logprobs=[{5: Logprob(-0.1), 9: Logprob(-2.0)},
                                                                      {6: Logprob(-0.3)}])]), ())[0]

@@ -21,8 +21,17 @@ class Source(ABC):
         """The fragment's rows, only the named columns, in input order."""
 
     def read(self, units: tuple[str, ...], fragments: tuple[Fragment, ...], columns: list[str]) -> pa.Table:
-        tables = [self.read_fragment(units[f.unit], f, columns) for f in fragments]
-        return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+        """The fragments' rows, only `columns`. A read of no column (a constant template and no id column) still
+        counts its rows: it reads the first column and keeps none."""
+        wanted = columns or self._first_column()
+        tables = [self.read_fragment(units[f.unit], f, wanted) for f in fragments]
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+        return table if columns else table.select([])
+
+    def _first_column(self) -> list[str]:
+        if getattr(self, "_row_counter", None) is None:
+            self._row_counter = self.describe()[2][:1]
+        return self._row_counter
 
 
 class RowCursor:
