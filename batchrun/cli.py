@@ -96,27 +96,9 @@ def cmd_run(args) -> int:
 
     spec = load_spec(args.job, args.overrides)
     runner = JobRunner(spec, overwrite=args.overwrite, break_lock=args.break_lock, show_progress=not args.no_progress)
-    drain_on_stop_signals(runner)
     result = runner.run()
     print_summary(result.summary)
     return 0
-
-
-def drain_on_stop_signals(runner) -> None:
-    """SIGTERM (`ray job stop`, a preempted VM, Kubernetes) and a first Ctrl-C drain the job (runner.stop): workers
-    commit what finishes within faults.drain_s and hand the rest back. A second Ctrl-C interrupts at once."""
-    import signal
-
-    def on_signal(signum, _frame):
-        name = signal.Signals(signum).name
-        if runner.stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        print(f"batchrun: {name}: draining (committing what finishes within {runner.spec.faults.drain_s:g}s); "
-              "Ctrl-C again to stop at once", file=sys.stderr)
-        runner.stop(name)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
 
 
 def reuse_line(cached: int, prompt: int) -> str:

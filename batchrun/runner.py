@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -119,6 +120,7 @@ class JobRunner:
 
         ray_started = time.time()
         init_ray()
+        self._drain_on_stop_signals()  # after ray.init, which installs its own SIGTERM handler in the driver
         self.timings["ray_start_s"] = round(time.time() - ray_started, 3)  # joining (or starting) the cluster
         spec, faults = self.spec, self.spec.faults
         # The queue needs no CPU of its own: it only moves small descriptors. It dies with the driver (not detached),
@@ -174,6 +176,27 @@ class JobRunner:
                 "the other shards are committed. Re-run the same command to retry them.\n" + "\n".join(lines)
             )
         return JobResult(str(self.out.root), summary)
+
+    def _drain_on_stop_signals(self) -> None:
+        """SIGTERM (`ray job stop`, a preempted VM, Kubernetes) and a first Ctrl-C drain the job: workers commit what
+        finishes within faults.drain_s and hand the rest back. A second Ctrl-C interrupts at once. Only where the
+        driver runs on the main thread (the CLI, `ray job submit`); an embedding program keeps its own handlers."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_signal(signum, _frame):
+            name = signal.Signals(signum).name
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            print(f"batchrun: {name}: draining (committing what finishes within {self.spec.faults.drain_s:g}s); "
+                  "Ctrl-C again to stop at once", file=sys.stderr)
+            self.stop(name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
 
     def _start_drain(self, queue, pool: WorkerPool) -> float:
         log.warning("%s: draining: workers commit what finishes within %gs and hand the rest back",
