@@ -95,13 +95,40 @@ def test_release_worker_returns_all_its_shards(tmp_path):
     assert sorted(q.pending) == [0, 1] and list(q.leases) == [2]
 
 
-def test_heartbeat_renews_leases(tmp_path):
+class Clock:
+    """The queue's clock, moved by the test: lease expiry checked without depending on the machine's speed."""
+
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def expire_at(q, clock: Clock, now: float) -> None:
+    clock.now = now
+    q._next_expiry = 0.0  # the expiry scan is rate-limited; run it now
+    q._expire()
+
+
+def test_heartbeat_renews_leases(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("batchrun.shard_queue.time", clock)
     q, _ = make_queue(tmp_path, lease_timeout_s=0.3)
+    t0 = clock.now
     q.lease("w1")
-    for _ in range(4):
-        time.sleep(0.1)
-        q.heartbeat("w1", "node", 1, {})
-    assert 0 in q.leases  # 0.4 s after the lease, still held thanks to the heartbeats
+    q.lease("w2")
+    for k in range(1, 5):
+        clock.now = t0 + 0.1 * k
+        q.heartbeat("w1", "node", 1, {})  # w2 never heartbeats
+    expire_at(q, clock, t0 + 0.45)
+    assert 0 in q.leases  # 0.45 s after the lease, still held thanks to the heartbeats
+    assert 1 not in q.leases and 1 in q.pending_ids  # the same expiry took w2's lease back
+    expire_at(q, clock, t0 + 0.75)
+    assert 0 not in q.leases  # 0.35 s after w1's last heartbeat
 
 
 def test_reconcile_rebuilds_entry_of_a_part_committed_before_a_crash(tmp_path):
@@ -190,16 +217,21 @@ def test_bookkeeping_stays_exact_through_stale_commits_and_expiry(tmp_path):
     assert q.held["w2"] == 0 and sorted(q.pending_ids) == [2, 3]
 
 
-def test_a_commit_carries_the_workers_heartbeat(tmp_path):
+def test_a_commit_carries_the_workers_heartbeat(tmp_path, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("batchrun.shard_queue.time", clock)
     q, out = make_queue(tmp_path, lease_timeout_s=0.3)
+    t0 = clock.now
     q.lease("w")
     q.lease("w")
-    time.sleep(0.2)
+    clock.now = t0 + 0.2
     table = pa.table({"id": list(range(10)), "generated_text": ["w"] * 10})
     entry = ManifestEntry(0, "committed", rows=10, ids_digest=ids_digest(table.column("id")), attempt=1, worker="w")
     assert q.commit(entry, out.publish(table, entry, "zstd"), ("node-a", 42, {"in_flight": 7})) is True
-    time.sleep(0.2)  # 0.4 s after the lease: shard 1 is still held, renewed by the commit's heartbeat
+    expire_at(q, clock, t0 + 0.4)  # 0.4 s after the lease: shard 1 is still held, renewed by the commit's heartbeat
     assert 1 in q.leases
+    expire_at(q, clock, t0 + 0.55)  # and lost once the commit's heartbeat is older than the timeout
+    assert 1 not in q.leases
     worker = q.progress()["workers"]["w"]
     assert worker["node"] == "node-a" and worker["in_flight"] == 7
 

@@ -59,6 +59,7 @@ def test_conditional_create_commits_a_shard_once(s3_bucket, tmp_path):
     assert out.list(out.tmp) == []  # no temp objects on a store: nothing but committed parts is ever listed
 
 
+@pytest.mark.slow
 def test_s3_job_exactly_once_resume_status_and_export(s3_bucket, tmp_path, ray_cluster):
     out_url = url(s3_bucket, tmp_path)
     raw = echo_job(tmp_path, out_url, 95)
@@ -85,6 +86,7 @@ def test_s3_job_exactly_once_resume_status_and_export(s3_bucket, tmp_path, ray_c
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in status.stdout + status.stderr + export.stderr
 
 
+@pytest.mark.slow
 def test_s3_driver_sigkill_then_rerun_loses_and_duplicates_nothing(s3_bucket, tmp_path, ray_cluster):
     n = 2000
     out_url = url(s3_bucket, tmp_path)
@@ -125,6 +127,7 @@ def test_s3_driver_sigkill_then_rerun_loses_and_duplicates_nothing(s3_bucket, tm
         assert all(calls[f"{sid}:{i}"] == 1 for i in range(50)), sid
 
 
+@pytest.mark.slow
 def test_s3_random_worker_kills_lose_and_duplicate_nothing(s3_bucket, tmp_path, ray_cluster):
     out_url = url(s3_bucket, tmp_path)
     raw = echo_job(tmp_path, out_url, 600, {"name": "tests.engines:CountingEcho",

@@ -542,8 +542,9 @@ def test_job_ends_in_bounded_time_when_shutdown_hangs(tmp_path, ray_cluster, dem
     })
     summary = JobRunner(spec, show_progress=False).run().summary
     assert sorted(r["id"] for r in read_output(tmp_path / "out").to_pylist()) == list(range(90))
-    closed = len(summary["worker_niceness"])  # workers that ran and were closed (a late third may get no shard)
-    assert summary["status"] == "succeeded" and summary["worker_restarts"] == 0 and closed >= 2
-    # each close() waits its 5 s shutdown timeout; in parallel the job waits about one of them, not `closed` of them
-    assert 5 <= summary["close_wait_s"] < 5 * closed - 1
+    closed = len(summary["worker_niceness"])  # workers whose run() returned and that were closed at the end
+    assert summary["status"] == "succeeded" and summary["worker_restarts"] == 0 and closed >= 1
+    # each close() waits its 5 s shutdown timeout; in parallel the job waits about one of them, whatever the number
+    # of workers that loaded in time (one fast worker may take every shard on a busy machine: not asserted)
+    assert 5 <= summary["close_wait_s"] < 9
     assert pids_where(lambda c: "tllm-double-rank" in c) == []
