@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from batchrun.process import set_niceness
 from batchrun.shards import Shard
 from batchrun.sink import ManifestEntry, OutputDir
 
+log = logging.getLogger("batchrun.queue")
 WAIT, DONE, DRAIN = "wait", "done", "drain"
 
 
@@ -82,7 +84,10 @@ class ShardQueue:
         self._next_expiry = 0.0  # leases are checked for expiry at most once a second
         # Manifest entries of this run's commits and quarantines, appended as one segment per batch: off the commit's
         # critical path (the part is already committed; its footer holds the entry until the segment is written).
-        self.unflushed: list[ManifestEntry] = []
+        self.unflushed: list[ManifestEntry] = []  # appended by the actor's thread, taken by the uploader: _flush_lock
+        self._flush_lock = threading.Lock()
+        self._uploader: threading.Thread | None = None
+        self.segment_failures = 0  # segment uploads that failed and were retried
         self.segments = 0
         self._last_flush = time.monotonic()
         self._compactor: threading.Thread | None = None
@@ -155,7 +160,8 @@ class ShardQueue:
             entry = self.out.part_entry(sid) or entry
         elif sid in self.done:
             return True  # the loser reported first and recorded this entry from the footer
-        self.unflushed.append(entry)
+        with self._flush_lock:
+            self.unflushed.append(entry)
         self.flush(force=False)
         self.done.add(sid)
         self.rows_done += self.shards[sid].num_rows
@@ -165,23 +171,61 @@ class ShardQueue:
         return published
 
     def flush(self, force: bool = True) -> int:
-        """Append the unflushed manifest entries as one segment: at once when forced (the end of a run), else once a
-        second or every 1,000 entries."""
-        if force and self._compactor is not None:
-            self._compactor.join()  # the end of a run (or a test) sees the merge done
+        """Append the unflushed manifest entries as one segment: at once when forced (the end of a run, which waits
+        for it and raises if the store keeps failing), else once a second or every 1,000 entries, uploaded on a
+        thread so that no lease waits on the store. A failed upload keeps its entries for the next tick: a commit or
+        a progress call never fails because a segment could not be written (the parts' footers hold the entries
+        meanwhile)."""
+        if force:
+            if self._compactor is not None:
+                self._compactor.join()  # the end of a run (or a test) sees the merge done
+            if self._uploader is not None:
+                self._uploader.join()
+            if batch := self._take():
+                try:
+                    self.out.append_entries(*batch)
+                except BaseException:
+                    self._put_back(batch[0])
+                    raise
+                self._maybe_compact()
+            return self.segments
         now = time.monotonic()
-        if self.unflushed and (force or len(self.unflushed) >= 1000 or now - self._last_flush >= 1.0):
-            self.out.append_entries(self.unflushed, self.run_id, self.segments)
-            self.segments += 1
-            self.unflushed = []
+        uploading = self._uploader is not None and self._uploader.is_alive()
+        if self.unflushed and not uploading and (len(self.unflushed) >= 1000 or now - self._last_flush >= 1.0):
             self._last_flush = now
-            if self.segments % 64 == 0 and not (self._compactor and self._compactor.is_alive()):
-                # a long run: its segments merged into one now and then (~1 a minute), on a thread of its own so
-                # that no lease waits for it (a segment written meanwhile is left for the next merge)
-                self._compactor = threading.Thread(target=self.out.compact, args=(self.run_id,),
-                                                   kwargs={"only_run": True}, daemon=True)
-                self._compactor.start()
+            self._uploader = threading.Thread(target=self._upload, args=(self._take(),), daemon=True,
+                                              name="manifest-segment")
+            self._uploader.start()
+            self._maybe_compact()
         return self.segments
+
+    def _maybe_compact(self) -> None:
+        if self.segments % 64 == 0 and not (self._compactor and self._compactor.is_alive()):
+            # a long run: its segments merged into one now and then (~1 a minute), on a thread of its own so that
+            # no lease waits for it (a segment written meanwhile, or still uploading, is left for the next merge)
+            self._compactor = threading.Thread(target=self.out.compact, args=(self.run_id,),
+                                               kwargs={"only_run": True}, daemon=True)
+            self._compactor.start()
+
+    def _take(self) -> tuple[list[ManifestEntry], str, int] | None:
+        with self._flush_lock:
+            if not self.unflushed:
+                return None
+            entries, self.unflushed = self.unflushed, []
+            self.segments += 1
+            return entries, self.run_id, self.segments - 1
+
+    def _put_back(self, entries: list[ManifestEntry]) -> None:
+        with self._flush_lock:
+            self.unflushed = entries + self.unflushed
+            self.segment_failures += 1
+
+    def _upload(self, batch) -> None:
+        try:
+            self.out.append_entries(*batch)
+        except Exception as e:  # noqa: BLE001 - kept for the next tick; the footers hold the entries meanwhile
+            log.warning("manifest segment not written (%s: %s); retried at the next tick", type(e).__name__, e)
+            self._put_back(batch[0])
 
     def fail(self, shard_id: int, worker: str, error: str) -> None:
         """The shard's attempt failed (unreadable input, lost lease, a worker that died holding it)."""
@@ -202,10 +246,11 @@ class ShardQueue:
     def _quarantine(self, shard_id: int, lease: Lease, worker: str, error: str) -> None:
         record_metric("quarantined", 1, run_id=self.run_id)
         self.quarantined[shard_id] = error
-        self.unflushed.append(ManifestEntry(shard_id, "quarantined", attempt=lease.attempt, worker=worker,
-                                            run_id=self.run_id, started_at=lease.started_at,
-                                            committed_at=time.time(), error=error))
-        self.flush()
+        with self._flush_lock:
+            self.unflushed.append(ManifestEntry(shard_id, "quarantined", attempt=lease.attempt, worker=worker,
+                                                run_id=self.run_id, started_at=lease.started_at,
+                                                committed_at=time.time(), error=error))
+        self.flush(force=False)
 
     def _requeue(self, shard_id: int) -> None:
         self.pending.appendleft(shard_id)  # leased again at once (and one bad shard surfaces early)
@@ -271,6 +316,7 @@ class ShardQueue:
             "shard_failures": sum(len(v) for v in self.failures.values()),
             "engine_deaths_charged": sum(len(v) for v in self.engine_deaths.values()),
             "shards_handed_back": self.handed_back,
+            "segment_write_failures": self.segment_failures,
             "rows_total": self.rows_total,
             "rows_done": self.rows_done,
             "duplicates": self.duplicates,

@@ -29,7 +29,9 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -42,6 +44,8 @@ import pyarrow.parquet as pq
 
 from batchrun.errors import OutputLocked, SpecError
 from batchrun.fingerprint import diff_components, fingerprint
+
+log = logging.getLogger("batchrun.sink")
 
 META_KEY = b"batchrun"
 # Object stores with an exclusive create that fsspec exposes as pipe_file(mode="create"): s3fs sends
@@ -79,6 +83,24 @@ SEGMENT_SCHEMA = pa.schema([
     ("prompt_tokens", pa.int64()), ("error_rows", pa.int64()), ("error", pa.string()), ("score", pa.string()),
     ("cached_prompt_tokens", pa.int64()),
 ])
+
+
+def retried(op, what: str, attempts: int = 6, base_s: float = 0.2, cap_s: float = 8.0):
+    """op() with retries on a store's transient errors (503 SlowDown, timeouts, resets, S3's 409
+    ConditionalRequestConflict), exponential backoff with full jitter, so that a throttled fleet does not retry in
+    step. "Not found" and "exists" are answers, not faults: they are raised at once, as is the last error."""
+    for attempt in range(attempts):
+        try:
+            return op()
+        except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - every other store error is retried, then raised
+            if attempt == attempts - 1:
+                raise
+            delay = random.uniform(0, min(cap_s, base_s * 2 ** attempt))
+            log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(e).__name__, str(e)[:200],
+                        attempt + 1, attempts - 1, delay)
+            time.sleep(delay)
 
 
 def committed_only(entries) -> list[ManifestEntry]:
@@ -170,7 +192,7 @@ class OutputDir:
             if self.local:
                 with open(path, "rb") as fh:
                     return fh.read()
-            return self.fs.cat_file(path)
+            return retried(lambda: self.fs.cat_file(path), f"read {path}")
         except (FileNotFoundError, NotADirectoryError):
             return None
 
@@ -189,7 +211,7 @@ class OutputDir:
                 fh.write(data)
             os.replace(tmp, path)
         else:
-            self.fs.pipe_file(path, data)  # one PUT: atomic
+            retried(lambda: self.fs.pipe_file(path, data), f"write {path}")  # one PUT: atomic
 
     def create(self, path: str, data: bytes) -> bool:
         """Create `path` only if no object has that name: the commit primitive. False if it exists."""
@@ -199,9 +221,9 @@ class OutputDir:
                 fh.write(data)
             return self._link(tmp, path)
         try:
-            self.fs.pipe_file(path, data, mode="create")
+            retried(lambda: self.fs.pipe_file(path, data, mode="create"), f"create {path}")
             return True
-        except FileExistsError:
+        except FileExistsError:  # also a retry whose earlier PUT landed: the caller tells its own copy apart
             return False
 
     def _link(self, tmp: str, final: str) -> bool:
@@ -285,6 +307,34 @@ class OutputDir:
         if not ok:
             raise SpecError(f"key 'output.dir': bucket {self.protocol}://{bucket} does not exist or is not "
                             "visible with these credentials")
+        self.check_exclusive_create()
+
+    def check_exclusive_create(self) -> None:
+        """The commit relies on the store refusing a second create of the same name. Checked, not assumed: an
+        endpoint (or an old botocore) that drops If-None-Match would let two attempts of a shard both "win". Done
+        under the output prefix, so it also proves these credentials may write there (a prefix-scoped policy may
+        refuse bucket-level calls and still allow this)."""
+        probe = self.join("_batchrun", f"probe-{uuid.uuid4().hex}")
+        try:
+            first, second = self.create(probe, b"1"), self.create(probe, b"2")
+        except Exception as e:  # noqa: BLE001 - credentials, permissions, endpoint: the store's own words
+            raise SpecError(f"key 'output.dir': cannot write under {self.root} ({type(e).__name__}: {e})") from None
+        finally:
+            try:
+                self.remove([probe])
+            except Exception:  # noqa: BLE001 - a leftover probe object is harmless
+                pass
+        if not (first and not second):
+            raise SpecError(
+                f"key 'output.dir': {self.root}: the store accepted a second exclusive create of the same object "
+                "(If-None-Match: * on PUT was ignored): batchrun could commit a shard twice there. Use an endpoint "
+                "that honours conditional writes (AWS S3, GCS, MinIO, moto) and s3fs >= 2024.12 with botocore >= "
+                "1.35.20")
+
+    def probe_write(self) -> None:
+        """A worker's start: can it write under the output prefix? (Stores only; before any generation.)"""
+        if not self.local:
+            self.check_exclusive_create()
 
     def check_fingerprint(self, components: dict, overwrite: bool) -> None:
         """Refuse a re-run whose outputs would differ from what is committed; --overwrite starts over."""
@@ -307,9 +357,12 @@ class OutputDir:
         self.write_bytes(job, json.dumps(new, indent=2, default=str).encode())
 
     def clear(self) -> None:
-        self.remove(self.parts() + self.list(self.manifest_dir) + self.list(self.tmp) + self.list(self.runs_dir)
-                    + [p for p in (self.join("_summary.json"), self.join("_batchrun", "complete.json"))
-                       if self.read_bytes(p) is not None])
+        """--overwrite: the records that name parts go first (manifest, job record, complete mark, summary), then
+        the parts: an overwrite cut short never leaves a manifest that names missing parts."""
+        self.remove(self.list(self.manifest_dir)
+                    + [p for p in (self.join("_batchrun", "job.json"), self.join("_batchrun", "complete.json"),
+                                   self.join("_summary.json")) if self.read_bytes(p) is not None])
+        self.remove(self.parts() + self.list(self.tmp) + self.list(self.runs_dir))
 
     def parts(self) -> list[str]:
         return self.list(self.path, prefix="part-", suffix=".parquet")
@@ -400,16 +453,20 @@ class OutputDir:
                            "renewed_at": time.time(), "lease_s": LOCK_LEASE_S, "run_id": run_id}).encode()
 
     def _renew(self, run_id: str) -> None:
-        started = time.time()
+        renewed, started_at = time.monotonic(), time.time()
         while not self._stop_renew.wait(LOCK_LEASE_S / 6):
             try:
                 newest = self._remote_locks()
                 if newest and newest[-1] != self._lock_path:
                     self.lock_lost = f"another driver took the lock over ({newest[-1].rsplit('/', 1)[-1]})"
                     return
-                self.write_bytes(self._lock_path, self._lock_body(run_id, started))
-            except Exception:  # a failed renewal is retried; the lease is long enough for several
-                continue
+                self.write_bytes(self._lock_path, self._lock_body(run_id, started_at))
+                renewed = time.monotonic()
+            except Exception as e:  # a failed renewal is retried; the lease is long enough for several
+                if time.monotonic() - renewed > LOCK_LEASE_S / 2:  # before a taker may judge it lapsed: stop
+                    self.lock_lost = (f"the lock could not be renewed for {time.monotonic() - renewed:.0f}s "
+                                      f"({type(e).__name__}: {e}); another driver may take it over")
+                    return
 
     def release_lock(self, run_id: str) -> None:
         if not self.local:
@@ -425,7 +482,8 @@ class OutputDir:
     def lock_holder(self) -> dict | None:
         """Who holds the run lock, or None (an object-store lease that lapsed counts as none)."""
         if self.local:
-            return self.read_json(self.join("_batchrun", "lock.json"))
+            holder = self.read_json(self.join("_batchrun", "lock.json"))
+            return holder if holder and not self._is_stale(holder) else None  # a SIGKILLed driver's lock is left
         locks = self._remote_locks()
         holder = self.read_json(locks[-1]) if locks else None
         return holder if holder and not self._is_stale(holder) else None
@@ -446,7 +504,19 @@ class OutputDir:
             return {}
         if self.local:
             return {p: d for p in paths if (d := self.read_bytes(p)) is not None}
-        return self.fs.cat(paths, on_error="omit")  # concurrent GETs
+        # concurrent GETs; only "not found" (a segment merged away meanwhile) may be skipped: any other error is
+        # retried, then fails the read (a manifest read that drops entries would make a clean end record too few)
+        got = self.fs.cat(paths, on_error="return")
+        out = {}
+        for p, d in got.items():
+            if isinstance(d, FileNotFoundError):
+                continue
+            if isinstance(d, BaseException):
+                d = self.read_bytes(p)  # retried one by one
+                if d is None:
+                    continue
+            out[p] = d
+        return out
 
     def committed(self) -> dict[int, ManifestEntry]:
         return {e.shard_id: e for e in committed_only(self.entries().values())}

@@ -113,6 +113,7 @@ class Worker:
 
     def start(self) -> dict:
         """Load the engine. A failure here surfaces to the driver as this call's error."""
+        self.out.probe_write()  # an object store: these credentials can create under the prefix, exclusively
         started = time.time()
         with RssSampler() as load_rss:  # what the load holds in memory, anonymous vs a mapped checkpoint
             self.engine = create_engine(self.spec.engine, self.spec.sampling, self.spec.output.parse)
@@ -339,6 +340,8 @@ class Worker:
             # The commit happens here, not in the queue actor: the store's exclusive create decides the one winner,
             # and the queue only records it (its single thread never waits on an upload).
             published = self.out.publish(table, entry, self.spec.output.compression)
+            if not published and self.out.part_entry(entry.shard_id) == entry:
+                published = True  # a retried PUT whose first try landed: this attempt's own part
             ray.get(self.queue.commit.remote(entry, published, self._beat_payload()))
             record("rows", table.num_rows, **self.tags)
             record("shard_seconds", time.time() - task.started_at, **self.tags)
