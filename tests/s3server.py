@@ -50,3 +50,80 @@ def make_bucket(name: str) -> None:
     fs = s3fs.S3FileSystem()
     if not fs.exists(name):
         fs.mkdir(name)
+
+
+class FaultProxy:
+    """A loopback HTTP proxy in front of the S3 server that fails a share of the requests of each method the way a
+    throttled or flaky store does: 503 SlowDown (the S3 error body), or a connection reset with no answer. Bounded:
+    it serves only loopback and stops with the test."""
+
+    SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                b"<Message>Please reduce your request rate.</Message></Error>")
+
+    def __init__(self, upstream_port: int, share: dict[str, float], seed: int = 7):
+        import http.server
+        import random
+        import threading
+
+        self.upstream, self.share, self.rng = upstream_port, share, random.Random(seed)
+        self.injected: dict[str, int] = {}
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                proxy.handle(self)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def fault(self, method: str) -> str | None:
+        with self.lock:
+            if self.rng.random() >= self.share.get(method, 0.0):
+                return None
+            kind = "reset" if self.rng.random() < 0.3 else "503"
+            self.injected[f"{method} {kind}"] = self.injected.get(f"{method} {kind}", 0) + 1
+            return kind
+
+    def handle(self, req) -> None:
+        import http.client
+
+        body = req.rfile.read(int(req.headers.get("Content-Length") or 0))
+        kind = self.fault(req.command)
+        if kind == "reset":
+            req.close_connection = True
+            req.connection.shutdown(2)
+            return
+        if kind == "503":
+            req.send_response(503)
+            req.send_header("Content-Type", "application/xml")
+            req.send_header("Content-Length", str(len(self.SLOWDOWN)))
+            req.end_headers()
+            req.wfile.write(self.SLOWDOWN if req.command != "HEAD" else b"")
+            return
+        conn = http.client.HTTPConnection("127.0.0.1", self.upstream, timeout=60)
+        headers = {k: v for k, v in req.headers.items() if k.lower() not in ("connection", "host")}
+        conn.request(req.command, req.path, body=body, headers=dict(headers, Host=f"127.0.0.1:{self.upstream}"))
+        resp = conn.getresponse()
+        data = resp.read()
+        req.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                req.send_header(k, v)
+        req.send_header("Content-Length", str(len(data)))
+        req.end_headers()
+        if req.command != "HEAD":
+            req.wfile.write(data)
+        conn.close()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

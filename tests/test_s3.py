@@ -169,3 +169,44 @@ def test_output_dir_on_a_store_without_exclusive_create_is_refused(tmp_path):
 def test_missing_bucket_names_the_key(s3_bucket):
     with pytest.raises(SpecError, match=r"key 'output.dir': bucket s3://no-such-bucket-4 does not exist"):
         OutputDir("s3://no-such-bucket-4/out").ensure()
+
+
+def test_a_throttled_store_loses_nothing_and_commits_once(s3_bucket, tmp_path, monkeypatch):
+    """A fault injector between batchrun and the S3 server fails 30% of GETs, PUTs and LISTs (503 SlowDown or a
+    reset connection); botocore's own retries are off, so batchrun's are what hold: the exclusive-create probe
+    passes, every part is published once (a second publish says "exists"), every manifest entry is written and read
+    back (none dropped), and the queue's commits never fail on a segment upload."""
+    import s3fs
+
+    from batchrun.plan import cut_shards
+    from batchrun.shard_queue import ShardQueue
+    from tests.conftest import S3_PORT
+    from tests.s3server import FaultProxy
+
+    proxy = FaultProxy(S3_PORT, {"GET": 0.3, "PUT": 0.3, "HEAD": 0.3, "DELETE": 0.3})
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        out = OutputDir(url(s3_bucket, tmp_path))
+        out.ensure()  # the bucket check and the exclusive-create probe, under faults
+        q = ShardQueue(str(out.root), list(cut_shards((300,), 10)), "run1", max_attempts=2, lease_timeout_s=60)
+        for sid in range(30):
+            assert q.lease("w").shard_id == sid
+            table = pa.table({"id": list(range(sid * 10, sid * 10 + 10)), "generated_text": ["x"] * 10})
+            entry = ManifestEntry(sid, "committed", rows=10, ids_digest=ids_digest(table.column("id")), attempt=1,
+                                  worker="w", run_id="run1")
+            assert out.publish(table, entry, "zstd") is True
+            assert out.publish(table, entry, "zstd") is False  # the commit point still refuses a second copy
+            assert q.commit(entry, True) is True
+            q.progress()  # segment uploads on their thread; a failed one is kept for the next tick
+        q.flush()
+        assert sorted(out.entries()) == list(range(30))
+        assert sorted(out.committed()) == list(range(30))
+        assert sum(proxy.injected.values()) > 10, proxy.injected
+    finally:
+        monkeypatch.undo()
+        s3fs.S3FileSystem.clear_instance_cache()
+        proxy.close()
+    clean = OutputDir(url(s3_bucket, tmp_path))
+    assert read_s3(clean.root).num_rows == 300 and sorted(clean.entries()) == list(range(30))
