@@ -25,7 +25,7 @@ from batchrun.progress import Progress
 from batchrun.prompts import PromptBuilder
 from batchrun.scan import check_template_renders, scan_input
 from batchrun.shard_queue import ShardQueue
-from batchrun.sink import OutputDir, committed_only, committed_totals
+from batchrun.sink import OutputDir, committed_only, committed_totals, store_retries
 from batchrun.sources import open_source
 from batchrun.spec import JobSpec
 
@@ -288,6 +288,11 @@ class JobRunner:
                            "handed_back": pool.results[w].get("drained_shards_handed_back", [])}
                        for w in pool.drained},
             "shards_handed_back": snap["shards_handed_back"],
+            # store operations retried after a transient error (503 SlowDown, timeouts, resets), by process
+            "store_retries": {"driver": store_retries(), "queue": snap["store_retries"],
+                              "workers": sum(i.get("store_retries") or 0
+                                             for i in {**snap["workers"], **pool.results}.values()),
+                              "segment_write_failures": snap["segment_write_failures"]},
             "close_wait_s": pool.close_wait_s,  # the end of the job waiting for engines to close, all in parallel
             "prompt_tokens": totals["prompt_tokens"],
             "generated_tokens": totals["generated_tokens"],

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from batchrun.metrics import record as record_metric
 from batchrun.process import set_niceness
 from batchrun.shards import Shard
-from batchrun.sink import ManifestEntry, OutputDir
+from batchrun.sink import ManifestEntry, OutputDir, store_retries
 
 log = logging.getLogger("batchrun.queue")
 WAIT, DONE, DRAIN = "wait", "done", "drain"
@@ -317,6 +317,7 @@ class ShardQueue:
             "engine_deaths_charged": sum(len(v) for v in self.engine_deaths.values()),
             "shards_handed_back": self.handed_back,
             "segment_write_failures": self.segment_failures,
+            "store_retries": store_retries(),  # the queue's own (segment uploads, compaction, footer reads)
             "rows_total": self.rows_total,
             "rows_done": self.rows_done,
             "duplicates": self.duplicates,

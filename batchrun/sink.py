@@ -85,6 +85,13 @@ SEGMENT_SCHEMA = pa.schema([
 ])
 
 
+_RETRIES = [0]  # store operations this process retried (worker stats, the queue's progress, the summary)
+
+
+def store_retries() -> int:
+    return _RETRIES[0]
+
+
 def retried(op, what: str, attempts: int = 6, base_s: float = 0.2, cap_s: float = 8.0):
     """op() with retries on a store's transient errors (503 SlowDown, timeouts, resets, S3's 409
     ConditionalRequestConflict), exponential backoff with full jitter, so that a throttled fleet does not retry in
@@ -98,6 +105,7 @@ def retried(op, what: str, attempts: int = 6, base_s: float = 0.2, cap_s: float 
             if attempt == attempts - 1:
                 raise
             delay = random.uniform(0, min(cap_s, base_s * 2 ** attempt))
+            _RETRIES[0] += 1
             log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(e).__name__, str(e)[:200],
                         attempt + 1, attempts - 1, delay)
             time.sleep(delay)
@@ -253,7 +261,7 @@ class OutputDir:
             return sorted(f"{path}/{n}" for n in names if n.startswith(prefix) and n.endswith(suffix))
         self.fs.invalidate_cache(path)
         try:
-            names = self.fs.ls(path, detail=False)
+            names = retried(lambda: self.fs.ls(path, detail=False), f"list {path}")
         except FileNotFoundError:
             return []
         return sorted(p for p in (n.rstrip("/") for n in names)
@@ -269,7 +277,7 @@ class OutputDir:
                 except FileNotFoundError:
                     pass
         else:
-            self.fs.rm(paths)  # batched deletes (S3: 1,000 keys a request)
+            retried(lambda: self.fs.rm(paths), f"delete {len(paths)} objects")  # batched (S3: 1,000 keys a request)
 
     def open(self, path: str, mode: str = "rb"):
         return open(path, mode) if self.local else self.fs.open(path, mode)
@@ -578,9 +586,12 @@ class OutputDir:
         return self._footer_entry(self.part_path(shard_id))
 
     def _footer_entry(self, part: str) -> ManifestEntry | None:
-        try:
+        def read_meta():
             with self.open(part) as fh:
-                meta = pq.read_schema(fh).metadata or {}
+                return pq.read_schema(fh).metadata or {}
+
+        try:
+            meta = read_meta() if self.local else retried(read_meta, f"read the footer of {part}")
         except FileNotFoundError:
             return None
         return ManifestEntry(**json.loads(meta[META_KEY])) if META_KEY in meta else None

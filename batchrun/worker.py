@@ -36,7 +36,7 @@ from batchrun.process import RssSampler, node_name, peak_rss_mb, rss_now_mb, set
 from batchrun.prompts import PromptBuilder
 from batchrun.shard_queue import DONE, DRAIN, WAIT
 from batchrun.shards import Shard
-from batchrun.sink import ManifestEntry, OutputDir, ids_digest
+from batchrun.sink import ManifestEntry, OutputDir, ids_digest, store_retries
 from batchrun.sources import open_source
 from batchrun.spec import JobSpec
 
@@ -362,6 +362,7 @@ class Worker:
     def _beat_payload(self) -> tuple:
         with self._stats_lock:
             self.stats["peak_rss_mb"] = peak_rss_mb()
+            self.stats["store_retries"] = store_retries()
             idle = time.monotonic() - self._last_progress
             self.stats["since_progress_s"] = idle if self.stats["in_flight"] else 0.0
             stats = dict(self.stats)
