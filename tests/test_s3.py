@@ -173,9 +173,10 @@ def test_missing_bucket_names_the_key(s3_bucket):
 
 def test_a_throttled_store_loses_nothing_and_commits_once(s3_bucket, tmp_path, monkeypatch):
     """A fault injector between batchrun and the S3 server fails 20% of GETs (reads and LISTs), PUTs, HEADs and
-    DELETEs (503 SlowDown or a reset connection); botocore's and s3fs's own retries are off, so batchrun's are what hold: the exclusive-create
-    probe passes, every part is published once (a second publish says "exists"), every manifest entry is written and
-    read back (none dropped), and the queue's commits never fail on a segment upload."""
+    DELETEs (503 SlowDown or a reset connection); botocore's and s3fs's own retries are off, so batchrun's are
+    what hold: the exclusive-create probe passes, every part is published once (a second publish says "exists"),
+    every manifest entry is written and read back (none dropped), and the queue's commits never fail on a segment
+    upload."""
     import s3fs
 
     from batchrun.plan import cut_shards
