@@ -95,8 +95,8 @@ def cmd_run(args) -> int:
     from batchrun.spec import load_spec
 
     spec = load_spec(args.job, args.overrides)
-    runner = JobRunner(spec, overwrite=args.overwrite, break_lock=args.break_lock, show_progress=not args.no_progress)
-    result = runner.run()
+    result = JobRunner(spec, overwrite=args.overwrite, break_lock=args.break_lock,
+                       show_progress=not args.no_progress).run()
     print_summary(result.summary)
     return 0
 

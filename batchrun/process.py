@@ -13,6 +13,19 @@ import pyarrow as pa
 log = logging.getLogger("batchrun.worker")
 
 
+def on_stop_signals(handler) -> bool:
+    """handler(signal_name) on SIGTERM and SIGINT instead of dying: a spot VM's preemption notice, Kubernetes' grace
+    period, `ray job stop` and Ctrl-C all send one of them first. Python sets handlers only from the main thread (where
+    Ray runs a synchronous actor's methods, and the CLI its driver); elsewhere nothing is set and False is returned."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: handler(signal.Signals(signum).name))
+    return True
+
+
 def node_name() -> str:
     """Host and Ray node id: several Ray nodes can share a host (and a hostname)."""
     try:

@@ -20,7 +20,7 @@ from batchrun.fingerprint import model_files
 from batchrun.hooks import load_hook
 from batchrun.plan import Plan, make_plan
 from batchrun.pool import WorkerPool
-from batchrun.process import peak_rss_mb, steady_arrow_pool
+from batchrun.process import on_stop_signals, peak_rss_mb, steady_arrow_pool
 from batchrun.progress import Progress
 from batchrun.prompts import PromptBuilder
 from batchrun.scan import check_template_renders, scan_input
@@ -120,7 +120,7 @@ class JobRunner:
 
         ray_started = time.time()
         init_ray()
-        self._drain_on_stop_signals()  # after ray.init, which installs its own SIGTERM handler in the driver
+        on_stop_signals(self._on_stop_signal)  # after ray.init, which installs its own SIGTERM handler
         self.timings["ray_start_s"] = round(time.time() - ray_started, 3)  # joining (or starting) the cluster
         spec, faults = self.spec, self.spec.faults
         # The queue needs no CPU of its own: it only moves small descriptors. It dies with the driver (not detached),
@@ -177,26 +177,15 @@ class JobRunner:
             )
         return JobResult(str(self.out.root), summary)
 
-    def _drain_on_stop_signals(self) -> None:
+    def _on_stop_signal(self, name: str) -> None:
         """SIGTERM (`ray job stop`, a preempted VM, Kubernetes) and a first Ctrl-C drain the job: workers commit what
-        finishes within faults.drain_s and hand the rest back. A second Ctrl-C interrupts at once. Only where the
+        finishes within faults.drain_s and hand the rest back. A second Ctrl-C interrupts at once. Set only where the
         driver runs on the main thread (the CLI, `ray job submit`); an embedding program keeps its own handlers."""
-        import signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def on_signal(signum, _frame):
-            name = signal.Signals(signum).name
-            if self.stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            print(f"batchrun: {name}: draining (committing what finishes within {self.spec.faults.drain_s:g}s); "
-                  "Ctrl-C again to stop at once", file=sys.stderr)
-            self.stop(name)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_signal)
+        if self.stop_signal is not None and name == "SIGINT":
+            raise KeyboardInterrupt
+        print(f"batchrun: {name}: draining (committing what finishes within {self.spec.faults.drain_s:g}s); "
+              "Ctrl-C again to stop at once", file=sys.stderr)
+        self.stop(name)
 
     def _start_drain(self, queue, pool: WorkerPool) -> float:
         log.warning("%s: draining: workers commit what finishes within %gs and hand the rest back",
@@ -210,8 +199,7 @@ class JobRunner:
         import ray
 
         pool.reap_closed(timeout=10)  # drained workers close their engines (and ranks) before the driver ends
-        ray.get(queue.flush.remote(), timeout=60)
-        snap = ray.get(queue.progress.remote())
+        snap = ray.get(queue.progress.remote())  # (the manifest is flushed on the way out, as on every path)
         raise JobInterrupted(
             f"stopped by {self.stop_signal}: drained; {snap['shards_done']} of {snap['shards_total']} shards are "
             f"committed, {snap['shards_pending'] + snap['shards_running']} are not. Re-run the same command to "

@@ -231,13 +231,15 @@ class ShardQueue:
         """The shard's attempt failed (unreadable input, lost lease, a worker that died holding it)."""
         self._charge(shard_id, worker, error, self.failures)
 
-    def _charge(self, shard_id: int, worker: str, error: str, record: dict[int, list[str]]) -> None:
+    def _charge(self, shard_id: int, worker: str, error: str, ledger: dict[int, list[str]]) -> None:
+        """End the lease and note the failed attempt in `ledger` (the shard's own failures, or engine deaths);
+        quarantine at max_attempts, else lease it again at once."""
         lease = self.leases.get(shard_id)
         if lease is None or lease.worker != worker or shard_id in self.done:
             return
         self._end_lease(shard_id)
-        record[shard_id].append(f"attempt {lease.attempt} on {worker}: {error}")
-        if len(record[shard_id]) >= self.max_attempts:
+        ledger[shard_id].append(f"attempt {lease.attempt} on {worker}: {error}")
+        if len(ledger[shard_id]) >= self.max_attempts:
             self._quarantine(shard_id, lease, worker, error)
         else:
             record_metric("retries", 1, run_id=self.run_id)

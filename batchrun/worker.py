@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 
@@ -32,7 +31,15 @@ from batchrun.engines.base import EngineDead, engine_failure
 from batchrun.metrics import record
 from batchrun.postprocess import Parser, Scorer, totals
 from batchrun.prefix import KEY_TOKENS, PrefixScheduler
-from batchrun.process import RssSampler, node_name, peak_rss_mb, rss_now_mb, set_niceness, use_steady_arrow_pool
+from batchrun.process import (
+    RssSampler,
+    node_name,
+    on_stop_signals,
+    peak_rss_mb,
+    rss_now_mb,
+    set_niceness,
+    use_steady_arrow_pool,
+)
 from batchrun.prompts import PromptBuilder
 from batchrun.shard_queue import DONE, DRAIN, WAIT
 from batchrun.shards import Shard
@@ -83,16 +90,7 @@ class Worker:
         self._error: BaseException | None = None
         self._drain = threading.Event()  # stop admitting shards; finish what can finish by _drain_deadline
         self._drain_deadline = float("inf")
-        self._install_stop_handlers()
-
-    def _install_stop_handlers(self) -> None:
-        """SIGTERM/SIGINT drain instead of killing: a spot VM's preemption notice, Kubernetes' grace period and
-        `ray stop` all send SIGTERM first. Python handlers can only be set from the main thread, where Ray runs a
-        synchronous actor's methods."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, _frame: self.drain(signal.Signals(signum).name))
+        on_stop_signals(self.drain)  # a stop signal drains the worker instead of killing it
 
     def drain(self, why: str) -> None:
         if not self._drain.is_set():
@@ -156,7 +154,7 @@ class Worker:
         if self._error is not None:
             raise self._error
         if self._drain.is_set():
-            handed = self._hand_back(None, f"drained ({self.stats.get('drain')})")
+            handed = self._hand_back(None, f"drained ({self._snapshot()['drain']})")
             self._set(drained_shards_handed_back=handed)
         self._beat()
         return dict(self._snapshot(), worker=self.worker_id, node=self.node)
@@ -354,10 +352,13 @@ class Worker:
         thread then takes one call per shard instead of two; at 1,000 workers, heartbeats alone were 500 calls/s)."""
         import ray
 
-        every = self.spec.faults.heartbeat_s
+        every, answer = self.spec.faults.heartbeat_s, None
         while not self._stop.wait(max(0.05, every - (time.monotonic() - self._last_beat))):
-            if time.monotonic() - self._last_beat >= every and ray.get(self._beat(), timeout=60):
-                self.drain("the driver is draining the job")  # the heartbeat's answer: the job is stopping
+            # the previous heartbeat's answer, without waiting for it (a busy queue must not fail the worker)
+            if answer is not None and ray.wait([answer], timeout=0)[0] and ray.get(answer):
+                self.drain("the driver is draining the job")
+            if time.monotonic() - self._last_beat >= every:
+                answer = self._beat()
 
     def _beat_payload(self) -> tuple:
         with self._stats_lock:

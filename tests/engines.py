@@ -92,13 +92,11 @@ class DyingEcho(EchoEngine):
     """Dies after `die_after` completions, the way a worker's GPU fails mid-shard: either raising EngineDead from
     poll (an engine that knows), or (`as_error_rows`) failing every request it holds with a CUDA error as if each were
     the request's own error (an engine that does not: the worker's safety net must catch it). Only the first engine
-    to claim `once` dies."""
+    to get there and claim `once` dies, whichever worker it is (no test depends on which worker got the work)."""
 
     def __init__(self, die_after: int = 15, as_error_rows: bool = False, once: str | None = None, **kw):
         super().__init__(max_in_flight=kw.get("max_in_flight", 8), delay_s=0.01)
-        self.left = die_after
-        self.as_error_rows = as_error_rows
-        self.doomed = claim(once)
+        self.left, self.as_error_rows, self.once = die_after, as_error_rows, once
         self.dead = False
 
     def poll(self, timeout: float) -> list[Completion]:
@@ -107,39 +105,41 @@ class DyingEcho(EchoEngine):
         if self.dead:
             raise EngineDead("CUDA error: an illegal memory access was encountered")
         done = super().poll(timeout)
-        if not self.doomed or len(done) < self.left:
-            self.left -= len(done)
+        if self.left is None or len(done) < self.left:
+            self.left = None if self.left is None else self.left - len(done)
             return done
-        self.dead = not self.as_error_rows
-        keep, failing = done[: self.left], done[self.left:]
-        self.left = 0
-        if self.as_error_rows:  # the engine flattens its own death into per-request errors
-            self.doomed = False
-            return keep + [Completion(c.request_id, finish_reason="error", sample_index=c.sample_index,
-                                      error="RuntimeError: CUDA error: an illegal memory access was encountered")
-                           for c in failing + list(self._done)]
-        return keep
+        keep, failing, self.left = done[: self.left], done[self.left:], None
+        if not claim(self.once):  # another engine died already: this one is healthy
+            return done
+        if not self.as_error_rows:
+            self.dead = True
+            return keep
+        # the engine flattens its own death into per-request errors, for everything it held, and does not know it
+        held = failing + list(self._done)
+        self._done.clear()
+        return keep + [Completion(c.request_id, finish_reason="error", sample_index=c.sample_index,
+                                  error="RuntimeError: CUDA error: an illegal memory access was encountered")
+                       for c in held]
 
 
 class DyingHF:
-    """The real HF engine whose model's forward raises a CUDA error after `die_after` calls, inside transformers'
-    continuous batching loop (the first engine to claim `once` only): the loop dies mid-shard."""
+    """The real HF engine whose model's forward raises a CUDA error on its call `die_after` + 1, inside transformers'
+    continuous batching loop: the loop dies mid-shard. Only the first engine to get there and claim `once` dies."""
 
     def __new__(cls, model, sampling, die_after: int = 6, once: str | None = None, **kw):
         from batchrun.engines.hf import HFEngine
 
         engine = HFEngine(model, sampling, **kw)
-        if claim(once):
-            module = engine.backend.model
-            forward, calls = module.forward, [0]
+        module = engine.backend.model
+        forward, calls = module.forward, [0]
 
-            def failing_forward(*a, **k):
-                calls[0] += 1
-                if calls[0] > die_after:
-                    raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
-                return forward(*a, **k)
+        def failing_forward(*a, **k):
+            calls[0] += 1
+            if calls[0] == die_after + 1 and claim(once):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+            return forward(*a, **k)
 
-            module.forward = failing_forward
+        module.forward = failing_forward
         return engine
 
 

@@ -8,6 +8,7 @@ would: through the standard AWS environment (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import subprocess
@@ -54,19 +55,22 @@ def make_bucket(name: str) -> None:
 
 class FaultProxy:
     """A loopback HTTP proxy in front of the S3 server that fails a share of the requests of each method the way a
-    throttled or flaky store does: 503 SlowDown (the S3 error body), or a connection reset with no answer. Bounded:
-    it serves only loopback and stops with the test."""
+    throttled or flaky store does: 503 SlowDown (the S3 error body), or a connection reset with no answer. Transient,
+    as throttling is: the same request fails at most `streak` times in a row, so a client that retries enough always
+    gets through and a test's outcome does not depend on chance or timing. Bounded: loopback only, stops with the
+    test."""
 
     SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
                 b"<Message>Please reduce your request rate.</Message></Error>")
 
-    def __init__(self, upstream_port: int, share: dict[str, float], seed: int = 7):
+    def __init__(self, upstream_port: int, share: dict[str, float], seed: int = 7, streak: int = 2):
         import http.server
         import random
         import threading
 
         self.upstream, self.share, self.rng = upstream_port, share, random.Random(seed)
         self.injected: dict[str, int] = {}
+        self.streak, self.failing = streak, collections.Counter()  # (method, path) -> faults in a row
         self.lock = threading.Lock()
         proxy = self
 
@@ -85,10 +89,12 @@ class FaultProxy:
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def fault(self, method: str) -> str | None:
+    def fault(self, method: str, path: str) -> str | None:
         with self.lock:
-            if self.rng.random() >= self.share.get(method, 0.0):
+            if self.failing[method, path] >= self.streak or self.rng.random() >= self.share.get(method, 0.0):
+                self.failing.pop((method, path), None)
                 return None
+            self.failing[method, path] += 1
             kind = "reset" if self.rng.random() < 0.3 else "503"
             self.injected[f"{method} {kind}"] = self.injected.get(f"{method} {kind}", 0) + 1
             return kind
@@ -97,7 +103,7 @@ class FaultProxy:
         import http.client
 
         body = req.rfile.read(int(req.headers.get("Content-Length") or 0))
-        kind = self.fault(req.command)
+        kind = self.fault(req.command, req.path)
         if kind == "reset":
             req.close_connection = True
             req.connection.shutdown(2)

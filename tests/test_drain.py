@@ -20,7 +20,6 @@ from batchrun.runner import JobRunner
 from batchrun.sink import OutputDir
 from batchrun.spec import validate_spec
 from tests.conftest import PYTHON, ROOT, cli_env, read_output, write_parquet
-from tests.test_faults import worker_pids
 
 pytestmark = pytest.mark.slow
 LEASE_S = 300  # far longer than any test here: a shard re-leased sooner was handed back, not expired
@@ -53,10 +52,15 @@ def test_sigterm_to_a_worker_drains_and_its_shards_are_leased_again_at_once(tmp_
     rows = 200
     spec = validate_spec(slow_job(tmp_path, rows))
     box: dict = {}
-    t = threading.Thread(target=lambda: box.setdefault("summary", JobRunner(spec, show_progress=False).run().summary))
+    runner = JobRunner(spec, show_progress=False)
+    t = threading.Thread(target=lambda: box.setdefault("summary", runner.run().summary))
     t.start()
     wait_for_parts(tmp_path, 2)
-    victim = worker_pids()[0]
+    deadline = time.time() + 60
+    while not (running := [w["pid"] for w in runner._workers_seen.values() if w.get("shards")]):
+        assert time.time() < deadline  # a worker that has committed a shard: past its start, in its run
+        time.sleep(0.05)
+    victim = running[0]
     signalled = time.time()
     os.kill(victim, signal.SIGTERM)
     t.join(timeout=300)
@@ -66,12 +70,13 @@ def test_sigterm_to_a_worker_drains_and_its_shards_are_leased_again_at_once(tmp_
         summary["workers_drained"], summary["worker_restarts"], summary["engine_deaths"])
     assert_every_row_once(tmp_path, rows)
     drained = summary["drains"][summary["workers_drained"][0]]
-    assert drained["why"] == "SIGTERM"
+    # at least the shard its prefetcher had leased ahead and not started is handed back
+    assert drained["why"] == "SIGTERM" and drained["handed_back"]
     entries = OutputDir(tmp_path / "out").entries()
     # the shards it handed back were leased again (by another worker) within seconds, not after the lease timeout
     relet = [entries[sid].started_at - signalled for sid in drained["handed_back"]]
     print(f"signal -> re-lease of {len(relet)} handed-back shard(s): {[round(x, 2) for x in relet]} s")
-    assert all(0 < x < 15 for x in relet), relet
+    assert relet and all(0 < x < LEASE_S / 2 for x in relet), relet  # handed back, not expired
     assert all(entries[sid].worker != summary["workers_drained"][0] for sid in drained["handed_back"])
 
 
@@ -84,11 +89,11 @@ def test_sigterm_to_the_driver_drains_then_a_rerun_finishes_without_recomputing(
     wait_for_parts(tmp_path, 4)
     signalled = time.time()
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=240)
     stopped_in = time.time() - signalled
     assert proc.returncode == 143, stderr[-2000:]
     assert "drained" in stderr and "Re-run the same command to resume" in stderr
-    assert stopped_in < 30, stopped_in  # drain_s + a heartbeat + closing, not a lease timeout
+    assert stopped_in < 200, stopped_in  # drain_s, a heartbeat and closing: never the 300 s lease timeout
     out = OutputDir(tmp_path / "out")
     committed = {e.shard_id for e in out.entries().values() if e.state == "committed"}
     assert committed == {int(p.rsplit("-", 1)[1].split(".")[0]) for p in out.parts()}  # manifest flushed

@@ -452,6 +452,25 @@ def test_per_request_engine_error_becomes_an_error_row(tllm, demo_model):
     engine.close()
 
 
+def test_executor_death_is_engine_dead_and_never_error_rows(tllm, demo_model, tmp_path):
+    """E1-E5 on the double: the worker dies while generating request 3; its error is raised once in that request's
+    result, the executor shuts down, the results still in flight end 'cancelled', later submissions are refused. The
+    adapter turns all of it into EngineDead: not one error completion comes out."""
+    engine = make_engine(model_with_knobs(tmp_path, demo_model, die_after=3))
+    texts = [f"{i}+{i}=" for i in range(12)]
+    for i, ids in enumerate(engine.encode(texts)):
+        engine.submit(Request(f"0:{i}", texts[i], ids, Sampling(max_tokens=3)))
+    got, deadline = [], time.time() + 10
+    with pytest.raises(EngineDead, match="TensorRT-LLM executor died: RuntimeError: Executor worker died"):
+        while time.time() < deadline:
+            got += engine.poll(0.05)
+    assert all(c.error is None for c in got) and len(got) < len(texts)
+    engine.submit(Request("0:99", "1+1=", engine.encode(["1+1="])[0], Sampling(max_tokens=3)))  # refused (L7)
+    with pytest.raises(EngineDead):
+        engine.poll(0.05)
+    engine.close()
+
+
 def test_bad_options_are_refused_with_the_key(tllm, demo_model, tmp_path, capsys):
     for cmd in ("plan", "run"):  # checked before any work, without importing tensorrt_llm
         code, err = plan(tmp_path, capsys, {"model": str(demo_model), "options": {"quantization": {"algo": "FP9"}}},

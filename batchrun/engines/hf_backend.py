@@ -251,18 +251,15 @@ def loop_failure(manager, out: list[RawResult]) -> str | None:
     remaining requests, then records `fatal_error`). So a failed result delivered while the loop is stopping, or by a
     loop that is gone, belongs to the engine and must never become an error row; a request's own failure
     (`_handle_request_error` on a bad request) comes while the loop goes on (`can_accept_new_requests()` is None)."""
-    failed = [r for r in out if r.error is not None]
+    failed = [r.error for r in out if r.error is not None]
     status = getattr(manager, "background_thread_status", None)
-    stopping = status.can_accept_new_requests() if status is not None else None
-    if not manager.is_running():
-        stopping = stopping or "the generation loop is not running"
-    elif out and not failed:
-        return None
-    if not stopping and not any(engine_failure(r.error) for r in failed):
-        return None
-    fatal = getattr(status, "fatal_error", None)
-    return f"{stopping} ({fatal or (failed[0].error if failed else 'no result')!r})" if stopping or fatal else \
-        failed[0].error
+    stopping = getattr(status, "can_accept_new_requests", lambda: None)()  # None while the loop goes on
+    if not stopping and not manager.is_running():
+        stopping = "the generation loop is not running"
+    if stopping:
+        fatal = getattr(status, "fatal_error", None)
+        return f"{stopping} ({fatal or (failed[0] if failed else 'no result')!r})"
+    return next((e for e in failed if engine_failure(e)), None)  # an engine-wide error reported per request
 
 
 class LocalBackend:

@@ -352,12 +352,6 @@ def to_completions(request_id, output, stop: tuple[str, ...], top_k: int = 0, co
     return out
 
 
-def is_request_error(e: BaseException) -> bool:
-    """E2, E4: a response's own error reaches its awaiter as tensorrt_llm.executor.utils.RequestError (a
-    RuntimeError subclass), by class: matched by name so that the check holds without importing the executor."""
-    return any(cls.__name__ == "RequestError" for cls in type(e).__mro__)
-
-
 def _with_index(c: Completion, k: int) -> Completion:
     return dataclasses.replace(c, sample_index=k)
 
@@ -431,8 +425,10 @@ class TRTLLMEngine(Engine):
         # Before tensorrt_llm (and so mpi4py.MPI) is imported: its TP ranks are spawned through MPI from this actor.
         prepare_mpi_process(actor_gpu_ids())
         import tensorrt_llm as tllm
+        from tensorrt_llm.executor.utils import RequestError
 
         self.tllm = tllm
+        self.request_error = RequestError  # E2, E4: how a response's own error reaches its awaiter
         self.opts = TRTLLMOptions(**options)
         self.logprobs = sampling.logprobs or bool(sampling.top_logprobs)
         built = engine_dir_for(model, tensor_parallel_size, self.opts, self.logprobs)
@@ -498,7 +494,7 @@ class TRTLLMEngine(Engine):
             completions = to_completions(request.request_id, output, s.stop, s.top_logprobs,
                                          copies=s.n if is_greedy(s) else 1)
         except Exception as e:
-            return self._fail(request, e) if is_request_error(e) else self._died(e)
+            return self._fail(request, e) if isinstance(e, self.request_error) else self._died(e)
         for c in completions:
             self._done.put(c)
 

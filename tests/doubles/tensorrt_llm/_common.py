@@ -6,11 +6,12 @@ Test knobs (what a real cluster would make happen, set by a test through the mod
 - a prompt containing FAILREQ fails, as a per-request engine error would;
 - `tllm_double.json` in the model dir with {"shutdown_hangs": true}: shutdown() never returns, as upstream's
   executor/proxy.py waits on its MPI futures with no timeout when a rank does not answer (L11);
-- {"die_after": N, "die_once": PATH}: the executor's worker dies after N requests were submitted (a rank exits, a
-  CUDA error): E1-E3 below. With die_once, only the first LLM to create PATH dies (one bad GPU in a fleet).
-Executor death, as upstream (UPSTREAM.md E1-E3): the background error goes to the executor's error queue; the next
-awaited result raises it, once, after the executor shut itself down; from then on generate_async raises "LLM is
-shutting down" (L7) and every result still in flight raises.
+- {"die_after": N, "die_once": PATH}: the executor's worker dies while generating request N (a rank exits, a CUDA
+  error). With die_once, only the first LLM to create PATH when it gets there dies (one bad GPU in a fleet).
+Executor death, as upstream (UPSTREAM.md E1-E3): the worker's exception goes to the executor's error queue (E3
+mpi_done_callback); the handler that runs after the next response raises it, once, after shutdown() (E1, E2); shutdown
+aborts every result still held (E3 `_abort_all_requests`: they end 'cancelled'); later generate_async calls raise
+"LLM is shutting down" (L7).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class BaseLLM:
         self._ids = itertools.count()
         self._shutdown = False
         self._error_queue: list[BaseException] = []  # E1: background errors, raised once each
-        self._background_error: BaseException | None = None  # what in-flight results raise once the executor is gone
+        self._dead = False  # shut down after a background error: results still in flight are aborted (E3)
         self.in_flight = 0
         self.max_in_flight_seen = 0
         BaseLLM.instances.append(self)
@@ -219,7 +220,6 @@ class BaseLLM:
             raise TypeError(f"The inputs must be type str or list of int, but got {type(inputs)}")
         self._check_arguments(len(ids), sp)
         rid = next(self._ids)
-        self._maybe_die(rid)
         self.in_flight += 1
         self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
         out = RequestOutput._from_generation_result(GenerationResult(rid, ids, self._compute(rid, prompt, ids, sp)),
@@ -228,10 +228,10 @@ class BaseLLM:
         return out
 
     def _maybe_die(self, rid: int) -> None:
-        """The knob die_after: the executor's worker process dies (proxy.py mpi_done_callback puts its exception on
-        the error queue, E3)."""
+        """The knob die_after: the executor's worker process dies while generating request `rid` (proxy.py
+        mpi_done_callback puts its exception on the error queue, E3)."""
         n = self.knobs.get("die_after")
-        if n is None or rid != n or self._background_error is not None:
+        if n is None or rid != n or self._dead:
             return
         once = self.knobs.get("die_once")
         if once:
@@ -248,8 +248,8 @@ class BaseLLM:
             raise RequestError(error)
         if self._error_queue:
             e = self._error_queue.pop(0)
-            self._background_error = e
-            self._shutdown = True  # shutdown(): later generate_async calls raise "LLM is shutting down" (L7)
+            self._dead = True  # shutdown(): aborts the results still held (E3)
+            self._shutdown = True  # later generate_async calls raise "LLM is shutting down" (L7)
             raise e
 
     def _prepare_sampling_params(self, sp):  # L8
@@ -283,8 +283,9 @@ class BaseLLM:
         async def compute(out):
             try:
                 await asyncio.sleep(random.Random(rid * 7919).uniform(0, 0.02))  # finish out of order
-                if self._background_error is not None:  # the executor is gone: a result still in flight raises
-                    raise RuntimeError(f"the executor shut down with {self._background_error!r}")
+                if self._dead:  # E3: shutdown aborted this request
+                    out.outputs = [CompletionOutput(i, "", [], None, [], [], "cancelled") for i in range(sp.n)]
+                    return
                 text_in = prompt if prompt is not None else (self.tokenizer.decode(ids) if self.tokenizer else "")
                 if POISON in text_in:  # E2: a response with an error message reaches the awaiter as RequestError
                     self._handle_background_error("the engine rejected this request")
@@ -299,6 +300,7 @@ class BaseLLM:
                             for t in gen] if sp.logprobs else []
                 out.outputs = [CompletionOutput(i, text, gen, None, logprobs, [], reason) for i in range(sp.n)]
                 out.cached_tokens = self._reuse(ids)
+                self._maybe_die(rid)
                 self._handle_background_error()  # E2: after every response, the first background error surfaces
             finally:
                 self.in_flight -= 1
