@@ -176,7 +176,7 @@ def test_stalled_engine_replaces_its_worker_and_the_job_ends_in_bounded_time(tmp
     t0 = time.time()
     with pytest.raises(JobFailed, match=r"(?s)quarantined .*stalled: worker w00\d .* no completion for \d+s") as err:
         JobRunner(validate_spec(raw), show_progress=False).run()
-    assert time.time() - t0 < 60
+    assert time.time() - t0 < 300  # bounded: two 3 s stalls and restarts, never a 600 s default timeout
     assert "stalled: worker w001" not in str(err.value)  # w001 was replaced: the job went on
     committed = read_output(tmp_path / "out").column("id").to_pylist()
     assert len(committed) >= 20 and len(committed) == len(set(committed))  # each engine's first shard is kept
@@ -300,4 +300,4 @@ def test_engine_load_failure_fails_fast_with_the_error(tmp_path, ray_cluster):
     t0 = time.time()
     with pytest.raises(JobFailed, match="failed to load on 3 workers.*checkpoint is corrupt"):
         JobRunner(validate_spec(raw), show_progress=False).run()
-    assert time.time() - t0 < 60
+    assert time.time() - t0 < 300  # bounded: two 3 s stalls and restarts, never a 600 s default timeout

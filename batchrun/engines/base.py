@@ -78,10 +78,12 @@ class EngineDead(RuntimeError):
 # a completion whose error says one of these is never committed as an error row, even from an engine that (wrongly)
 # reports its own death per request. Upstream sources: TensorRT-LLM's "LLM is shutting down" (llmapi/llm.py
 # generate_async) and "Executor worker died/returned error" (executor/proxy.py); transformers' continuous batching
-# loop failing every request with the loop's own exception (continuous_api.py _handle_critical_error); CUDA/NCCL.
+# loop failing every request with the loop's own exception (continuous_api.py _handle_critical_error); CUDA/NCCL;
+# "CUDA out of memory" (torch) has no "CUDA error" in it.
 ENGINE_FAILURE_MARKERS = ("llm is shutting down", "executor is shut down", "executor worker", "shutting down",
                           "shut down", "cuda error", "cudaerror", "cuda failure", "illegal memory access",
-                          "device-side assert", "nccl", "generation loop", "enginedead", "rank died", "mpi_err")
+                          "device-side assert", "out of memory", "nccl", "generation loop", "enginedead", "rank died",
+                          "mpi_err")
 
 
 def engine_failure(error: str | None) -> bool:
