@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.choices["run"]
     run.add_argument("--overwrite", action="store_true", help="discard the outputs of a different earlier job")
     run.add_argument("--break-lock", action="store_true", help="take over the output dir from a run that is gone")
+    run.add_argument("--retry-errors", action="store_true",
+                     help="also generate again the rows that ended in error (after a transient fault, or a fixed "
+                          "template), replacing their parts atomically")
     run.add_argument("--no-progress", action="store_true")
     st = sub.add_parser("status", help="progress of a job from its output dir, during or after a run")
     st.add_argument("out_dir")
@@ -96,7 +99,7 @@ def cmd_run(args) -> int:
 
     spec = load_spec(args.job, args.overrides)
     result = JobRunner(spec, overwrite=args.overwrite, break_lock=args.break_lock,
-                       show_progress=not args.no_progress).run()
+                       show_progress=not args.no_progress, retry_errors=args.retry_errors).run()
     print_summary(result.summary)
     return 0
 
@@ -118,6 +121,9 @@ def print_summary(s: dict, samples: int = 3) -> None:
           f"({s['shards_skipped']} already committed), {s['error_rows']} error rows")
     print(f"  this run: {run['rows']} rows, {run['generated_tokens']} generated tokens in {run['wall_s']:.1f}s "
           f"from the command's start = {run['rows_per_s']:,.1f} rows/s, {run['generated_tokens_per_s']:,.1f} tok/s")
+    if (retried := s.get("retried_error_rows") or {}).get("shards"):
+        print(f"  retried: {retried['rows']} error rows in {retried['shards']} shards generated again, "
+              f"{retried['still_failing']} still fail")
     windows = s.get("worker_engine_window_s", {})
     for wid, w in sorted(s["workers"].items()):
         busy = windows.get(wid)

@@ -48,6 +48,8 @@ class ShardTask:
     top_logprobs: int = 0  # > 0: a `top_logprobs` column, the k likeliest tokens per generated token
     requests: list[Request] = field(default_factory=list)  # rows that reached the engine, in submission order
     started_at: float = field(default_factory=time.time)
+    base: pa.Table | None = None  # `run --retry-errors`: the committed part whose error rows this task redoes
+    redo: list[int] | None = None  # ... those rows' offsets in the shard (this task's rows, in order)
 
     def __post_init__(self):
         slots = self.keep.num_rows * self.n
@@ -210,3 +212,26 @@ def to_requests(shard_id: int, prompts: Prompts, samplings: list[Sampling | str]
     sent = set(ok)
     failed += [(i, err, 0) for i, err in enumerate(errors) if err is not None and i not in sent]
     return requests, sorted(failed)
+
+
+# ---------------------------------------------------------------- `run --retry-errors`: a committed part's error rows
+
+
+def redo_rows(part: pa.Table, n: int) -> list[int]:
+    """The input rows (offsets in the shard) of a committed part that have an error row: each is generated again,
+    every sample of it (a row's samples are one request)."""
+    errors = part.column("finish_reason").to_pylist()
+    return sorted({i // n for i, reason in enumerate(errors) if reason == "error"})
+
+
+def merge_redone(part: pa.Table, redone: pa.Table, rows: list[int], n: int) -> pa.Table:
+    """The part with the output rows of input rows `rows` replaced by `redone` (their rows, in the same (row, sample)
+    order), every other row as it was: the same rows in the same order, one revision newer."""
+    redone = redone.select(part.column_names)
+    try:
+        redone = redone.cast(part.schema.remove_metadata())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+        raise ValueError(f"the redone rows do not fit the committed part's columns: {e}") from None
+    where = {r: j for j, r in enumerate(rows)}
+    take = [part.num_rows + where[i // n] * n + i % n if i // n in where else i for i in range(part.num_rows)]
+    return pa.concat_tables([part.replace_schema_metadata(None), redone]).take(pa.array(take, pa.int64()))

@@ -61,9 +61,11 @@ class JobResult:
 
 
 class JobRunner:
-    def __init__(self, spec: JobSpec, *, overwrite: bool = False, break_lock: bool = False, show_progress: bool = True):
+    def __init__(self, spec: JobSpec, *, overwrite: bool = False, break_lock: bool = False, show_progress: bool = True,
+                 retry_errors: bool = False):
         self.spec = spec
         self.overwrite = overwrite
+        self.retry_errors = retry_errors  # generate the error rows of committed shards again, replacing their parts
         self.break_lock = break_lock
         self.show_progress = show_progress
         self.run_id = uuid.uuid4().hex[:12]
@@ -102,20 +104,22 @@ class JobRunner:
         self.out.ensure()
         self.out.acquire_lock(self.run_id, self.break_lock)
         try:
-            self.out.check_fingerprint(self.components(plan), self.overwrite)
+            self.out.check_fingerprint(self.components(plan), self.overwrite,
+                                       may_change=retry_may_change if self.retry_errors else None)
             # One manifest read: the segments merged into one (a re-run retries quarantined shards, so their
             # entries go); after a run that did not end cleanly, parts committed just before it died get their
             # entries back from their footers.
             complete = self.out.take_complete_mark()
-            committed = set(self.out.compact(self.run_id, keep_quarantined=False))
+            committed = self.out.compact(self.run_id, keep_quarantined=False)
             if complete != len(committed):  # the last run did not end cleanly: list the parts (a LIST per 1,000)
-                committed |= set(self.out.reconcile(committed, self.run_id))
+                committed |= self.out.reconcile(committed, self.run_id)
             self.out.clean_tmp()
-            return self._run(plan, committed)
+            revise = {sid for sid, e in committed.items() if e.error_rows} if self.retry_errors else set()
+            return self._run(plan, set(committed), revise)
         finally:
             self.out.release_lock(self.run_id)
 
-    def _run(self, plan: Plan, committed: set[int]) -> JobResult:
+    def _run(self, plan: Plan, committed: set[int], revise: set[int]) -> JobResult:
         import ray
 
         ray_started = time.time()
@@ -127,14 +131,14 @@ class JobRunner:
         # and so do the workers: leftovers of a killed driver cannot keep committing (see README, failure model).
         queue = ray.remote(ShardQueue).options(num_cpus=0, max_concurrency=1).remote(
             str(self.out.root), list(plan.shards), self.run_id, faults.max_attempts, faults.lease_timeout_s,
-            spec.output.compression, spec.resources.niceness, committed,
+            spec.output.compression, spec.resources.niceness, committed, revise,
         )
         pool = WorkerPool(spec, plan, queue, self.run_id)
         progress = Progress(total=plan.total_rows, enabled=self.show_progress)
         try:
             # Workers start loading their engines now, while the queue actor builds its state (from what the driver
             # read of the manifest): model load overlaps the queue's start.
-            pending = sum(s.shard_id not in committed for s in plan.shards)
+            pending = sum(s.shard_id not in committed or s.shard_id in revise for s in plan.shards)
             self.n_workers = min(resolve_num_workers(spec.resources), pending) if pending else 0
             pool.start(self.n_workers)
             recorded, drain_deadline = time.time(), None
@@ -234,13 +238,24 @@ class JobRunner:
             log.warning("could not write the run's cost record: %s", e)
         return record
 
+    def revised_entries(self, entries: dict) -> dict:
+        """The parts this run replaced (`--retry-errors`), as their footers say now that no worker is left: when two
+        attempts of a revision both wrote, the last write stands, and its entry is the one to keep."""
+        mine = [sid for sid, e in entries.items() if e.run_id == self.run_id and e.revision]
+        footers = {sid: self.out.part_entry(sid) for sid in mine}
+        return {sid: f for sid, f in footers.items() if f is not None and f != entries[sid]}
+
     def write_summary(self, snap: dict, report: dict, pool: WorkerPool) -> dict:
-        entries = committed_only(self.out.compact(self.run_id).values())  # this run's segments merged into one
+        merged = self.out.compact(self.run_id)  # this run's segments merged into one
+        if override := self.revised_entries(merged):
+            merged = self.out.compact(self.run_id, override=override)
+        entries = committed_only(merged.values())
         self.out.mark_complete(len(entries))  # no worker of this run is left: the manifest holds every part
         wall = time.time() - self.invoked_at  # the whole command: plan, Ray start, engine loads and the work
         this_run = [e for e in entries if e.run_id == self.run_id]
-        gen = sum(e.generated_tokens for e in this_run)
-        rows_run = sum(e.rows for e in this_run)
+        revised = [e.retried for e in this_run if e.retried]
+        gen = sum(e.retried["generated_tokens"] if e.retried else e.generated_tokens for e in this_run)
+        rows_run = sum(e.retried["rows"] if e.retried else e.rows for e in this_run)
         per_worker: dict[str, dict] = {}
         for e in this_run:
             w = per_worker.setdefault(e.worker, {"node": e.node, "shards": [], "rows": 0, "generated_tokens": 0})
@@ -258,6 +273,9 @@ class JobRunner:
             "output_dir": str(self.out.root),
             "rows": totals["rows"],
             "error_rows": totals["error_rows"],
+            # `--retry-errors`: error rows generated again in this run (their parts replaced), and those still failing
+            "retried_error_rows": {"shards": len(revised), "rows": sum(r["rows"] for r in revised),
+                                   "still_failing": sum(r["still_failing"] for r in revised)},
             "shards": snap["shards_total"],
             "shards_committed": snap["shards_done"],
             "shards_skipped": snap["shards_skipped"],
@@ -332,6 +350,17 @@ class JobRunner:
                 workers[wid]["first_completion_s"] = round(r["first_completion_at"] - self.invoked_at, 3)
         firsts = [w["first_completion_s"] for w in workers.values() if "first_completion_s" in w]
         return {**self.timings, "first_completion_s": min(firsts) if firsts else None, "workers": workers}
+
+
+# What `run --retry-errors` may change in the job (fixing a template, a longer budget, another truncation): how
+# prompts are built and sampled. Not what decides which rows a shard holds or which columns the output has.
+RETRY_MAY_CHANGE = {"input.prompt_column", "input.prompt_template", "input.messages_column", "input.chat",
+                    "input.system_prompt", "input.truncation", "sampling.max_tokens", "sampling.temperature",
+                    "sampling.top_p", "sampling.top_k", "sampling.seed", "sampling.stop", "sampling.per_row"}
+
+
+def retry_may_change(key: str) -> bool:
+    return key in RETRY_MAY_CHANGE or key.startswith(("engine.", "model_files.", "sampling.per_row."))
 
 
 def resolve_num_workers(res) -> int:

@@ -45,9 +45,11 @@ class WorkerInfo:
 
 class ShardQueue:
     def __init__(self, out_dir: str, shards: list[Shard], run_id: str, max_attempts: int, lease_timeout_s: float,
-                 compression: str = "zstd", niceness: int | None = None, done: set[int] | None = None):
+                 compression: str = "zstd", niceness: int | None = None, done: set[int] | None = None,
+                 revise: set[int] | frozenset[int] = frozenset()):
         """done: the shards committed by earlier runs, where the driver has read the manifest already (it merges
-        and reconciles it at start); None: read it here."""
+        and reconciles it at start); None: read it here. revise: committed shards whose error rows are generated
+        again (`run --retry-errors`), handed out like pending ones; their parts are replaced, not created."""
         # Every worker waits on this one thread for its next shard: it runs at the workers' priority
         # (resources.niceness), not behind everything else on the head node at Ray's 15
         set_niceness(niceness)
@@ -58,6 +60,8 @@ class ShardQueue:
         self.shards = {s.shard_id: s for s in shards}
         if done is None:
             done = set(self.out.committed())
+        self.revise = set(revise)
+        done = set(done) - self.revise
         # pending: the order shards are handed out in; pending_ids: which of them are still to do (a commit from a
         # stale worker removes a shard from pending_ids in O(1); _hand_out skips what is no longer in it)
         self.pending = collections.deque(s.shard_id for s in shards if s.shard_id not in done)
@@ -134,8 +138,9 @@ class ShardQueue:
             self.held[lease.worker] -= 1
         return lease
 
-    def attempt_of(self, shard_id: int) -> int:
-        return self.attempts[shard_id]
+    def lease_of(self, shard_id: int) -> tuple[int, bool]:
+        """A leased shard's hand-out number (1 = first) and whether its committed part is being revised."""
+        return self.attempts[shard_id], shard_id in self.revise
 
     def heartbeat(self, worker: str, node: str, pid: int, stats: dict) -> bool:
         """O(1): a worker's heartbeat renews all its leases at once (a lease expires when its worker's last

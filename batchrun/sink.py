@@ -17,6 +17,8 @@ sees either no part or the whole one.
 - object store: a conditional PUT of the whole part (S3 `If-None-Match: *`, GCS `ifGenerationMatch=0`, through
   fsspec's `pipe_file(mode="create")`). A PUT becomes visible only when complete, so no temp object is needed and
   nothing in progress is ever listed; a second writer gets 412 and drops its copy.
+`run --retry-errors` is the one replacement: a part's next revision (the same rows, its error rows generated again)
+replaces it whole, and the newest revision's entry wins in the manifest (see publish).
 The part's own footer carries its manifest entry, so the manifest is not a commit point: the queue appends entries
 in batches (one segment per second or per thousand commits), and a crash between a commit and its segment is
 repaired at the next start from the footers of the parts that have no entry (`reconcile`). A resume reads a handful
@@ -73,6 +75,8 @@ class ManifestEntry:
     error: str | None = None  # quarantined: the last error
     score: dict | None = None  # evals: {"sum", "rows", "scored"} of this shard's score column
     cached_prompt_tokens: int = 0  # prompt tokens the engine served from reused prefix blocks
+    revision: int = 0  # `run --retry-errors` replaced the part this many times (the newest revision wins)
+    retried: dict | None = None  # that replacement: {"rows", "still_failing", "generated_tokens"} of its redone rows
 
 
 ENTRY_FIELDS = [f.name for f in fields(ManifestEntry)]
@@ -81,8 +85,9 @@ SEGMENT_SCHEMA = pa.schema([
     ("attempt", pa.int64()), ("worker", pa.string()), ("node", pa.string()), ("run_id", pa.string()),
     ("started_at", pa.float64()), ("committed_at", pa.float64()), ("generated_tokens", pa.int64()),
     ("prompt_tokens", pa.int64()), ("error_rows", pa.int64()), ("error", pa.string()), ("score", pa.string()),
-    ("cached_prompt_tokens", pa.int64()),
+    ("cached_prompt_tokens", pa.int64()), ("revision", pa.int64()), ("retried", pa.string()),
 ])
+JSON_FIELDS = ("score", "retried")  # dicts, stored as JSON text in segments
 
 
 _RETRIES = [0]  # store operations this process retried (worker stats, the queue's progress, the summary)
@@ -136,13 +141,20 @@ def ids_digest(ids: pa.ChunkedArray | pa.Array) -> str:
 
 
 def merge_entries(entries, into: dict[int, ManifestEntry]) -> dict[int, ManifestEntry]:
-    """Union of manifest entries, whatever order the segments are read in: a committed entry is final (its part
-    exists and cannot be replaced), so it wins over a quarantined one; between two quarantined, the later."""
+    """Union of manifest entries, whatever order the segments are read in: a committed entry wins over a quarantined
+    one; between two committed, the newer revision (`--retry-errors` replaced the part), else the one already there
+    (a part is created once per revision); between two quarantined, the later."""
     for e in entries:
         old = into.get(e.shard_id)
-        if old is None or (old.state != "committed" and (e.state == "committed" or e.committed_at >= old.committed_at)):
+        if old is None or (e.revision > old.revision if old.state == "committed" else
+                           e.state == "committed" or e.committed_at >= old.committed_at):
             into[e.shard_id] = e
     return into
+
+
+def entry_in(meta: dict | None) -> ManifestEntry | None:
+    """The manifest entry a part carries in its footer (its schema metadata), or None."""
+    return ManifestEntry(**json.loads(meta[META_KEY])) if meta and META_KEY in meta else None
 
 
 def name_number(path: str) -> int:
@@ -151,7 +163,8 @@ def name_number(path: str) -> int:
 
 
 def segment_bytes(entries: list[ManifestEntry]) -> bytes:
-    rows = [dict(asdict(e), score=json.dumps(e.score) if e.score is not None else None) for e in entries]
+    rows = [{**asdict(e), **{k: json.dumps(getattr(e, k)) for k in JSON_FIELDS if getattr(e, k) is not None}}
+            for e in entries]
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), buf, compression="zstd")
     return buf.getvalue()
@@ -162,8 +175,7 @@ def read_segment(data: bytes) -> list[ManifestEntry]:
     out = []
     for row in table.to_pylist():
         row = {k: v for k, v in row.items() if k in ENTRY_FIELDS and v is not None}  # older segments: defaults
-        if isinstance(row.get("score"), str):
-            row["score"] = json.loads(row["score"])
+        row.update({k: json.loads(row[k]) for k in JSON_FIELDS if isinstance(row.get(k), str)})
         out.append(ManifestEntry(**row))
     return out
 
@@ -344,8 +356,10 @@ class OutputDir:
         if not self.local:
             self.check_exclusive_create()
 
-    def check_fingerprint(self, components: dict, overwrite: bool) -> None:
-        """Refuse a re-run whose outputs would differ from what is committed; --overwrite starts over."""
+    def check_fingerprint(self, components: dict, overwrite: bool, may_change=None) -> None:
+        """Refuse a re-run whose outputs would differ from what is committed; --overwrite starts over.
+        may_change(key): a changed key that is allowed (`run --retry-errors` after fixing a template): the job record
+        then takes the new components and keeps the fingerprints it replaced."""
         job = self.join("_batchrun", "job.json")
         new = {"fingerprint": fingerprint(components), "components": components}
         old = self.read_json(job)
@@ -354,11 +368,18 @@ class OutputDir:
         elif old is not None:
             if old["fingerprint"] != new["fingerprint"]:
                 changes = diff_components(old["components"], components)
-                raise SpecError(
-                    f"output dir {self.root} holds a job whose outputs would differ from this one:\n  "
-                    + "\n  ".join(changes)
-                    + "\nUse --overwrite to discard its outputs, or choose a new output.dir."
-                )
+                refused = [c for c in changes if may_change is None or not may_change(c.split(":", 1)[0])]
+                if refused:
+                    allowed = "" if may_change is None else (
+                        "\n--retry-errors may change how prompts are built and sampled, not these keys: they decide "
+                        "which rows a shard holds or which columns the output has.")
+                    raise SpecError(
+                        f"output dir {self.root} holds a job whose outputs would differ from this one:\n  "
+                        + "\n  ".join(refused) + allowed
+                        + "\nUse --overwrite to discard its outputs, or choose a new output.dir.")
+                log.warning("--retry-errors: the error rows are generated again with a changed spec (the rows "
+                            "committed without error keep their outputs):\n  %s", "\n  ".join(changes))
+                new["replaced"] = [*old.get("replaced", []), old["fingerprint"]]
         elif self.parts():
             raise SpecError(f"output dir {self.root} holds Parquet parts from another tool or an unknown job; "
                             "use --overwrite or a new output.dir")
@@ -547,15 +568,19 @@ class OutputDir:
             self.write_bytes(self.join("_batchrun", "manifest", f"{run_id}-{seq:06d}.parquet"),
                              segment_bytes(entries))
 
-    def compact(self, run_id: str, keep_quarantined: bool = True, only_run: bool = False) -> dict[int, ManifestEntry]:
+    def compact(self, run_id: str, keep_quarantined: bool = True, only_run: bool = False,
+                override: dict[int, ManifestEntry] | None = None) -> dict[int, ManifestEntry]:
         """Merge every segment into one (under the run lock; only_run: just this run's own segments, which the queue
         does while the run goes on, so that readers never face thousands of them). A segment written meanwhile is
         not deleted: only the ones read are, after the merged one is in place. keep_quarantined=False drops
-        quarantined entries: a re-run retries those shards. Returns the merged entries."""
+        quarantined entries: a re-run retries those shards. override: entries that replace the merged ones (the
+        footers of replaced parts, read after the last writer is gone). Returns the merged entries."""
         paths = self.list(self.manifest_dir, prefix=f"{run_id}-" if only_run else "", suffix=".parquet")
         merged = self._merged(paths)
         entries = merged if keep_quarantined else {s: e for s, e in merged.items() if e.state == "committed"}
-        if len(paths) > 1 or len(entries) != len(merged):
+        if override:
+            entries = {**entries, **override}
+        if len(paths) > 1 or len(entries) != len(merged) or override:
             name = self.join("_batchrun", "manifest", f"{run_id}-c{time.time_ns()}.parquet")
             self.write_bytes(name, segment_bytes(sorted(entries.values(), key=lambda e: e.shard_id)))
             self.remove([p for p in paths if p != name])
@@ -573,13 +598,20 @@ class OutputDir:
             self.remove([self.join("_batchrun", "complete.json")])
         return (mark or {}).get("committed")
 
-    def reconcile(self, known: dict | set, run_id: str) -> list[int]:
+    def reconcile(self, known: dict | set, run_id: str) -> dict[int, ManifestEntry]:
         """Add manifest entries for parts committed just before a crash (their segment was never written), from the
         parts' own footers. `known`: the shard ids the manifest has."""
         missing = [p for p in self.parts() if name_number(p) not in known]
         rebuilt = [e for e in map(self._footer_entry, missing) if e is not None]
         self.append_entries(rebuilt, run_id, 999999)
-        return [e.shard_id for e in rebuilt]
+        return {e.shard_id: e for e in rebuilt}
+
+    def read_part(self, shard_id: int) -> pa.Table:
+        """A committed part, whole (its footer's entry in the schema metadata): what `--retry-errors` starts from."""
+        path = self.part_path(shard_id)
+        if self.local:
+            return pq.read_table(path)
+        return pq.read_table(pa.BufferReader(retried(lambda: self.fs.cat_file(path), f"read {path}")))
 
     def part_entry(self, shard_id: int) -> ManifestEntry | None:
         """The manifest entry a committed part carries in its footer, or None."""
@@ -594,7 +626,7 @@ class OutputDir:
             meta = read_meta() if self.local else retried(read_meta, f"read the footer of {part}")
         except FileNotFoundError:
             return None
-        return ManifestEntry(**json.loads(meta[META_KEY])) if META_KEY in meta else None
+        return entry_in(meta)
 
     def clean_tmp(self) -> None:
         """Temp files of dead attempts (local only): safe to delete because this run holds the lock."""
@@ -606,7 +638,12 @@ class OutputDir:
 
     def publish(self, table: pa.Table, entry: ManifestEntry, compression: str) -> bool:
         """Write a shard's part and commit it in one step. False if the shard was already committed (a stale
-        attempt's copy, dropped). The entry travels in the part's footer; the queue adds it to the manifest."""
+        attempt's copy, dropped). The entry travels in the part's footer; the queue adds it to the manifest.
+
+        A revision (`run --retry-errors`: the same rows, error rows generated again) replaces the committed part in
+        one step instead: os.replace of a complete temp file, or one PUT, which a store makes visible whole. A reader
+        sees the old part or the new one, so every row exactly once at every instant. Two attempts of one revision
+        both write all the shard's rows; the last one stands and the driver records its footer at the end."""
         meta = dict(table.schema.metadata or {})
         meta[META_KEY] = json.dumps(asdict(entry)).encode()
         table = table.replace_schema_metadata(meta)
@@ -615,7 +652,13 @@ class OutputDir:
         if self.local:  # write to a temp file and link it: no copy of the part in memory
             tmp = f"{self.tmp}/{entry.shard_id:06d}.{entry.worker}.{entry.attempt}.{os.getpid()}.parquet"
             pq.write_table(table, tmp, compression=compression)
+            if entry.revision:
+                os.replace(tmp, final)
+                return True
             return self._link(tmp, final)
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf, compression=compression)
+        if entry.revision:
+            self.write_bytes(final, buf.getvalue().to_pybytes())
+            return True
         return self.create(final, buf.getvalue().to_pybytes())

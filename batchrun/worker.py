@@ -19,13 +19,27 @@ Failures inside the live process (README, failure model):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
 import threading
 import time
 
-from batchrun.datapath import ROW_INDEX, Limits, ShardTask, key_columns, read_shard, render, row_samplings, to_requests
+import pyarrow.compute as pc
+
+from batchrun.datapath import (
+    ROW_INDEX,
+    Limits,
+    ShardTask,
+    key_columns,
+    merge_redone,
+    read_shard,
+    redo_rows,
+    render,
+    row_samplings,
+    to_requests,
+)
 from batchrun.engines import create_engine, sampling_from_spec
 from batchrun.engines.base import EngineDead, engine_failure
 from batchrun.metrics import record
@@ -43,7 +57,7 @@ from batchrun.process import (
 from batchrun.prompts import PromptBuilder
 from batchrun.shard_queue import DONE, DRAIN, WAIT
 from batchrun.shards import Shard
-from batchrun.sink import ManifestEntry, OutputDir, ids_digest, store_retries
+from batchrun.sink import ManifestEntry, OutputDir, entry_in, ids_digest, store_retries
 from batchrun.sources import open_source
 from batchrun.spec import JobSpec
 
@@ -294,26 +308,36 @@ class Worker:
             if shard == WAIT:  # other workers hold the rest; one may die and hand its shards back
                 time.sleep(0.5)
                 continue
-            attempt = ray.get(self.queue.attempt_of.remote(shard.shard_id))
+            attempt, revise = ray.get(self.queue.lease_of.remote(shard.shard_id))
             try:
-                task = self._prepare(shard, attempt)
+                task = self._prepare(shard, attempt, revise)
             except Exception as e:  # unreadable shard: this attempt fails, the queue retries or quarantines it
                 log.exception("shard %s: cannot prepare", shard.shard_id)
                 ray.get(self.queue.fail.remote(shard.shard_id, self.worker_id, f"{type(e).__name__}: {e}"))
                 continue
             self._put(ready, task)
 
-    def _prepare(self, shard: Shard, attempt: int) -> ShardTask:
-        """A leased shard -> its requests and error rows (datapath.py's steps; this runs on the prefetch thread)."""
+    def _prepare(self, shard: Shard, attempt: int, revise: bool = False) -> ShardTask:
+        """A leased shard -> its requests and error rows (datapath.py's steps; this runs on the prefetch thread).
+        revise (`run --retry-errors`): only the rows that ended in error in its committed part."""
         table = read_shard(self.source, self.units, shard, self.read_columns)
         keep = key_columns(table, shard, self.id_column, self.keep_columns)
+        base, rows = None, None
+        if revise:
+            base = self.out.read_part(shard.shard_id)
+            rows = redo_rows(base, self.sampling.n)
+            table, keep = table.take(rows), keep.take(rows)
+            ids = base.column(keep.column_names[0]).take([r * self.sampling.n for r in rows])
+            if not ids.equals(keep.column(0)):
+                raise RuntimeError(f"the input's ids of shard {shard.shard_id} differ from its committed part's: "
+                                   "did the input change?")
         prompts = render(self.prompts, table, self.engine.render_chat)
         samplings = row_samplings(table, keep.column(0).to_pylist(), self.sampling, self.per_row)
         limits = Limits(self.engine.context_length, getattr(self.engine, "max_prompt_tokens", None),
                         self.spec.input.truncation)
         requests, failed = to_requests(shard.shard_id, prompts, samplings, self.engine.encode, limits)
         task = ShardTask(shard, attempt, keep, table.select(self.score_columns), self.sampling.n,
-                         self.sampling.logprobs, self.sampling.top_logprobs, requests)
+                         self.sampling.logprobs, self.sampling.top_logprobs, requests, base=base, redo=rows)
         for row, why, prompt_tokens in failed:
             task.fail_row(row, why, prompt_tokens)
         return task
@@ -325,16 +349,9 @@ class Worker:
 
         while (task := finished.get()) is not None:
             table = task.table(self.parser, self.scorer)
-            id_col = table.column(self.id_column or ROW_INDEX)
-            entry = ManifestEntry(
-                shard_id=task.shard.shard_id, state="committed", rows=table.num_rows, ids_digest=ids_digest(id_col),
-                attempt=task.attempt, worker=self.worker_id, node=self.node, run_id=self.tags["run_id"],
-                started_at=task.started_at,
-                committed_at=time.time(), generated_tokens=sum(task.gen_tokens), prompt_tokens=sum(task.prompt_tokens),
-                cached_prompt_tokens=sum(task.cached_tokens),
-                error_rows=sum(e is not None for e in task.error),
-                score=totals(table.column("score")) if self.scorer else None,
-            )
+            entry = self._entry(task, table)
+            if task.base is not None:
+                table, entry = self._revision(task, table, entry)
             # The commit happens here, not in the queue actor: the store's exclusive create decides the one winner,
             # and the queue only records it (its single thread never waits on an upload).
             published = self.out.publish(table, entry, self.spec.output.compression)
@@ -344,6 +361,30 @@ class Worker:
             record("rows", table.num_rows, **self.tags)
             record("shard_seconds", time.time() - task.started_at, **self.tags)
             self._add(rows=table.num_rows, shards=1)
+
+    def _entry(self, task: ShardTask, table) -> ManifestEntry:
+        return ManifestEntry(
+            shard_id=task.shard.shard_id, state="committed", rows=table.num_rows,
+            ids_digest=ids_digest(table.column(self.id_column or ROW_INDEX)), attempt=task.attempt,
+            worker=self.worker_id, node=self.node, run_id=self.tags["run_id"], started_at=task.started_at,
+            committed_at=time.time(), generated_tokens=sum(task.gen_tokens), prompt_tokens=sum(task.prompt_tokens),
+            cached_prompt_tokens=sum(task.cached_tokens), error_rows=sum(e is not None for e in task.error),
+            score=totals(table.column("score")) if self.scorer else None)
+
+    def _revision(self, task: ShardTask, redone, entry: ManifestEntry) -> tuple:
+        """`--retry-errors`: the committed part with its error rows replaced by `redone`, and its next entry."""
+        old = entry_in(task.base.schema.metadata)
+        table = merge_redone(task.base, redone, task.redo, task.n)
+        revised = self._entry(task, table)
+        if revised.ids_digest != old.ids_digest:
+            raise RuntimeError(f"shard {entry.shard_id}: the revised part's ids differ from the committed part's")
+        return table, dataclasses.replace(
+            revised, generated_tokens=pc.sum(table["num_generated_tokens"]).as_py() or 0,
+            prompt_tokens=pc.sum(table["num_prompt_tokens"]).as_py() or 0,
+            error_rows=pc.sum(pc.equal(table["finish_reason"], "error")).as_py() or 0,
+            cached_prompt_tokens=old.cached_prompt_tokens + entry.cached_prompt_tokens, revision=old.revision + 1,
+            retried={"rows": redone.num_rows, "still_failing": entry.error_rows,
+                     "generated_tokens": entry.generated_tokens})
 
     # ------------------------------------------------------------ heartbeat
 

@@ -8,7 +8,17 @@ import random
 import pyarrow as pa
 import pytest
 
-from batchrun.datapath import Limits, ShardTask, key_columns, read_shard, render, row_samplings, to_requests
+from batchrun.datapath import (
+    Limits,
+    ShardTask,
+    key_columns,
+    merge_redone,
+    read_shard,
+    redo_rows,
+    render,
+    row_samplings,
+    to_requests,
+)
 from batchrun.engines.base import Completion, RequestKey, Sampling, row_seed
 from batchrun.engines.echo import EchoEngine
 from batchrun.plan import make_plan
@@ -137,3 +147,22 @@ def test_a_constant_template_renders_one_prompt_per_row_with_no_column_read(tmp_
     assert table.num_columns == 0 and table.num_rows == shard.num_rows == 4
     assert render(PromptBuilder(spec.input), table, None).texts == ["Write a haiku about the sea"] * 4
     assert key_columns(table, shard, None, []).column(0).to_pylist() == [4, 5, 6, 7]
+
+
+def test_redone_rows_replace_the_error_rows_of_a_part_in_place():
+    """n=2: a row with one failed sample is redone whole; the other rows keep their values; order and columns kept."""
+    part = pa.table({"id": ["a", "a", "b", "b", "c", "c"], "sample_index": pa.array([0, 1] * 3, pa.int32()),
+                     "generated_text": ["a0", "a1", "b0", None, None, None],
+                     "finish_reason": ["stop", "stop", "stop", "error", "error", "error"]},
+                    metadata={b"batchrun": b"{}"})
+    assert redo_rows(part, 2) == [1, 2]
+    redone = pa.table({"generated_text": ["B0", "B1", "C0", None], "id": ["b", "b", "c", "c"],
+                       "sample_index": pa.array([0, 1, 0, 1], pa.int64()),
+                       "finish_reason": ["stop", "length", "stop", "error"]})
+    merged = merge_redone(part, redone, [1, 2], 2)
+    assert merged.schema == part.schema.remove_metadata()  # the part's columns, in its order and types
+    assert merged.column("generated_text").to_pylist() == ["a0", "a1", "B0", "B1", "C0", None]
+    assert merged.column("finish_reason").to_pylist() == ["stop", "stop", "stop", "length", "stop", "error"]
+    assert merged.column("id").to_pylist() == part.column("id").to_pylist()
+    with pytest.raises(ValueError, match="do not fit"):
+        merge_redone(part, redone.set_column(0, "generated_text", pa.array([[1]] * 4)), [1, 2], 2)

@@ -136,9 +136,9 @@ def test_reconcile_rebuilds_entry_of_a_part_committed_before_a_crash(tmp_path):
     q.lease("w")
     commit(q, out, 0, "w", list(range(10)))
     assert q.unflushed and out.entries() == {}  # crash after the commit, before the queue wrote its segment
-    assert out.reconcile(set(), "run2") == [0]
+    assert list(out.reconcile(set(), "run2")) == [0]
     assert out.entries()[0].ids_digest == q.unflushed[0].ids_digest
-    assert out.reconcile(set(out.entries()), "run3") == []
+    assert out.reconcile(set(out.entries()), "run3") == {}
 
 
 def test_manifest_segments_merge_in_any_order_and_compact(tmp_path):
@@ -245,3 +245,40 @@ def test_heartbeat_interval_grows_with_the_worker_count():
     assert heartbeat_for(spec, 1000).faults.heartbeat_s == 4.0  # 1,000 workers: 250 heartbeats/s in all
     assert heartbeat_for(spec, 10_000).faults.heartbeat_s == 40.0  # a third of the 120 s lease timeout
     assert heartbeat_for(spec, 100_000).faults.heartbeat_s == 40.0
+
+
+def test_a_revision_replaces_the_part_and_readers_see_every_row_once_at_every_instant(tmp_path):
+    """`run --retry-errors` replaces a committed part (os.replace of a whole file): a reader listing and reading the
+    output meanwhile sees the old part or the new one, never both or neither; the newest revision's entry wins in
+    whatever order the segments merge, and wins over a later quarantine."""
+    import threading
+
+    import pyarrow.dataset as ds
+
+    q, out = make_queue(tmp_path)
+    q.lease("w")
+    commit(q, out, 0, "w", list(range(10)))
+    seen, stop = [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            seen.append(sorted(ds.dataset(out.root, format="parquet").to_table().column("id").to_pylist()))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    entries = []
+    for revision in range(1, 40):
+        table = pa.table({"id": list(range(10)), "generated_text": [f"r{revision}"] * 10})
+        entry = ManifestEntry(0, "committed", rows=10, ids_digest=ids_digest(table.column("id")), revision=revision,
+                              retried={"rows": 1, "still_failing": 0, "generated_tokens": 3})
+        assert out.publish(table, entry, "zstd") is True  # a revision is a replacement, never refused
+        entries.append(entry)
+    stop.set()
+    reader.join()
+    assert seen and all(ids == list(range(10)) for ids in seen)
+    assert pq.read_table(out.part_path(0)).column("generated_text").to_pylist() == ["r39"] * 10
+    assert out.part_entry(0).revision == 39 and out.part_entry(0).retried["generated_tokens"] == 3
+    quarantined = ManifestEntry(0, "quarantined", committed_at=time.time() + 60, error="a failed retry")
+    for k, order in enumerate([entries, entries[::-1]]):
+        out.append_entries([*order[:20], quarantined, *order[20:]], f"r{k}", 0)
+        assert out.entries()[0].revision == 39 and out.entries()[0].retried["rows"] == 1

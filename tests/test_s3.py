@@ -4,6 +4,7 @@ real S3 API server on loopback (moto), through the client a user has (s3fs, cred
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import signal
@@ -57,6 +58,12 @@ def test_conditional_create_commits_a_shard_once(s3_bucket, tmp_path):
     assert read_s3(out.root).column("generated_text").to_pylist() == ["first", "first"]
     assert out.part_entry(0).worker == "a"  # the entry travels in the footer, for reconcile
     assert out.list(out.tmp) == []  # no temp objects on a store: nothing but committed parts is ever listed
+    # `run --retry-errors` replaces the part with one plain PUT (visible whole); read back with its new entry
+    revised = pa.table({"id": [1, 2], "generated_text": ["first", "redone"]})
+    assert out.publish(revised, dataclasses.replace(entry, revision=1), "zstd") is True
+    assert read_s3(out.root).column("generated_text").to_pylist() == ["first", "redone"]
+    assert out.read_part(0).column("generated_text").to_pylist() == ["first", "redone"]
+    assert out.part_entry(0).revision == 1 and len(out.parts()) == 1
 
 
 @pytest.mark.slow
