@@ -224,3 +224,49 @@ def batchrun_status(out_dir: Path) -> dict:
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def test_sigterm_to_every_worker_of_one_node_drains_them_and_the_job_finishes(cluster, tmp_path):
+    """A node's preemption notice reaches each of its workers as SIGTERM: they drain (commit what finishes within
+    faults.drain_s, hand the rest back at once) and are replaced uncharged; the other node's workers take the handed
+    back shards within seconds, not after the lease timeout; every row once."""
+    import psutil
+
+    rows, lease_s = 800, 300
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(rows)),
+                                                     "prompt": [f"w{i} x y" for i in range(rows)]}))
+    job = {"engine": {"name": "tests.engines:SlowEcho", "max_in_flight": 4,
+                      "options": {"log_path": str(tmp_path / "calls"), "per_poll": 1, "delay_s": 0.05}},
+           "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id"}, "sampling": {"max_tokens": 2},
+           "output": {"dir": str(tmp_path / "out")}, "resources": {"num_workers": 4, "placement": "spread"},
+           "shards": {"rows_per_shard": 10}, "faults": {"drain_s": 0.5, "lease_timeout_s": lease_s, "heartbeat_s": 0.5}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    cluster.submit(tmp_path / "job.yaml", "batchrun-node-term")
+    wait_for(lambda: len(list((tmp_path / "out").glob("part-*.parquet"))) >= 4, 180, "4 committed shards")
+
+    def workers(node: int) -> list[psutil.Process]:  # the actors a node's raylet started (its `ray start` tree)
+        tree = psutil.Process(cluster.procs[node].pid).children(recursive=True)
+        return [p for p in tree if " ".join(p.cmdline()).startswith("ray::Worker")]
+
+    wait_for(lambda: len(workers(0)) + len(workers(1)) == 4, 60, "the job's four workers")
+    victims = workers(1)
+    assert victims, "placement spread put no worker on node_b"
+    signalled = time.time()
+    for p in victims:
+        p.send_signal(signal.SIGTERM)
+    wait_for(lambda: cluster.status("batchrun-node-term") in ("SUCCEEDED", "FAILED", "STOPPED"), 300, "the job")
+    assert cluster.status("batchrun-node-term") == "SUCCEEDED", cluster.job("logs", "batchrun-node-term")[-3000:]
+    ids = read_output(tmp_path / "out").column("id").to_pylist()
+    assert sorted(ids) == list(range(rows))  # every row exactly once
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    drained = summary["drains"]
+    assert len(drained) == len(victims) and summary["worker_restarts"] == 0 and summary["engine_deaths"] == 0, summary
+    assert all(d["why"] == "SIGTERM" for d in drained.values())
+    handed = [sid for d in drained.values() for sid in d["handed_back"]]
+    from batchrun.sink import OutputDir
+
+    entries = OutputDir(tmp_path / "out").entries()
+    relet = sorted(round(entries[sid].started_at - signalled, 2) for sid in handed)
+    print(f"node SIGTERM -> re-lease of {len(relet)} handed-back shard(s): {relet} s")
+    assert handed and all(0 < x < lease_s / 2 for x in relet), relet  # handed back, not expired
+    assert not set(drained) & {entries[sid].worker for sid in handed}  # another worker took each one
