@@ -429,18 +429,17 @@ class OutputDir:
         raise OutputLocked(f"could not take the lock on {self.root}")
 
     def _locked(self, holder: dict) -> OutputLocked:
-        renewed = f", renewed {time.time() - holder['renewed_at']:.0f}s ago" if holder.get("renewed_at") else ""
+        renewed = " (its lease was renewed while this driver watched it)" if "lease_s" in holder else ""
         return OutputLocked(
             f"output dir {self.root} is in use by another run (host {holder.get('host')}, pid "
-            f"{holder.get('pid')}, started {time.ctime(holder.get('started_at', 0))}{renewed}). If that run is gone, "
-            "re-run with --break-lock" + (f" or wait {LOCK_LEASE_S:.0f}s for its lease to lapse." if not self.local
-                                          else ".")
-        )
+            f"{holder.get('pid')}, started {time.ctime(holder.get('started_at', 0))}){renewed}. If that run is gone, "
+            "re-run with --break-lock.")
 
     @staticmethod
     def _is_stale(holder: dict) -> bool:
-        """Local: a lock from this host whose process is gone (or is another program now) is stale. Object store:
-        a lease not renewed for its lease time (clocks of the hosts agree to well within it)."""
+        """Local: a lock from this host whose process is gone (or is another program now) is stale. Object store
+        (for `batchrun status` only: a driver taking the lock watches it instead, see _wait_for_lapse): a lease whose
+        `renewed_at` is older than its lease time by this host's clock."""
         if "lease_s" in holder:
             return time.time() - holder.get("renewed_at", 0) > holder["lease_s"]
         if holder.get("host") != socket.gethostname():
@@ -462,12 +461,10 @@ class OutputDir:
     def _acquire_remote(self, run_id: str, break_lock: bool) -> None:
         for _ in range(3):
             locks = self._remote_locks()
-            number = 1
-            if locks:
-                holder = self.read_json(locks[-1]) or {}
-                if holder and not break_lock and not self._is_stale(holder):
-                    raise self._locked(holder)
-                number = name_number(locks[-1]) + 1
+            if locks and not break_lock:
+                self._wait_for_lapse(locks[-1])  # raises OutputLocked while its driver renews it
+                locks = self._remote_locks()
+            number = name_number(locks[-1]) + 1 if locks else 1
             path = self.join("_batchrun", f"lock-{number:06d}.json")
             if self.create(path, self._lock_body(run_id, time.time())):
                 self._lock_path = path
@@ -476,6 +473,28 @@ class OutputDir:
                 threading.Thread(target=self._renew, args=(run_id,), name="batchrun-lock", daemon=True).start()
                 return
         raise OutputLocked(f"could not take the lock on {self.root}: other drivers keep taking it")
+
+    def _wait_for_lapse(self, path: str) -> None:
+        """A lease has lapsed when its object stays unchanged for a whole lease, timed on this host's clock: the
+        holder rewrites it every lease/6 and stops its own run once renewals have failed for half a lease. Never
+        judged by comparing the holder's `renewed_at` with this clock (hosts' clocks drift). A renewal seen, or a
+        newer lock, means a live holder: refused at once."""
+        first = self.read_bytes(path)
+        holder = json.loads(first) if first else {}
+        lease = float(holder.get("lease_s", LOCK_LEASE_S))
+        if first is not None:
+            log.warning("output dir %s is locked by run %s (host %s, pid %s): watching its lease; it is taken over "
+                        "if not renewed within %.0fs (--break-lock takes it now)", self.root, holder.get("run_id"),
+                        holder.get("host"), holder.get("pid"), lease)
+        watched = time.monotonic()
+        while first is not None and (left := lease - (time.monotonic() - watched)) > 0:
+            time.sleep(min(left, lease / 12))
+            locks = self._remote_locks()
+            if not locks:
+                return  # released meanwhile
+            now = self.read_bytes(path) if locks[-1] == path else None
+            if now != first:
+                raise self._locked(json.loads(now) if now else self.read_json(locks[-1]) or holder)
 
     def _lock_body(self, run_id: str, started_at: float) -> bytes:
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started_at": started_at,

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pyarrow as pa
@@ -117,9 +118,7 @@ def test_s3_driver_sigkill_then_rerun_loses_and_duplicates_nothing(s3_bucket, tm
     assert 6 <= len(committed_before) < n // 50
     holder = out.lock_holder()
     assert holder is not None and holder["lease_s"] == LOCK_LEASE_S  # the dead driver's lease has not lapsed
-
-    locked = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert locked.returncode != 0 and "in use by another run" in locked.stderr and "--break-lock" in locked.stderr
+    # (a plain re-run would watch that lease for LOCK_LEASE_S and take it over: test_s3_lock_lease_takeover_is_won_once)
     rerun = subprocess.run(cmd + ["--break-lock"], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -146,25 +145,48 @@ def test_s3_random_worker_kills_lose_and_duplicate_nothing(s3_bucket, tmp_path, 
     assert sorted(read_s3(out_url).column("id").to_pylist()) == list(range(600))
 
 
-def test_s3_lock_lease_takeover_is_won_once(s3_bucket, tmp_path):
+def test_s3_lock_lease_takeover_is_won_once(s3_bucket, tmp_path, monkeypatch):
+    """A driver taking the lock watches the lease on its own clock: refused as soon as it sees a renewal; taken over
+    once the lock object stays unchanged for a whole lease, even when the holder's clock runs an hour ahead (its
+    `renewed_at` in the future); of two drivers taking over, one wins."""
+    import batchrun.sink as sink
+
+    monkeypatch.setattr(sink, "LOCK_LEASE_S", 1.2)  # renewed every 0.2 s
     out = OutputDir(url(s3_bucket, tmp_path))
     out.ensure()
     out.acquire_lock("first")
-    with pytest.raises(OutputLocked, match="in use by another run"):
+    started = time.monotonic()
+    with pytest.raises(OutputLocked, match="renewed while this driver watched it"):
         OutputDir(out.root).acquire_lock("second")
-    # the first driver stops renewing (it is gone): its lease lapses, and of two drivers taking over, one wins
+    assert time.monotonic() - started < 1.2  # a live holder is seen renewing well within a lease
+    # the first driver stops renewing (it is gone), and its clock was an hour ahead
     out._stop_renew.set()
+    time.sleep(0.3)  # a renewal already under way lands
     stale = json.loads(out.read_bytes(out._lock_path))
-    stale["renewed_at"] -= LOCK_LEASE_S + 1
+    stale["renewed_at"] += 3600
     out.write_bytes(out._lock_path, json.dumps(stale).encode())
-    assert out.lock_holder() is None
-    a, b = OutputDir(out.root), OutputDir(out.root)
-    a.acquire_lock("a")
-    with pytest.raises(OutputLocked):
-        b.acquire_lock("b")
-    assert a.lock_holder()["run_id"] == "a"
+    assert out.lock_holder() is not None  # by comparing clocks (status only) it still looks held
+    takers, results = {"a": OutputDir(out.root), "b": OutputDir(out.root)}, {}
+
+    def take(name):
+        try:
+            takers[name].acquire_lock(name)
+            results[name] = time.monotonic() - started
+        except OutputLocked as e:
+            results[name] = e
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=take, args=(n,)) for n in takers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [n for n, r in results.items() if not isinstance(r, OutputLocked)]
+    assert len(won) == 1 and results[won[0]] >= 1.2  # one wins, after watching for a whole lease
+    a = takers[won[0]]
+    assert a.lock_holder()["run_id"] == won[0]
     assert len(a._remote_locks()) == 1  # the lapsed lease object is gone
-    a.release_lock("a")
+    a.release_lock(won[0])
     assert a.lock_holder() is None and a._remote_locks() == []
 
 
