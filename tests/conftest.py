@@ -15,11 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "build" / "demo-model"
 
 # The loopback S3 server's address and credentials go into the environment before anything starts (the session's
-# Ray cluster included), the way a user's AWS environment reaches batchrun: its workers inherit it.
+# Ray cluster included), the way a user's AWS environment reaches batchrun: its workers inherit it. The address is a
+# fault injector's in front of the server (tests/s3server.py FaultProxy), passing everything through unless a test
+# sets a share of faults (the s3_faults fixture): every process of a job, its Ray workers too, then meets them.
 from tests.s3server import free_port, s3_env  # noqa: E402
 
-S3_PORT = free_port()
-os.environ.update(s3_env(S3_PORT))
+S3_PORT, S3_PROXY_PORT = free_port(), free_port()
+os.environ.update(s3_env(S3_PROXY_PORT))
 
 
 @pytest.fixture(scope="session")
@@ -50,13 +52,25 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def s3_bucket():
     """A real S3 API server (moto) on loopback for the session, with one bucket: its name."""
-    from tests.s3server import make_bucket, start_server
+    from tests.s3server import FaultProxy, make_bucket, start_server
 
     proc = start_server(S3_PORT)
+    _PROXY.append(FaultProxy(S3_PORT, {}, port=S3_PROXY_PORT))
     make_bucket("batchrun-test")
     yield "batchrun-test"
+    _PROXY.pop().close()
     proc.terminate()
     proc.wait(timeout=30)
+
+
+_PROXY: list = []
+
+
+@pytest.fixture
+def s3_faults(s3_bucket):
+    """The session's fault injector in front of the S3 server: `set_share({"GET": 0.1, ...})`; no faults after."""
+    yield _PROXY[0]
+    _PROXY[0].set_share({})
 
 
 def write_parquet(path: Path, table: pa.Table, row_group_size: int | None = None) -> Path:

@@ -63,7 +63,7 @@ class FaultProxy:
     SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
                 b"<Message>Please reduce your request rate.</Message></Error>")
 
-    def __init__(self, upstream_port: int, share: dict[str, float], seed: int = 7, streak: int = 2):
+    def __init__(self, upstream_port: int, share: dict[str, float], seed: int = 7, streak: int = 2, port: int = 0):
         import http.server
         import random
         import threading
@@ -85,9 +85,16 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def set_share(self, share: dict[str, float]) -> dict[str, int]:
+        """Fail this share of each method from now on; returns the faults injected since the last call."""
+        with self.lock:
+            injected, self.injected, self.share = self.injected, {}, share
+            self.failing.clear()
+            return injected
 
     def fault(self, method: str, path: str) -> str | None:
         with self.lock:
@@ -124,7 +131,9 @@ class FaultProxy:
         for k, v in resp.getheaders():
             if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                 req.send_header(k, v)
-        req.send_header("Content-Length", str(len(data)))
+        # a HEAD's Content-Length is the object's size (its body is empty): pass it through
+        req.send_header("Content-Length", resp.getheader("Content-Length", "0") if req.command == "HEAD"
+                        else str(len(data)))
         req.end_headers()
         if req.command != "HEAD":
             req.wfile.write(data)

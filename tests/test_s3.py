@@ -19,7 +19,7 @@ import yaml
 
 from batchrun.errors import OutputLocked, SpecError
 from batchrun.runner import JobRunner
-from batchrun.sink import LOCK_LEASE_S, ManifestEntry, OutputDir, ids_digest
+from batchrun.sink import LOCK_LEASE_S, ManifestEntry, OutputDir, ids_digest, name_number
 from batchrun.spec import validate_spec
 from tests.conftest import PYTHON, ROOT, cli_env, write_parquet
 from tests.test_faults import run_killing_workers, worker_pids
@@ -200,7 +200,7 @@ def test_missing_bucket_names_the_key(s3_bucket):
         OutputDir("s3://no-such-bucket-4/out").ensure()
 
 
-def test_a_throttled_store_loses_nothing_and_commits_once(s3_bucket, tmp_path, monkeypatch):
+def test_a_throttled_store_loses_nothing_and_commits_once(s3_bucket, s3_faults, tmp_path, monkeypatch):
     """A fault injector between batchrun and the S3 server fails 20% of GETs (reads and LISTs), PUTs, HEADs and
     DELETEs (503 SlowDown or a reset connection); botocore's and s3fs's own retries are off, so batchrun's are
     what hold: the exclusive-create probe passes, every part is published once (a second publish says "exists"),
@@ -210,11 +210,8 @@ def test_a_throttled_store_loses_nothing_and_commits_once(s3_bucket, tmp_path, m
 
     from batchrun.plan import cut_shards
     from batchrun.shard_queue import ShardQueue
-    from tests.conftest import S3_PORT
-    from tests.s3server import FaultProxy
 
-    proxy = FaultProxy(S3_PORT, {"GET": 0.2, "PUT": 0.2, "HEAD": 0.2, "DELETE": 0.2})
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{proxy.port}")
+    s3_faults.set_share({"GET": 0.2, "PUT": 0.2, "HEAD": 0.2, "DELETE": 0.2})
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs's own retry loop off too: batchrun's must hold
     s3fs.S3FileSystem.clear_instance_cache()
@@ -237,10 +234,38 @@ def test_a_throttled_store_loses_nothing_and_commits_once(s3_bucket, tmp_path, m
         assert store_retries() > 0  # batchrun's own retries held (botocore's are off)
         assert sorted(out.entries()) == list(range(30))
         assert sorted(out.committed()) == list(range(30))
-        assert sum(proxy.injected.values()) > 10, proxy.injected
+        assert sum(s3_faults.injected.values()) > 10, s3_faults.injected
     finally:
+        s3_faults.set_share({})
         monkeypatch.undo()
         s3fs.S3FileSystem.clear_instance_cache()
-        proxy.close()
     clean = OutputDir(url(s3_bucket, tmp_path))
     assert read_s3(clean.root).num_rows == 300 and sorted(clean.entries()) == list(range(30))
+
+
+@pytest.mark.slow
+def test_a_throttled_store_under_a_real_job_with_worker_kills(s3_bucket, s3_faults, tmp_path, ray_cluster):
+    """The same faults on every process of a real job (driver, queue actor, workers: their S3 traffic goes through
+    the injector), while workers are SIGKILLed: every row once, the manifest complete, the summary's counts right."""
+    out_url = url(s3_bucket, tmp_path)
+    raw = echo_job(tmp_path, out_url, 600, {"name": "tests.engines:CountingEcho",
+                                            "options": {"log_path": str(tmp_path / "calls"), "delay_s": 0.02}},
+                   faults={"max_attempts": 100, "max_worker_restarts": 60})
+    s3_faults.set_share({"GET": 0.2, "PUT": 0.2, "HEAD": 0.2, "DELETE": 0.2, "POST": 0.2})
+    try:
+        summary, kills = run_killing_workers(JobRunner(validate_spec(raw), show_progress=False), 4, seed=11,
+                                             pause=(0.3, 1.0))
+    finally:
+        injected = s3_faults.set_share({})
+    assert kills >= 2 and sum(injected.values()) > 5, (kills, injected)  # ~20% of 100+ requests
+    ids = read_s3(out_url).column("id").to_pylist()
+    assert sorted(ids) == list(range(600))  # every row, exactly once
+    out = OutputDir(out_url)
+    entries = out.entries()
+    assert sorted(entries) == list(range(60)) and all(e.state == "committed" for e in entries.values())
+    assert {name_number(p) for p in out.parts()} == set(entries)  # the manifest names every part, and only those
+    assert (summary["rows"], summary["shards_committed"], summary["error_rows"]) == (600, 60, 0)
+    assert summary["worker_restarts"] >= 1 and set(summary["store_retries"]) == {
+        "driver", "queue", "workers", "segment_write_failures"}
+    calls = collections.Counter(line for f in (tmp_path / "calls").glob("*.log") for line in f.read_text().split())
+    assert set(calls) == {f"{sid}:{i}" for sid in range(60) for i in range(10)}  # rows a kill cut short: redone
