@@ -301,3 +301,45 @@ def test_engine_load_failure_fails_fast_with_the_error(tmp_path, ray_cluster):
     with pytest.raises(JobFailed, match="failed to load on 3 workers.*checkpoint is corrupt"):
         JobRunner(validate_spec(raw), show_progress=False).run()
     assert time.time() - t0 < 300  # bounded: two 3 s stalls and restarts, never a 600 s default timeout
+
+
+def test_the_restart_budget_is_per_hour_and_fits_the_fleet(tmp_path, ray_cluster, monkeypatch):
+    """The budget is a rolling hour, sized to the fleet: max(faults.max_worker_restarts, restarts_per_worker_hour x
+    workers). Spent: no replacement while others live, the job fails once none does; an hour later it is back. Real
+    worker actors and queue; only the pool's clock is moved."""
+    import ray
+
+    import batchrun.pool as pool_module
+    from batchrun.errors import JobFailed
+    from batchrun.plan import make_plan
+    from batchrun.pool import WorkerPool
+    from batchrun.shard_queue import ShardQueue
+
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(40)), "prompt": ["a b"] * 40}))
+    raw = job(tmp_path, {"path": str(tmp_path / "in.parquet")}, {"name": "echo"},
+              faults={"max_worker_restarts": 1, "restarts_per_worker_hour": 0.5}, resources={"num_workers": 4})
+    spec = validate_spec(raw)
+    plan = make_plan(spec)
+    clock = [time.time()]
+    monkeypatch.setattr(pool_module, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+    queue = ray.remote(ShardQueue).options(num_cpus=0).remote(str(tmp_path / "out"), list(plan.shards), "r", 4, 60.0)
+    pool = WorkerPool(spec, plan, queue, "r")
+    try:
+        pool.start(4)
+        assert pool.restart_budget() == {"per_hour": 2, "used_last_hour": 0, "restarts": 0}  # 0.5 x 4 workers > 1
+        pool._respawn(), pool._respawn()
+        assert len(pool.live) == 6 and pool.restart_budget()["used_last_hour"] == 2
+        clock[0] += 1800
+        pool._respawn()  # spent: no replacement while other workers live
+        assert len(pool.live) == 6 and pool.restarts == 2
+        for wid, w in list(pool.live.items()):
+            pool._kill(wid, w)
+        pool.live.clear()
+        with pytest.raises(JobFailed, match=r"restart budget \(2 an hour"):
+            pool._respawn()
+        clock[0] += 1801  # the first two replacements are more than an hour old
+        pool._respawn()
+        assert len(pool.live) == 1 and pool.restart_budget() == {"per_hour": 2, "used_last_hour": 1, "restarts": 3}
+    finally:
+        pool.shutdown()
+        ray.kill(queue)
