@@ -145,8 +145,15 @@ def print_summary(s: dict, samples: int = 3) -> None:
         print(f"  in flight per worker: {window} ({why})")
     if s.get("metrics"):
         m = s["metrics"]
-        print(f"  score: {m['score_mean']:.4f} mean over {m['rows']} rows ({m['score_sum']:g} right; "
-              f"{m['rows'] - m['rows_scored']} error rows count as wrong)")
+        if "word_perplexity" in m:
+            print(f"  perplexity over {m['rows_scored']} texts: word {m['word_perplexity']:.4g}, byte "
+                  f"{m['byte_perplexity']:.4g}, bits per byte {m['bits_per_byte']:.4g}")
+        elif "acc" in m:
+            print(f"  acc {m['acc']:.4f}, acc_norm {m['acc_norm']:.4f} over {m['rows']} rows "
+                  f"({m['rows'] - m['rows_scored']} error rows count as wrong)")
+        else:
+            print(f"  score: {m['score_mean']:.4f} mean over {m['rows']} rows ({m['score_sum']:g} right; "
+                  f"{m['rows'] - m['rows_scored']} error rows count as wrong)")
     if (s.get("prefix_reuse") or {}).get("prompt_tokens_cached"):
         print(reuse_line(s["prefix_reuse"]["prompt_tokens_cached"], s["prompt_tokens"]))
     if s.get("cost"):

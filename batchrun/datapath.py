@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from batchrun.engines.base import Completion, Request, RequestKey, Sampling, row_seed
+from batchrun.loglikelihood import Likelihoods, encode_pair, rolling_pairs, row_problem
 from batchrun.prompts import PromptBuilder, Prompts, fit_to_context
 from batchrun.shards import Shard
 from batchrun.spec import per_row_value
@@ -50,6 +51,10 @@ class ShardTask:
     started_at: float = field(default_factory=time.time)
     base: pa.Table | None = None  # `run --retry-errors`: the committed part whose error rows this task redoes
     redo: list[int] | None = None  # ... those rows' offsets in the shard (this task's rows, in order)
+    # a scoring job (loglikelihood.py): what makes its columns, each row's choices (or labels), and (words, bytes)
+    likelihoods: Likelihoods | None = None
+    choices: list | None = None
+    counts: list | None = None
 
     def __post_init__(self):
         slots = self.keep.num_rows * self.n
@@ -60,6 +65,10 @@ class ShardTask:
         self.error: list[str | None] = [None] * slots
         self.token_logprobs: list[list[float] | None] = [None] * slots
         self.top: list[list[list[dict]] | None] = [None] * slots
+        self.pair_lls: list[list[float] | None] = [None] * slots  # a scoring job's log-likelihoods, per pair
+        self.pair_greedy: list[list[bool] | None] = [None] * slots
+        self.pair_tokens: list[list[int] | None] = [None] * slots
+        self.score_totals: dict | None = None  # a scoring job's per-shard sums (set by table())
         self.remaining = slots
 
     def fill(self, offset: int, c: Completion) -> None:
@@ -74,6 +83,8 @@ class ShardTask:
         self.cached_tokens[slot] = c.num_cached_prompt_tokens or 0
         self.error[slot] = c.error
         self.token_logprobs[slot] = c.logprobs
+        self.pair_lls[slot], self.pair_greedy[slot], self.pair_tokens[slot] = (
+            c.pair_logprobs, c.pair_greedy, c.pair_tokens) if c.error is None else (None, None, None)
         if self.top_logprobs and c.top_logprobs is not None:
             self.top[slot] = [[{"token_id": t, "logprob": lp} for t, lp in step.items()] for step in c.top_logprobs]
         self.remaining -= 1
@@ -87,6 +98,11 @@ class ShardTask:
     def table(self, parser=None, scorer=None) -> pa.Table:
         assert self.remaining == 0 and all(f is not None for f in self.finish), \
             "shard written before every row finished"
+        scored, self.score_totals = {}, None
+        if self.likelihoods is not None:  # nothing generated: the text is the predicted choice or label
+            self.text, scored, self.score_totals = self.likelihoods.columns(
+                self.pair_lls, self.pair_greedy, self.pair_tokens, self.choices,
+                self.refs.column(0).to_pylist() if self.refs.num_columns else None, self.counts)
         cols = [self.text, self.finish, self.prompt_tokens, self.gen_tokens, self.error]
         out, refs = self.keep, self.refs
         if self.n > 1:  # one output row per sample, in (row, sample) order
@@ -99,6 +115,8 @@ class ShardTask:
             out = out.append_column("logprobs", pa.array(self.token_logprobs, pa.list_(pa.float32())))
         if self.top_logprobs:
             out = out.append_column("top_logprobs", pa.array(self.top, TOP_LOGPROBS_TYPE))
+        for name, column in scored.items():
+            out = out.append_column(name, column)
         parsed = None
         if parser is not None:
             for name, column in parser.columns(self.text).items():
@@ -212,6 +230,29 @@ def to_requests(shard_id: int, prompts: Prompts, samplings: list[Sampling | str]
     sent = set(ok)
     failed += [(i, err, 0) for i, err in enumerate(errors) if err is not None and i not in sent]
     return requests, sorted(failed)
+
+
+def to_score_requests(shard_id: int, prompts: Prompts, samplings: list[Sampling | str], engine, mode: str,
+                      choices: list | None, refs: list | None, delimiter: str) -> tuple[list[Request], list]:
+    """A scoring job's rows as requests of (context, continuation) pairs (loglikelihood.py), and the rows that
+    cannot be scored: (row, why, 0). mode: loglikelihood | labels (one pair per choice) | loglikelihood_rolling."""
+    requests, failed = [], []
+    for i, text in enumerate(prompts.texts):
+        why = prompts.errors[i] or (samplings[i] if isinstance(samplings[i], str) else None)
+        if why is None and mode != "loglikelihood_rolling":
+            why = row_problem(choices[i], refs[i] if refs is not None else None, check_ref=refs is not None)
+        if why is not None or text is None:
+            failed.append((i, why or "no prompt", 0))
+            continue
+        if mode == "loglikelihood_rolling":
+            pairs = rolling_pairs(engine.tok_encode(text), engine.prefix_token_id, engine.context_length)
+        else:
+            pairs = [encode_pair(engine.tok_encode, engine.prefix_token_id, text, delimiter + c) for c in choices[i]]
+        if not pairs:
+            failed.append((i, "the text encodes to no tokens", 0))
+            continue
+        requests.append(Request(RequestKey(shard_id, i), text, None, samplings[i], pairs=tuple(pairs)))
+    return requests, failed
 
 
 # ---------------------------------------------------------------- `run --retry-errors`: a committed part's error rows

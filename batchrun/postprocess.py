@@ -114,3 +114,11 @@ def totals(scores: pa.Array) -> dict:
     values = scores.to_pylist()
     return {"sum": float(sum(v for v in values if v is not None)), "rows": len(values),
             "scored": sum(v is not None for v in values)}
+
+
+def merge_totals(old: dict | None, redone: dict | None) -> dict | None:
+    """A part's score totals after `--retry-errors` redid its error rows: the redone rows were error rows, which add
+    nothing to the sums (only to `rows`), so the sums add up and the rows stay the part's."""
+    if old is None or redone is None:
+        return old or redone
+    return {k: old.get(k, 0) + redone.get(k, 0) if k != "rows" else old[k] for k in {**old, **redone}}

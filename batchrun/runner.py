@@ -18,12 +18,13 @@ from batchrun.engines import check_engine
 from batchrun.errors import JobFailed, JobInterrupted, SpecError
 from batchrun.fingerprint import model_files
 from batchrun.hooks import load_hook
+from batchrun.loglikelihood import perplexity_metrics
 from batchrun.plan import Plan, make_plan
 from batchrun.pool import WorkerPool
 from batchrun.process import on_stop_signals, peak_rss_mb, steady_arrow_pool
 from batchrun.progress import Progress
 from batchrun.prompts import PromptBuilder
-from batchrun.scan import check_template_renders, scan_input
+from batchrun.scan import check_choices_column, check_template_renders, scan_input
 from batchrun.shard_queue import ShardQueue
 from batchrun.sink import OutputDir, committed_only, committed_totals, store_retries
 from batchrun.sources import open_source
@@ -43,6 +44,8 @@ def check_input(spec: JobSpec, plan: Plan) -> None:
     named += [(f"sampling.per_row.{k}", c) for k, c in spec.sampling.per_row.items()]
     if spec.score and spec.score.reference_column:
         named.append(("score.reference_column", spec.score.reference_column))
+    if spec.score and spec.score.choices_column:
+        named.append(("score.choices_column", spec.score.choices_column))
     if spec.score and spec.score.hook:
         load_hook(spec.score.hook, "score.hook")  # import it now: a typo fails before any work
     for key, col in named:
@@ -89,6 +92,7 @@ class JobRunner:
         source = open_source(self.spec.input)
         scan_input(self.spec, plan, source)
         check_template_renders(self.spec, plan, source, PromptBuilder(self.spec.input))
+        check_choices_column(self.spec, plan, source)
         return plan
 
     def components(self, plan: Plan) -> dict:
@@ -376,13 +380,22 @@ def resolve_num_workers(res) -> int:
 
 
 def score_metrics(entries) -> dict:
-    """The job's score over every committed shard (this run's and earlier runs'): error rows count as wrong."""
+    """The job's score over every committed shard (this run's and earlier runs'): error rows count as wrong. Scoring
+    jobs add lm-eval's metrics: acc, acc_norm and acc_bytes (loglikelihood), perplexities (loglikelihood_rolling)."""
     scored = [e.score for e in entries if e.score]
     if not scored:
         return {}
     total, rows = sum(s["sum"] for s in scored), sum(s["rows"] for s in scored)
-    return {"score_mean": round(total / rows, 6) if rows else 0.0, "score_sum": total, "rows": rows,
-            "rows_scored": sum(s["scored"] for s in scored)}
+    out = {"score_mean": round(total / rows, 6) if rows else 0.0, "score_sum": total, "rows": rows,
+           "rows_scored": sum(s["scored"] for s in scored)}
+    if "norm_sum" in scored[0] and rows:
+        out.update(acc=round(total / rows, 6), acc_norm=round(sum(s["norm_sum"] for s in scored) / rows, 6),
+                   acc_bytes=round(sum(s["bytes_sum"] for s in scored) / rows, 6))
+    if "ll_sum" in scored[0]:
+        ll = sum(s["ll_sum"] for s in scored)
+        out.update(loglikelihood=ll, **{k: round(v, 6) if v is not None else None for k, v in perplexity_metrics(
+            ll, sum(s["words"] for s in scored), sum(s["bytes"] for s in scored)).items()})
+    return out
 
 
 class _AuthNoticeFilter(logging.Filter):

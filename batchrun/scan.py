@@ -115,3 +115,18 @@ def check_template_renders(spec: JobSpec, plan: Plan, source, builder) -> None:
     if all(e is not None for e in errors):
         raise SpecError(f"key 'input.prompt_template': the template failed on all of the first {rows} rows; "
                         f"first row: {errors[0]}")
+
+
+def check_choices_column(spec: JobSpec, plan: Plan, source) -> None:
+    """score.method loglikelihood: the choices column must hold lists of strings (its type, from the first rows);
+    a row whose list is null or empty, or whose reference is not among its choices, is an error row at run time."""
+    score = spec.score
+    if spec.scoring != "loglikelihood" or not plan.shards or not plan.unit_rows[0]:
+        return
+    rows = min(TEMPLATE_SAMPLE_ROWS, plan.unit_rows[0])
+    column = source.read(plan.units[:1], (Fragment(0, 0, rows),), [score.choices_column]).column(0)
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) or not (
+            pa.types.is_string(column.type.value_type) or pa.types.is_large_string(column.type.value_type)
+            or pa.types.is_null(column.type.value_type)):
+        raise SpecError(f"key 'score.choices_column': column {score.choices_column!r} is {column.type}, expected a "
+                        "list of strings per row (list<string>)")

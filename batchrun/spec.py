@@ -147,11 +147,18 @@ class ParseSpec(_Section):
     # constrained decoding: the engine may only generate text that parses (choices; json/regex: engine trtllm)
     guided: bool = False
     json_schema: dict[str, Any] | None = None  # kind json, guided: the schema the output follows (default: any object)
+    # kind choice: no generation; each label's probability from its log-likelihood given the prompt (`label_probs`),
+    # `parsed` the likeliest (batchrun/loglikelihood.py). The label scored is target_delimiter + label
+    probabilities: bool = False
+    target_delimiter: str = " "
 
     @model_validator(mode="after")
     def _check(self) -> ParseSpec:
         if self.kind == "choice" and not self.choices:
             raise ValueError("output.parse.choices is required for kind choice")
+        if self.probabilities and (self.kind != "choice" or self.guided):
+            raise ValueError("output.parse.probabilities is for kind choice without guided (it scores the labels "
+                             "instead of generating)")
         if self.json_schema is not None and self.kind != "json":
             raise ValueError("output.parse.json_schema is for kind json")
         if self.kind == "regex":
@@ -159,18 +166,36 @@ class ParseSpec(_Section):
         return self
 
 
+LOGLIKELIHOOD_METHODS = ("loglikelihood", "loglikelihood_rolling")
+
+
 class ScoreSpec(_Section):
-    method: Literal["exact", "last_number", "regex", "choice"] = "exact"
-    reference_column: str | None = None  # the right answer, per row
+    # loglikelihood: each choice's log P(choice | prompt), no generation; loglikelihood_rolling: the whole prompt's
+    # log-likelihood (perplexity). Both as lm-evaluation-harness computes them (batchrun/loglikelihood.py)
+    method: Literal["exact", "last_number", "regex", "choice", "loglikelihood", "loglikelihood_rolling"] = "exact"
+    reference_column: str | None = None  # the right answer, per row (loglikelihood: the choice's index or text)
     pattern: str | None = None  # method regex: extract group `group` of the completion, compare to the reference
     group: int = Field(1, ge=0)
     hook: str | None = None  # module:function(generated_text, row) -> float: a custom scorer
+    choices_column: str | None = None  # method loglikelihood: list<string> of the row's choices
+    target_delimiter: str = " "  # method loglikelihood: what goes between the prompt and each choice (lm-eval's)
 
     @model_validator(mode="after")
     def _check(self) -> ScoreSpec:
         if self.hook is not None and not HOOK_RE.match(self.hook):
             raise ValueError(f"score.hook must be 'module:function'; got {self.hook!r}")
-        if self.hook is None and not self.reference_column:
+        if self.method in LOGLIKELIHOOD_METHODS:
+            if self.hook is not None:
+                raise ValueError(f"score.hook does not go with score.method {self.method} (nothing is generated)")
+            if (self.method == "loglikelihood") != bool(self.choices_column):
+                raise ValueError("score.choices_column is required for score.method loglikelihood (and only there)"
+                                 if self.method == "loglikelihood" else
+                                 "score.choices_column is for score.method loglikelihood")
+            if self.method == "loglikelihood_rolling" and self.reference_column:
+                raise ValueError("score.reference_column does not go with score.method loglikelihood_rolling")
+        elif self.choices_column:
+            raise ValueError("score.choices_column is for score.method loglikelihood")
+        elif self.hook is None and not self.reference_column:
             raise ValueError("score.reference_column is required unless score.hook is set")
         if self.method == "regex":
             _check_regex(self.pattern, "score.pattern")
@@ -248,6 +273,28 @@ class JobSpec(_Section):
     shards: ShardsSpec = Field(default_factory=ShardsSpec)
     faults: FaultsSpec = Field(default_factory=FaultsSpec)
     score: ScoreSpec | None = None  # evals: a score column per row and the job's mean score
+
+    @model_validator(mode="after")
+    def _check_scoring(self) -> JobSpec:
+        """A scoring job generates nothing: the sampling keys that shape a generation have nothing to act on."""
+        if (mode := self.scoring) is None:
+            return self
+        s = self.sampling
+        if s.n > 1 or s.logprobs or s.top_logprobs:
+            key = "n" if s.n > 1 else "logprobs" if s.logprobs else "top_logprobs"
+            raise ValueError(f"sampling.{key} does not go with a scoring job ({mode}: nothing is generated)")
+        if mode != "labels" and self.output.parse is not None:
+            raise ValueError(f"output.parse does not go with score.method {mode} (nothing is generated to parse)")
+        return self
+
+    @property
+    def scoring(self) -> str | None:
+        """The job scores, not generates: loglikelihood | loglikelihood_rolling | labels (parse.probabilities)."""
+        if self.score is not None and self.score.method in LOGLIKELIHOOD_METHODS:
+            return self.score.method
+        if self.output.parse is not None and self.output.parse.probabilities:
+            return "labels"
+        return None
 
     @property
     def rows_per_shard(self) -> int:

@@ -39,11 +39,13 @@ from batchrun.datapath import (
     render,
     row_samplings,
     to_requests,
+    to_score_requests,
 )
 from batchrun.engines import create_engine, sampling_from_spec
 from batchrun.engines.base import EngineDead, engine_failure
+from batchrun.loglikelihood import Likelihoods, text_counts
 from batchrun.metrics import record
-from batchrun.postprocess import Parser, Scorer, totals
+from batchrun.postprocess import Parser, Scorer, merge_totals, totals
 from batchrun.prefix import KEY_TOKENS, PrefixScheduler
 from batchrun.process import (
     RssSampler,
@@ -59,7 +61,7 @@ from batchrun.shard_queue import DONE, DRAIN, WAIT
 from batchrun.shards import Shard
 from batchrun.sink import ManifestEntry, OutputDir, entry_in, ids_digest, store_retries
 from batchrun.sources import open_source
-from batchrun.spec import JobSpec
+from batchrun.spec import LOGLIKELIHOOD_METHODS, JobSpec
 
 log = logging.getLogger("batchrun.worker")
 class Worker:
@@ -86,9 +88,13 @@ class Worker:
         self.keep_columns = ([self.id_column] if self.id_column else []) + passthrough
         score = self.spec.score
         self.parser = Parser(self.spec.output.parse) if self.spec.output.parse else None
-        self.scorer = Scorer(score) if score else None
+        # a scoring job (log-likelihoods instead of generation): its own columns and score (loglikelihood.py)
+        self.scoring = self.spec.scoring
+        self.likelihoods = Likelihoods(self.scoring, bool(score and score.reference_column)) if self.scoring else None
+        self.scorer = Scorer(score) if score and score.method not in LOGLIKELIHOOD_METHODS else None
         self.score_columns = self._score_columns(score)
-        self.read_columns = list(dict.fromkeys(self.read_columns + self.score_columns))
+        choices = [score.choices_column] if self.scoring == "loglikelihood" else []
+        self.read_columns = list(dict.fromkeys(self.read_columns + self.score_columns + choices))
         self.engine = None
         # counters written by the main loop and the writer, read by the heartbeat: every access holds _stats_lock
         self._stats_lock = threading.Lock()
@@ -128,7 +134,8 @@ class Worker:
         self.out.probe_write()  # an object store: these credentials can create under the prefix, exclusively
         started = time.time()
         with RssSampler() as load_rss:  # what the load holds in memory, anonymous vs a mapped checkpoint
-            self.engine = create_engine(self.spec.engine, self.spec.sampling, self.spec.output.parse)
+            self.engine = create_engine(self.spec.engine, self.spec.sampling, self.spec.output.parse,
+                                        scoring=bool(self.scoring))
         self._set(engine_start_s=round(time.time() - started, 3), engine_ready_at=time.time(),
                   rss_after_load_mb=rss_now_mb(), rss_during_load_max_mb=load_rss.peaks,
                   engine_startup=dict(getattr(self.engine, "startup", {}) or {}),
@@ -333,14 +340,34 @@ class Worker:
                                    "did the input change?")
         prompts = render(self.prompts, table, self.engine.render_chat)
         samplings = row_samplings(table, keep.column(0).to_pylist(), self.sampling, self.per_row)
-        limits = Limits(self.engine.context_length, getattr(self.engine, "max_prompt_tokens", None),
-                        self.spec.input.truncation)
-        requests, failed = to_requests(shard.shard_id, prompts, samplings, self.engine.encode, limits)
         task = ShardTask(shard, attempt, keep, table.select(self.score_columns), self.sampling.n,
-                         self.sampling.logprobs, self.sampling.top_logprobs, requests, base=base, redo=rows)
+                         self.sampling.logprobs, self.sampling.top_logprobs, base=base, redo=rows)
+        if self.scoring:
+            requests, failed = self._score_requests(shard, table, prompts, samplings, task)
+        else:
+            limits = Limits(self.engine.context_length, getattr(self.engine, "max_prompt_tokens", None),
+                            self.spec.input.truncation)
+            requests, failed = to_requests(shard.shard_id, prompts, samplings, self.engine.encode, limits)
+        task.requests = requests
         for row, why, prompt_tokens in failed:
             task.fail_row(row, why, prompt_tokens)
         return task
+
+    def _score_requests(self, shard: Shard, table, prompts, samplings, task: ShardTask) -> tuple[list, list]:
+        """A scoring job's requests: each row's choices (or the labels, or its text in windows) as pairs."""
+        score, parse = self.spec.score, self.spec.output.parse
+        if self.scoring == "loglikelihood":
+            task.choices = table.column(score.choices_column).to_pylist()
+            delimiter = score.target_delimiter
+        elif self.scoring == "labels":
+            task.choices, delimiter = [list(parse.choices)] * table.num_rows, parse.target_delimiter
+        else:
+            task.counts, delimiter = [text_counts(t) if t else (0, 0) for t in prompts.texts], ""
+        refs = (table.column(score.reference_column).to_pylist()
+                if self.scoring == "loglikelihood" and score.reference_column else None)
+        task.likelihoods = self.likelihoods
+        return to_score_requests(shard.shard_id, prompts, samplings, self.engine, self.scoring, task.choices, refs,
+                                 delimiter)
 
     # ------------------------------------------------------------ writer: Parquet part, atomic commit
 
@@ -369,7 +396,7 @@ class Worker:
             worker=self.worker_id, node=self.node, run_id=self.tags["run_id"], started_at=task.started_at,
             committed_at=time.time(), generated_tokens=sum(task.gen_tokens), prompt_tokens=sum(task.prompt_tokens),
             cached_prompt_tokens=sum(task.cached_tokens), error_rows=sum(e is not None for e in task.error),
-            score=totals(table.column("score")) if self.scorer else None)
+            score=task.score_totals or (totals(table.column("score")) if self.scorer else None))
 
     def _revision(self, task: ShardTask, redone, entry: ManifestEntry) -> tuple:
         """`--retry-errors`: the committed part with its error rows replaced by `redone`, and its next entry."""
@@ -382,6 +409,7 @@ class Worker:
             revised, generated_tokens=pc.sum(table["num_generated_tokens"]).as_py() or 0,
             prompt_tokens=pc.sum(table["num_prompt_tokens"]).as_py() or 0,
             error_rows=pc.sum(pc.equal(table["finish_reason"], "error")).as_py() or 0,
+            score=merge_totals(old.score, entry.score),
             cached_prompt_tokens=old.cached_prompt_tokens + entry.cached_prompt_tokens, revision=old.revision + 1,
             retried={"rows": redone.num_rows, "still_failing": entry.error_rows,
                      "generated_tokens": entry.generated_tokens})

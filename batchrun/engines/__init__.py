@@ -6,7 +6,10 @@ and `create_engine` builds it in the worker.
 An engine module (or a `module:Class` hook) provides:
 - `options_model()`: the pydantic model of its `engine.options` (extra keys forbidden);
 - `check(spec)`: raises ValueError naming the job-file keys of a combination the engine cannot run;
-- `create(engine_spec, sampling_spec, parse)`: the Engine.
+- `create(engine_spec, sampling_spec, parse)`: the Engine;
+- `create_scorer(engine_spec, sampling_spec)`, where the engine can score (log-likelihoods instead of generation:
+  batchrun/loglikelihood.py): the Engine a scoring job runs on. A job that scores on an engine without it is refused
+  at plan time.
 A hook class may define `Options` and a `check` classmethod; it is built as `Class(model=, sampling=, ...)`.
 """
 
@@ -32,6 +35,7 @@ class EngineKind:
     options: type[BaseModel] | None  # engine.options, validated at plan time
     check: Callable[[JobSpec], None]  # cross-key rules; raises ValueError naming the keys
     create: Callable[[EngineSpec, SamplingSpec, ParseSpec | None], Engine]
+    create_scorer: Callable[[EngineSpec, SamplingSpec], Engine] | None = None
 
 
 def engine_kind(name: str) -> EngineKind:
@@ -39,7 +43,8 @@ def engine_kind(name: str) -> EngineKind:
     code), imported here so that a typo fails in the driver, before any worker starts."""
     if name in BUILTIN_ENGINES:
         module = importlib.import_module(f"batchrun.engines.{name}")
-        return EngineKind(name, module.options_model(), module.check, module.create)
+        return EngineKind(name, module.options_model(), module.check, module.create,
+                          getattr(module, "create_scorer", None))
     factory: Any = load_hook(name, "engine.name")
     if not callable(factory):
         raise SpecError(f"key 'engine.name': {name!r} is not a class or function (got {type(factory).__name__})")
@@ -66,6 +71,10 @@ def check_engine(spec: JobSpec) -> EngineKind:
     engine's cross-key rules hold. Raises SpecError (exit 2) naming the keys."""
     kind = engine_kind(spec.engine.name)
     validate_options(kind, spec.engine.options)
+    if spec.scoring and kind.create_scorer is None:
+        key = "output.parse.probabilities" if spec.scoring == "labels" else f"score.method ({spec.scoring})"
+        raise SpecError(f"key '{key}' scores log-likelihoods, which engine {spec.engine.name!r} cannot do here; "
+                        "use engine hf")
     try:
         kind.check(spec)
     except ValueError as e:
@@ -73,9 +82,14 @@ def check_engine(spec: JobSpec) -> EngineKind:
     return kind
 
 
-def create_engine(spec: EngineSpec, sampling: SamplingSpec, parse: ParseSpec | None = None) -> Engine:
-    """Build the engine the spec names (in the worker). `parse`, when guided, constrains what it may generate."""
-    return engine_kind(spec.name).create(spec, sampling, parse if parse is not None and parse.guided else None)
+def create_engine(spec: EngineSpec, sampling: SamplingSpec, parse: ParseSpec | None = None,
+                  scoring: bool = False) -> Engine:
+    """Build the engine the spec names (in the worker). `parse`, when guided, constrains what it may generate;
+    scoring: the job scores log-likelihoods instead of generating."""
+    kind = engine_kind(spec.name)
+    if scoring:
+        return kind.create_scorer(spec, sampling)
+    return kind.create(spec, sampling, parse if parse is not None and parse.guided else None)
 
 
 __all__ = ["Completion", "Engine", "EngineKind", "Request", "Sampling", "check_engine", "create_engine",

@@ -49,6 +49,9 @@ class Request:
     prompt: str  # the rendered prompt text
     prompt_token_ids: list[int] | None  # set when the worker tokenized (engines with a tokenizer); echo: None
     sampling: Sampling
+    # a scoring request (Engine.scores): (context ids, continuation ids) pairs whose log-likelihoods the engine
+    # returns instead of generating (batchrun/loglikelihood.py)
+    pairs: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] | None = None
 
 
 @dataclass(slots=True)
@@ -66,6 +69,11 @@ class Completion:
     # prompt tokens the engine served from KV blocks it had computed for an earlier request (prefix reuse); None
     # where the engine cannot tell
     num_cached_prompt_tokens: int | None = None
+    # a scoring request's answer, one value per pair: sum of the continuation's token log-probabilities given the
+    # context, whether every continuation token is the argmax, and the continuation's length in tokens
+    pair_logprobs: list[float] | None = None
+    pair_greedy: list[bool] | None = None
+    pair_tokens: list[int] | None = None
 
 
 class EngineDead(RuntimeError):
@@ -113,6 +121,14 @@ class Engine(ABC):
     prefix_reuse: bool = False
     #: tokens per KV block, the unit a prefix is reused in (prompts sharing less than one block share nothing)
     prefix_block_tokens: int | None = None
+    #: the engine scores (Request.pairs: log-likelihoods, no generation) instead of generating
+    scores: bool = False
+    #: scoring engines: the token an empty context becomes (BOS, else EOS), as lm-eval's prefix_token_id
+    prefix_token_id: int | None = None
+
+    def tok_encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """Scoring engines: one text's token ids as lm-eval's HF backend encodes it (batchrun/loglikelihood.py)."""
+        raise NotImplementedError(f"{type(self).__name__} does not score")
 
     def prefilled(self) -> list[Hashable]:
         """Request ids whose prompt the engine has computed since the last call: from now on their prefix blocks

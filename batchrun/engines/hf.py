@@ -164,6 +164,9 @@ def check(spec) -> None:
     if parse is not None and parse.guided and parse.kind != "choice":
         raise ValueError(f"key 'output.parse.guided' with kind {parse.kind!r} needs engine trtllm "
                          "(engine hf constrains to choices only)")
+    if spec.scoring and spec.engine.tensor_parallel_size > 1:
+        raise ValueError("key 'engine.tensor_parallel_size': a scoring job (log-likelihoods) runs on one device with "
+                         "engine hf; use tensor_parallel_size: 1")
     per_row_sampling = {"temperature", "seed"} & set(s.per_row)
     if s.logprobs and per_row_sampling:
         raise ValueError(f"key 'sampling.per_row.{sorted(per_row_sampling)[0]}' with sampling.logprobs needs engine "
@@ -171,14 +174,26 @@ def check(spec) -> None:
 
 
 def create(spec, sampling, parse=None) -> HFEngine:
+    _use_reserved_cpus(spec)
+    return HFEngine(spec.model, sampling_from_spec(sampling), row_keys=tuple(sampling.per_row),
+                    choices=parse.choices if parse else None, **model_args(spec, spec.options))
+
+
+def create_scorer(spec, sampling):
+    """A scoring job's engine (no continuous batching manager: engines/hf_score.py)."""
+    from batchrun.engines.hf_score import HFScoreEngine
+
+    _use_reserved_cpus(spec)
+    return HFScoreEngine(spec.model, sampling_from_spec(sampling), **model_args(spec, spec.options))
+
+
+def _use_reserved_cpus(spec) -> None:
     cpus = _reserved_cpus()
     if cpus and spec.device != "cuda":
         import torch
 
         if spec.device == "cpu" or not torch.cuda.is_available():
             torch.set_num_threads(cpus)  # Ray sets OMP_NUM_THREADS=1; use the CPUs this actor reserved
-    return HFEngine(spec.model, sampling_from_spec(sampling), row_keys=tuple(sampling.per_row),
-                    choices=parse.choices if parse else None, **model_args(spec, spec.options))
 
 
 def _reserved_cpus() -> int | None:

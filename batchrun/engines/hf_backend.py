@@ -127,15 +127,11 @@ def cuda_cb_defaults(free_bytes: int) -> dict:
     return {"use_cuda_graph": True, "max_memory_percent": 0.75, **({"max_batch_tokens": tokens} if tokens else {})}
 
 
-def start_manager(cfg: LaunchConfig, tp_plan: str | None = None):
-    """Load the model and start a ContinuousBatchingManager on it. Returns (model, manager, eos ids, timings)."""
+def load_model(cfg: LaunchConfig, tp_plan: str | None = None):
+    """The model, on its device, in eval mode. Returns (model, eos ids, timings)."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-    from transformers.generation import ContinuousBatchingConfig
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
-
-    from batchrun.engines.hf_attention import apply_attention
-    from batchrun.engines.hf_sampling import ChoiceTrie, RowSampler
 
     # In a worker (or a rank), the "Loading weights" bar reaches the driver's terminal late, after the job's summary
     hf_logging.disable_progress_bar()
@@ -154,7 +150,19 @@ def start_manager(cfg: LaunchConfig, tp_plan: str | None = None):
     model.eval()
     timings = {"model_load_s": round(time.monotonic() - started, 3)}
     eos = model.generation_config.eos_token_id
-    eos_ids = sorted(set(eos if isinstance(eos, list) else [eos]) - {None})
+    return model, sorted(set(eos if isinstance(eos, list) else [eos]) - {None}), timings
+
+
+def start_manager(cfg: LaunchConfig, tp_plan: str | None = None):
+    """Load the model and start a ContinuousBatchingManager on it. Returns (model, manager, eos ids, timings)."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
+
+    from batchrun.engines.hf_attention import apply_attention
+    from batchrun.engines.hf_sampling import ChoiceTrie, RowSampler
+
+    model, eos_ids, timings = load_model(cfg, tp_plan)
     s = cfg.sampling
     # Logprobs of sampled tokens come from the manager's own multinomial draw (the Gumbel draw would perturb them):
     # then rows sample from the seeded global generator, reproducible for the same batching only.
