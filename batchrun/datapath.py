@@ -55,6 +55,7 @@ class ShardTask:
     likelihoods: Likelihoods | None = None
     choices: list | None = None
     counts: list | None = None
+    copies: dict[int, list[int]] = field(default_factory=dict)  # a row sent to the engine -> its duplicates (dedupe)
 
     def __post_init__(self):
         slots = self.keep.num_rows * self.n
@@ -230,6 +231,26 @@ def to_requests(shard_id: int, prompts: Prompts, samplings: list[Sampling | str]
     sent = set(ok)
     failed += [(i, err, 0) for i, err in enumerate(errors) if err is not None and i not in sent]
     return requests, sorted(failed)
+
+
+def dedupe(requests: list[Request]) -> tuple[list[Request], dict[int, list[int]]]:
+    """The requests to send, and for each one the rows that repeat it: the same prompt (token ids, or text), the
+    same scoring pairs and the same sampling, where that sampling is deterministic (greedy, or a seed). The first row
+    of each group goes to the engine; its completion is written to the others too."""
+    first: dict = {}
+    sent, copies = [], {}
+    for r in requests:
+        s = r.sampling
+        if s.temperature > 0 and s.seed is None:
+            sent.append(r)
+            continue
+        key = (tuple(r.prompt_token_ids) if r.prompt_token_ids is not None else r.prompt, r.pairs, s)
+        lead = first.setdefault(key, r.request_id.row)
+        if lead == r.request_id.row:
+            sent.append(r)
+        else:
+            copies.setdefault(lead, []).append(r.request_id.row)
+    return sent, copies
 
 
 def to_score_requests(shard_id: int, prompts: Prompts, samplings: list[Sampling | str], engine, mode: str,

@@ -303,6 +303,8 @@ class JobRunner:
                               "workers": sum(i.get("store_retries") or 0
                                              for i in {**snap["workers"], **pool.results}.values()),
                               "segment_write_failures": snap["segment_write_failures"]},
+            # rows whose prompt and sampling repeated another row's in their shard: generated once, written to each
+            "duplicate_rows": sum(i.get("duplicate_rows") or 0 for i in {**snap["workers"], **pool.results}.values()),
             "close_wait_s": pool.close_wait_s,  # the end of the job waiting for engines to close, all in parallel
             "prompt_tokens": totals["prompt_tokens"],
             "generated_tokens": totals["generated_tokens"],

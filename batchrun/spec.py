@@ -37,6 +37,9 @@ class EngineSpec(_Section):
     # auto: where the engine reuses prompt prefixes, one row per shared prefix goes first and the rows sharing it
     # once the engine has computed it (batchrun/prefix.py); off: input order. Outputs are the same either way.
     prefix_schedule: Literal["auto", "off"] = "auto"
+    # auto: rows of a shard whose prompt and sampling are the same and deterministic (greedy, or one seed) go to the
+    # engine once, and the completion is written to each of them; off: every row is a request. Same outputs.
+    dedupe: Literal["auto", "off"] = "auto"
     options: dict[str, Any] = Field(default_factory=dict)  # engine-specific settings, passed to the adapter
 
     @model_validator(mode="after")
@@ -309,7 +312,7 @@ class JobSpec(_Section):
         still resumes jobs started by an earlier one."""
         dump = {"exclude_defaults": True}
         return {
-            "engine": self.engine.model_dump(exclude={"max_in_flight", "prefix_schedule"}, **dump),
+            "engine": self.engine.model_dump(exclude={"max_in_flight", "prefix_schedule", "dedupe"}, **dump),
             "input": self.input.model_dump(**dump),
             "sampling": self.sampling.model_dump(**dump),
             "rows_per_shard": self.rows_per_shard,

@@ -32,6 +32,7 @@ from batchrun.datapath import (
     ROW_INDEX,
     Limits,
     ShardTask,
+    dedupe,
     key_columns,
     merge_redone,
     read_shard,
@@ -100,6 +101,7 @@ class Worker:
         self._stats_lock = threading.Lock()
         self.stats = {"max_in_flight": None, "max_in_flight_why": None, "peak_rss_mb": None, "rows": 0, "shards": 0,
                       "generated_tokens": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "in_flight": 0,
+                      "duplicate_rows": 0,  # rows whose completion was a copy of an identical request's
                       "since_progress_s": 0.0, "prefix_schedule": None,
                       "niceness": niceness, "arrow_pool": arrow_pool,
                       "first_submit_at": 0.0, "first_completion_at": 0.0,  # the engine's busy window, for benchmarks
@@ -281,6 +283,9 @@ class Worker:
                     raise EngineDead(f"the engine failed request {key} with an engine-wide error: {c.error}")
                 task = by_shard[key.shard_id]
                 task.fill(key.row, c)
+                for row in task.copies.get(key.row, ()):  # the same prompt and sampling: the same completion
+                    task.fill(row, c)
+                    self._add(duplicate_rows=c.sample_index == 0)
                 sched.prefilled(key)  # a finished request's prompt is computed, whether or not the engine said so
                 self._add(generated_tokens=c.num_generated_tokens, prompt_tokens=c.num_prompt_tokens,
                           cached_prompt_tokens=c.num_cached_prompt_tokens or 0)
@@ -348,6 +353,8 @@ class Worker:
             limits = Limits(self.engine.context_length, getattr(self.engine, "max_prompt_tokens", None),
                             self.spec.input.truncation)
             requests, failed = to_requests(shard.shard_id, prompts, samplings, self.engine.encode, limits)
+        if self.spec.engine.dedupe == "auto":
+            requests, task.copies = dedupe(requests)
         task.requests = requests
         for row, why, prompt_tokens in failed:
             task.fail_row(row, why, prompt_tokens)

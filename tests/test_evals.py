@@ -217,3 +217,36 @@ def test_bad_scoring_jobs_are_refused_at_plan_time(tmp_path, demo_model):
     refused({"sampling.n": 2}, "sampling.n does not go with a scoring job")
     refused({"engine.name": "echo"}, r"key 'score.method \(loglikelihood\)'.*engine 'echo' cannot")
     refused({"engine.tensor_parallel_size": 2}, "a scoring job .* runs on one device")
+
+
+@pytest.mark.slow
+def test_duplicate_requests_are_generated_once_with_the_same_outputs(tmp_path, ray_cluster):
+    """Rows whose prompt and sampling repeat another row's in the shard go to the engine once (CountingEcho logs
+    each request it gets); every row gets the output it would have had; sampled rows without a seed are never
+    merged; engine.dedupe: off sends every row."""
+    import collections
+
+    prompts = [f"w{i % 7} x y z" for i in range(30)]
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(30)), "prompt": prompts,
+                                                     "t": [0.0] * 20 + [0.7] * 10}))
+
+    def run(name, **engine):
+        raw = {"engine": {"name": "tests.engines:CountingEcho", "options": {"log_path": str(tmp_path / f"{name}-log")},
+                          **engine},
+               "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id"},
+               "sampling": {"max_tokens": 3, "per_row": {"temperature": "t"}}, "output": {"dir": str(tmp_path / name)},
+               "resources": {"num_workers": 1}, "shards": {"rows_per_shard": 10}}
+        summary = JobRunner(validate_spec(raw), show_progress=False).run().summary
+        sent = collections.Counter(line for f in (tmp_path / f"{name}-log").glob("*.log")
+                                   for line in f.read_text().split())
+        rows = sorted(read_output(tmp_path / name).to_pylist(), key=lambda r: r["id"])
+        return summary, sent, rows
+
+    summary, sent, rows = run("dedup")
+    # greedy shards 0-1: 7 distinct prompts in each; shard 2 samples without a seed: every row is its own request
+    assert sum(sent.values()) == 7 + 7 + 10 and set(sent.values()) == {1}
+    assert summary["duplicate_rows"] == 3 + 3
+    assert [r["generated_text"] for r in rows] == [" ".join(p.split()[:3]) for p in prompts]
+    off_summary, off_sent, off_rows = run("plain", dedupe="off")
+    assert sum(off_sent.values()) == 30 and off_summary["duplicate_rows"] == 0
+    assert rows == off_rows  # the same outputs, row for row
