@@ -158,6 +158,26 @@ def write_prompts(path: str | Path, n: int = 256, seed: int = 7) -> Path:
     return path
 
 
+def write_choices(path: str | Path, n: int = 128, seed: int = 13) -> Path:
+    """The input of jobs/multiple-choice.yaml: each arithmetic prompt with four candidate answers (the right one and
+    three near misses, shuffled) and the right one's index: a multiple-choice eval scored by log-likelihood."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng, rows = random.Random(seed), []
+    for prompt, answer in arithmetic_examples(random.Random(seed), n):
+        wrong = rng.sample([d for d in range(-11, 12) if d and int(answer) + d >= 0], 3)
+        choices = [answer] + [str(int(answer) + d) for d in wrong]
+        rng.shuffle(choices)
+        rows.append((prompt, choices, choices.index(answer)))
+    pq.write_table(pa.table({"id": [f"c{i:05d}" for i in range(n)], "prompt": [p for p, _, _ in rows],
+                             "choices": pa.array([c for _, c, _ in rows], pa.list_(pa.string())),
+                             "answer": [a for _, _, a in rows]}), path)
+    return path
+
+
 RUBRICS = ("strict", "lenient", "digits", "review")
 
 
@@ -202,8 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     write_prompts(args.data, args.rows)
     write_openai_batch(Path(args.data).with_name("requests.jsonl"))
     write_rubric_items(Path(args.data).with_name("rubric.parquet"))
+    write_choices(Path(args.data).with_name("choices.parquet"))
     print(f"demo data: {args.data}, {Path(args.data).with_name('requests.jsonl')}, "
-          f"{Path(args.data).with_name('rubric.parquet')}")
+          f"{Path(args.data).with_name('rubric.parquet')}, {Path(args.data).with_name('choices.parquet')}")
 
 
 if __name__ == "__main__":

@@ -250,3 +250,32 @@ def test_duplicate_requests_are_generated_once_with_the_same_outputs(tmp_path, r
     off_summary, off_sent, off_rows = run("plain", dedupe="off")
     assert sum(off_sent.values()) == 30 and off_summary["duplicate_rows"] == 0
     assert rows == off_rows  # the same outputs, row for row
+
+
+@pytest.mark.slow
+def test_the_example_eval_jobs_run_on_the_demo_model(tmp_path, ray_cluster, demo_model):
+    """jobs/multiple-choice.yaml, jobs/label-probs.yaml and jobs/perplexity.yaml as the README shows them."""
+    from batchrun.demo import write_choices, write_prompts
+    from batchrun.spec import load_spec
+    from tests.conftest import ROOT
+
+    choices, prompts = write_choices(tmp_path / "choices.parquet", n=64), write_prompts(tmp_path / "p.parquet", 64)
+
+    def run(job, data):
+        spec = load_spec(ROOT / "jobs" / f"{job}.yaml", [f"output.dir={tmp_path / job}", f"input.path={data}",
+                                                         f"engine.model={demo_model}"])
+        summary = JobRunner(spec, show_progress=False).run().summary
+        return summary, read_output(tmp_path / job).to_pylist()
+
+    summary, rows = run("multiple-choice", choices)
+    assert summary["error_rows"] == 0 and summary["metrics"]["acc"] >= 0.9  # the demo model learned arithmetic
+    import pyarrow.parquet as pq
+
+    source = {r["id"]: r for r in pq.read_table(choices).to_pylist()}
+    assert all(r["generated_text"] == source[r["id"]]["choices"][r["prediction"]] for r in rows)
+    summary, rows = run("label-probs", prompts)
+    assert all(abs(sum(r["label_probs"]) - 1) < 1e-9 and r["parsed"] == r["generated_text"] for r in rows)
+    assert sum(r["parsed"] == r["answer"][0] for r in rows) >= 0.9 * len(rows)
+    summary, rows = run("perplexity", prompts)
+    assert all(r["loglikelihood"] < 0 and r["loglikelihood_tokens"] > 0 for r in rows)
+    assert summary["metrics"]["bits_per_byte"] > 0 and summary["metrics"]["rows_scored"] == 64
