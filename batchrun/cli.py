@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -246,5 +247,19 @@ def cmd_status(args) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `batchrun` command. After a job on a local cluster it started, the process stops that cluster without
+    waiting for it and exits at once (runner.end_local_cluster): the shell prompt is back within a fraction of a
+    second of the summary. main() itself, which tests and programs call, never exits the process."""
+    code = main()
+    runner = sys.modules.get("batchrun.runner")
+    if runner is not None and runner.end_local_cluster():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

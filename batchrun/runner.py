@@ -405,6 +405,9 @@ class _AuthNoticeFilter(logging.Filter):
         return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
+_STARTED_LOCAL = [False]  # this process started the local cluster it runs on (init_ray)
+
+
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one."""
     import ray
@@ -412,6 +415,7 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
+    _STARTED_LOCAL[0] = address is None
     if address is None:  # the local cluster's processes inherit this environment: workers start on that allocator
         os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", steady_arrow_pool())
         # Ray >= 2.52 turns token authentication on for the local cluster it starts and warns about it on every run;
@@ -419,3 +423,20 @@ def init_ray() -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_AuthNoticeFilter())
     ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING,
              include_dashboard=False if address is None else None)
+
+
+def end_local_cluster() -> bool:
+    """The command's end, on a local cluster this process started: SIGTERM to each of its processes (the raylet
+    takes its workers down), without ray.shutdown's wait of up to a second for each, one after the other (2.2-2.6 s
+    from the summary to the shell prompt on the demo job). Returns whether it did; the caller then exits at once."""
+    import ray
+
+    if not (_STARTED_LOCAL[0] and ray.is_initialized()):
+        return False
+    node = getattr(getattr(ray, "_private", None) and ray._private.worker, "_global_node", None)
+    processes = [info.process for infos in getattr(node, "all_processes", {}).values() for info in infos]
+    if not processes:
+        return False  # another Ray release: ray.shutdown() at exit, as before
+    for process in processes:
+        process.terminate()
+    return True
