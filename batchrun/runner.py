@@ -437,6 +437,21 @@ def end_local_cluster() -> bool:
     processes = [info.process for infos in getattr(node, "all_processes", {}).values() for info in infos]
     if not processes:
         return False  # another Ray release: ray.shutdown() at exit, as before
+    import psutil
+
+    # The raylet's agents (dashboard, runtime env) and idle workers hold no state: killed outright (a dashboard agent
+    # that got SIGTERM while starting was seen to outlive everything); Ray's own processes get SIGTERM.
+    children = []
+    for process in processes:
+        try:
+            children += psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for process in children:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
     for process in processes:
         process.terminate()
     return True
