@@ -160,6 +160,40 @@ def test_demo_job_cli(tmp_path, ray_cluster, demo_model):
     assert right / len(out) > 0.9
 
 
+def test_the_command_on_its_own_local_cluster_prints_everything_and_leaves_no_ray_process(tmp_path, demo_model):
+    """`batchrun run` with no RAY_ADDRESS starts a local cluster and, at its end, stops it without waiting and exits
+    at once (runner.end_local_cluster): its output is complete and no process of that cluster outlives it."""
+    import psutil
+
+    def leftovers(since: float) -> list[str]:
+        found = []
+        for p in psutil.process_iter(["cmdline", "create_time"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                if p.info["create_time"] < since or not any(k in cmd for k in ("ray::", "raylet", "gcs_server",
+                                                                               "dashboard", "runtime_env")):
+                    continue
+                if any(q.create_time() < since and "raylet" in " ".join(q.cmdline()) for q in p.parents()):
+                    continue  # a worker of the test session's own cluster
+                found.append(cmd[:80])
+            except psutil.Error:
+                continue
+        return found
+
+    env = {k: v for k, v in cli_env().items() if k != "RAY_ADDRESS"}
+    started = time.time()
+    proc = subprocess.run(
+        [str(Path(PYTHON).parent / "batchrun"), "run", str(ROOT / "jobs" / "eval.yaml"), "--no-progress",
+         "--set", f"output.dir={tmp_path / 'out'}", "--set", f"engine.model={demo_model}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batchrun: succeeded" in proc.stdout and "output: " in proc.stdout  # flushed before the exit
+    deadline = time.time() + 60
+    while (left := leftovers(started)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, left
+
+
 def test_num_workers_auto_follows_the_cluster(tmp_path, ray_cluster):
     """auto: one worker per cpus_per_worker CPUs here (8 logical CPUs in the test cluster), capped by the shards."""
     write_parquet(tmp_path / "in.parquet", pa.table({"prompt": [f"p{i}" for i in range(300)]}))
