@@ -109,27 +109,23 @@ class HFScoreEngine(Engine):
         import torch
 
         ctx, conts = pairs[0][0], [c for _, c in pairs]
-        dev = self.model.device
+        dev, k, width = self.model.device, len(conts), max(len(c) for c in conts)
+        # targets[i, j]: continuation i's token j (0-padded); logp[i, j] the distribution that predicts it
+        targets = torch.tensor([list(c) + [0] * (width - len(c)) for c in conts], device=dev)
+        valid = torch.tensor([[j < len(c) for j in range(width)] for c in conts], device=dev)
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([list(ctx)], device=dev), use_cache=True)
-            first = out.logits[0, -1].log_softmax(-1)  # predicts every continuation's first token
-            lls = [float(first[c[0]]) for c in conts]
-            greedy = [int(first.argmax()) == c[0] for c in conts]
-            width = max(len(c) for c in conts) - 1
-            if width:
+            logp = out.logits[:, -1:].log_softmax(-1).expand(k, 1, -1)  # the first token of every continuation
+            if width > 1:
                 cache = getattr(out, self._cache_kwarg)
-                cache.batch_repeat_interleave(len(conts))
-                ids = torch.tensor([list(c[:-1]) + [0] * (width - len(c) + 1) for c in conts], device=dev)
-                mask = torch.zeros(len(conts), len(ctx) + width, dtype=torch.long, device=dev)
-                for i, c in enumerate(conts):
-                    mask[i, : len(ctx) + len(c) - 1] = 1
-                logp = self.model(input_ids=ids, attention_mask=mask, use_cache=False,
+                cache.batch_repeat_interleave(k)
+                mask = torch.cat([torch.ones(k, len(ctx), dtype=torch.long, device=dev), valid[:, :-1].long()], 1)
+                rest = self.model(input_ids=targets[:, :-1], attention_mask=mask, use_cache=False,
                                   **{self._cache_kwarg: cache}).logits.log_softmax(-1)
-                for i, c in enumerate(conts):
-                    rest = logp[i, : len(c) - 1]  # position j predicts c[j + 1]
-                    target = torch.tensor(c[1:], device=dev)
-                    lls[i] += float(rest.gather(-1, target[:, None]).sum())
-                    greedy[i] = greedy[i] and bool((rest.argmax(-1) == target).all())
+                logp = torch.cat([logp, rest], 1)
+            picked = logp.gather(-1, targets[..., None])[..., 0]
+            lls = (picked * valid).sum(-1).tolist()
+            greedy = ((logp.argmax(-1) == targets) | ~valid).all(-1).tolist()
         return lls, greedy, len(ctx) + sum(len(c) - 1 for c in conts)
 
     def _whole(self, pairs) -> tuple[list[float], list[bool], int]:
@@ -149,11 +145,14 @@ class HFScoreEngine(Engine):
             mask = torch.tensor([[1] * len(t) + [0] * (longest - len(t)) for t, _ in chunk], device=dev)
             with torch.inference_mode():
                 logp = self.model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
-            for row, ((tokens, n), (_, cont)) in enumerate(zip(chunk, pairs[start:end])):
-                picked = logp[row, len(tokens) - n: len(tokens)]
-                target = torch.tensor(cont, device=dev)
-                lls.append(float(picked.gather(-1, target[:, None]).sum()))
-                greedy.append(bool((picked.argmax(-1) == target).all()))
+                sums, hits = [], []
+                for row, ((tokens, n), (_, cont)) in enumerate(zip(chunk, pairs[start:end])):
+                    picked = logp[row, len(tokens) - n: len(tokens)]
+                    target = torch.tensor(cont, device=dev)
+                    sums.append(picked.gather(-1, target[:, None]).sum())
+                    hits.append((picked.argmax(-1) == target).all())
+                lls += torch.stack(sums).tolist()  # one transfer per batch, not one per pair
+                greedy += torch.stack(hits).tolist()
             start = end
         return lls, greedy, sum(len(t) for t, _ in inputs)
 
