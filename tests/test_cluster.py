@@ -244,9 +244,10 @@ def test_sigterm_to_every_worker_of_one_node_drains_them_and_the_job_finishes(cl
     cluster.submit(tmp_path / "job.yaml", "batchrun-node-term")
     wait_for(lambda: len(list((tmp_path / "out").glob("part-*.parquet"))) >= 4, 180, "4 committed shards")
 
-    def workers(node: int) -> list[psutil.Process]:  # the actors a node's raylet started (its `ray start` tree)
+    def workers(node: int) -> list[psutil.Process]:  # this job's workers on a node (its `ray start` tree)
         tree = psutil.Process(cluster.procs[node].pid).children(recursive=True)
-        return [p for p in tree if " ".join(p.cmdline()).startswith("ray::Worker")]
+        # in their run() (Ray titles the process by the method it runs): not an earlier test's lingering process
+        return [p for p in tree if " ".join(p.cmdline()).startswith("ray::Worker.run")]
 
     wait_for(lambda: len(workers(0)) + len(workers(1)) == 4, 60, "the job's four workers")
     victims = workers(1)

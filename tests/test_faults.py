@@ -170,7 +170,8 @@ def test_stalled_engine_replaces_its_worker_and_the_job_ends_in_bounded_time(tmp
     """A stalled engine fails its worker, not the job: replaced, its shards handed back. Every engine here stalls
     after 10 rows, so the shards it stalls on end quarantined after max_attempts and the job fails in bounded time,
     keeping what each engine committed."""
-    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(60)), "prompt": ["a b"] * 60}))
+    # distinct prompts: each row is a request (identical greedy rows of a shard would be one: engine.dedupe)
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(60)), "prompt": [f"a b{i}" for i in range(60)]}))
     raw = job(tmp_path, {"path": str(tmp_path / "in.parquet")}, {"name": "tests.engines:StallEngine"},
               resources={"num_workers": 1}, faults={"stall_timeout_s": 3, "heartbeat_s": 0.5, "max_attempts": 2})
     t0 = time.time()
