@@ -99,10 +99,28 @@ def cmd_run(args) -> int:
     from batchrun.spec import load_spec
 
     spec = load_spec(args.job, args.overrides)
-    result = JobRunner(spec, overwrite=args.overwrite, break_lock=args.break_lock,
-                       show_progress=not args.no_progress, retry_errors=args.retry_errors).run()
-    print_summary(result.summary)
+    kwargs = dict(overwrite=args.overwrite, break_lock=args.break_lock, show_progress=not args.no_progress,
+                  retry_errors=args.retry_errors)
+    if spec.tasks is not None:
+        from batchrun.runner import SuiteRunner
+
+        print_suite(SuiteRunner(spec, **kwargs).run().summary)
+        return 0
+    print_summary(JobRunner(spec, **kwargs).run().summary)
     return 0
+
+
+def print_suite(s: dict) -> None:
+    print(f"\nbatchrun: suite {s['status']}: {len(s['tasks'])} tasks, {s['rows']} rows, {s['error_rows']} error rows "
+          f"in {s['wall_s']:.1f}s")
+    for name, t in s["tasks"].items():
+        m = t.get("metrics") or {}
+        keys = ("word_perplexity", "bits_per_byte") if "word_perplexity" in m else (
+            ("acc", "acc_norm") if "acc" in m else ("score_mean",))
+        shown = ", ".join(f"{k} {m[k]:.4g}" for k in keys if m.get(k) is not None)
+        print(f"  {name}: {t['status']}, {t.get('rows', 0)} rows" + (f", {shown}" if shown else "")
+              + (" (engine reused)" if t.get("engine_reused") else "") + (f" ({t['error']})" if t.get("error") else ""))
+    print(f"  output: {s['output_dir']} (one subdirectory per task; summary: _summary.json)")
 
 
 def reuse_line(cached: int, prompt: int) -> str:
@@ -191,10 +209,37 @@ def cmd_export(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from batchrun.cost import account, cost_line
-    from batchrun.sink import OutputDir, committed_only, committed_totals
+    from batchrun.sink import OutputDir
 
     out = OutputDir(args.out_dir)
+    suite = out.read_json(out.join("_suite.json"))
+    if suite is None:
+        status = job_status(out, args.plot)
+        print(json.dumps(status, indent=2, default=str)) if args.json else print_status(status)
+        return 0
+    # a suite: each task's status, from its own output subdirectory
+    tasks = {name: job_status(OutputDir(out.join(name) if out.local else f"{out.root}/{name}"), args.plot)
+             for name in suite["tasks"]}
+    status = {"output_dir": str(out.root), "running": any(t["running"] for t in tasks.values()), "tasks": tasks,
+              "rows_committed": sum(t["rows_committed"] for t in tasks.values()),
+              "rows_total": sum(t["rows_total"] for t in tasks.values())}
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+        return 0
+    print(f"{out.root}: suite of {len(tasks)} tasks, {'running' if status['running'] else 'not running'}; rows "
+          f"{status['rows_committed']}/{status['rows_total']}")
+    for name, t in tasks.items():
+        print(f"- {name}: ", end="")
+        print_status(t)
+    return 0
+
+
+def job_status(out, plot: bool = False) -> dict:
+    """A job's progress from its output dir, during or after a run."""
+    from batchrun.cost import account
+    from batchrun.runner import score_metrics
+    from batchrun.sink import committed_only, committed_totals
+
     entries = out.entries()
     runs = out.runs()
     job, lock = out.job(), out.lock_holder()
@@ -221,30 +266,34 @@ def cmd_status(args) -> int:
         "prompt_tokens": totals["prompt_tokens"],
         "prompt_tokens_cached": totals["cached_prompt_tokens"],  # served from reused prefix blocks
         "prompt_tokens_computed": totals["prompt_tokens"] - totals["cached_prompt_tokens"],
+        "metrics": score_metrics(committed),  # evals: the score (acc, perplexity...) over the committed rows
         # GPU time and cost over every run so far (a running one up to its last record), at the last run's price
         "cost": account(runs, runs[-1].get("gpu_hour_cost")) if runs else None,
         "checked_at": time.time(),
     }
-    if args.plot:
+    if plot:
         from batchrun.plot import plot_timeline
 
         status["plot"] = str(plot_timeline(out))
-    if args.json:
-        print(json.dumps(status, indent=2, default=str))
-    else:
-        state = "running" if lock else "not running"
-        print(f"{out.root}: {state}; {len(committed)} shards committed, {len(quarantined)} quarantined; "
-              f"rows {rows}/{total_rows}; {rate:,.1f} rows/s processing (first lease to last commit, without "
-              f"start-up)" + (f"; ETA {status['eta_s']}s" if status["eta_s"] else ""))
-        if status["prompt_tokens_cached"]:
-            print(reuse_line(status["prompt_tokens_cached"], status["prompt_tokens"]))
-        if status["cost"]:
-            print(cost_line(status["cost"]))
-        for sid, err in sorted(quarantined.items()):
-            print(f"  quarantined shard {sid}: {err}")
-        if args.plot:
-            print(f"  timeline: {status['plot']}")
-    return 0
+    return status
+
+
+def print_status(status: dict) -> None:
+    from batchrun.cost import cost_line
+
+    state = "running" if status["running"] else "not running"
+    print(f"{status['output_dir']}: {state}; {status['shards_committed']} shards committed, "
+          f"{len(status['shards_quarantined'])} quarantined; rows {status['rows_committed']}/{status['rows_total']}; "
+          f"{status['rows_per_s']:,.1f} rows/s processing (first lease to last commit, without start-up)"
+          + (f"; ETA {status['eta_s']}s" if status["eta_s"] else ""))
+    if status["prompt_tokens_cached"]:
+        print(reuse_line(status["prompt_tokens_cached"], status["prompt_tokens"]))
+    if status["cost"]:
+        print(cost_line(status["cost"]))
+    for sid, err in sorted(status["shards_quarantined"].items()):
+        print(f"  quarantined shard {sid}: {err}")
+    if status.get("plot"):
+        print(f"  timeline: {status['plot']}")
 
 
 def entry() -> None:

@@ -106,6 +106,33 @@ class WorkerPool:
         self.load_failures = 0
         self.spans: dict[str, list] = {}  # per worker [spawned_at, ended_at or None]: the GPU time it held
         self.initial: set[str] = set()
+        # a suite (runner.SuiteRunner): workers that finished a task keep their engines for the next one
+        self.keep = False
+        self.idle: dict[str, LiveWorker] = {}
+
+    def assign(self, spec: JobSpec, plan: Plan, queue, run_id: str) -> None:
+        """The task the pool's workers run now (a suite's next task: its spec, plan, queue and run)."""
+        self.spec, self.plan, self.queue, self.run_id = spec, plan, queue, run_id
+        self.spec_json = spec.model_dump_json()
+        self.results, self.drained, self.restarts, self.engine_deaths = {}, [], 0, 0
+        self.close_wait_s, self.initial = 0.0, set()
+
+    def retask(self, n: int) -> None:
+        """Start the assigned task on up to n of the workers the last task left idle (their engines are kept where
+        the task needs the same one: Worker.retask), spawning more if n is larger and retiring the rest."""
+        self.spec_json = heartbeat_for(self.spec, n).model_dump_json()
+        for wid in list(self.idle)[n:]:
+            self.live[wid] = self.idle.pop(wid)
+            self._retire(wid)
+        for wid, w in list(self.idle.items()):
+            ref = w.actor.retask.remote(self.spec_json, self.plan.units, self.queue, self.run_id)
+            self.live[wid] = LiveWorker(w.actor, ref, w.actor.run.remote(), placement_group=w.placement_group)
+            self.spans[wid] = [self.live[wid].started_at, None]  # this task's cost counts from here
+            del self.idle[wid]
+        while len(self.live) < n:
+            self._spawn()
+        self.initial = set(self.live)
+        self.queue.set_worker_count.remote(len(self.live))
 
     # ------------------------------------------------------------ start
 
@@ -145,7 +172,7 @@ class WorkerPool:
                 self.engine_deaths += isinstance(e, EngineDead) or isinstance(getattr(e, "cause", None), EngineDead)
                 self.replace(wid, load_state(self.live[wid].start_ref)[1] or _short_error(e))
                 continue
-            self._retire(wid)
+            self._settle(wid)
             if self.results[wid].get("drain"):  # it drained on a stop signal (preemption): its work goes on elsewhere
                 self.drained.append(wid)
                 if not self.draining and self._work_left():
@@ -230,6 +257,14 @@ class WorkerPool:
 
     # ------------------------------------------------------------ retire and close
 
+    def _settle(self, wid: str) -> None:
+        """A worker whose run() returned: kept for a suite's next task (unless it drained: a stop signal), else
+        retired."""
+        if self.keep and not self.results.get(wid, {}).get("drain"):
+            self.idle[wid] = self.live.pop(wid)
+        else:
+            self._retire(wid)
+
     def _retire(self, wid: str) -> None:
         """A worker that finished its run: ask it to close its engine (free the GPU, end its ranks) without waiting
         here. The driver goes on; reap_closed() kills it once close() returns, or at the close deadline."""
@@ -272,7 +307,7 @@ class WorkerPool:
                 self.results[refs[ref]] = ray.get(ref)
             except Exception:
                 continue  # it died after the last commit: nothing is lost; shutdown() kills what is left
-            self._retire(refs[ref])
+            self._settle(refs[ref])
         started = time.monotonic()
         self.reap_closed(timeout=close_timeout_s)
         if self.closing:
@@ -293,6 +328,16 @@ class WorkerPool:
         for wid, w in list(self.live.items()):
             self._kill(wid, w)
             del self.live[wid]
+        for wid, (w, _) in list(self.closing.items()):
+            self._kill(wid, w)
+            del self.closing[wid]
+
+    def close_idle(self) -> None:
+        """The suite's end: the workers kept between tasks close their engines, as finish() closes a job's."""
+        for wid in list(self.idle):
+            self.live[wid] = self.idle.pop(wid)
+            self._retire(wid)
+        self.reap_closed(timeout=60.0)
         for wid, (w, _) in list(self.closing.items()):
             self._kill(wid, w)
             del self.closing[wid]

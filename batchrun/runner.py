@@ -69,6 +69,10 @@ class JobRunner:
         self.spec = spec
         self.overwrite = overwrite
         self.retry_errors = retry_errors  # generate the error rows of committed shards again, replacing their parts
+        # a suite's task (SuiteRunner): the workers the last task left (their engines loaded), and whether to keep
+        # them for the next task instead of closing them at the end
+        self.pool: WorkerPool | None = None
+        self.keep_workers = False
         self.break_lock = break_lock
         self.show_progress = show_progress
         self.run_id = uuid.uuid4().hex[:12]
@@ -101,9 +105,10 @@ class JobRunner:
 
     # ------------------------------------------------------------ the run
 
-    def run(self) -> JobResult:
+    def run(self, plan: Plan | None = None) -> JobResult:
+        """The job; `plan`: prepared already (a suite prepares every task before any runs)."""
         self.invoked_at = time.time()
-        plan = self.prepare()
+        plan = plan or self.prepare()
         self.timings["plan_s"] = round(time.time() - self.invoked_at, 3)  # plan and the input scan
         self.out.ensure()
         self.out.acquire_lock(self.run_id, self.break_lock)
@@ -137,14 +142,19 @@ class JobRunner:
             str(self.out.root), list(plan.shards), self.run_id, faults.max_attempts, faults.lease_timeout_s,
             spec.output.compression, spec.resources.niceness, committed, revise,
         )
-        pool = WorkerPool(spec, plan, queue, self.run_id)
+        pool = self.pool or WorkerPool(spec, plan, queue, self.run_id)
+        pool.assign(spec, plan, queue, self.run_id)
+        pool.keep, self.pool = self.keep_workers, pool
         progress = Progress(total=plan.total_rows, enabled=self.show_progress)
         try:
             # Workers start loading their engines now, while the queue actor builds its state (from what the driver
             # read of the manifest): model load overlaps the queue's start.
             pending = sum(s.shard_id not in committed or s.shard_id in revise for s in plan.shards)
             self.n_workers = min(resolve_num_workers(spec.resources), pending) if pending else 0
-            pool.start(self.n_workers)
+            if pool.idle and self.n_workers:
+                pool.retask(self.n_workers)  # a suite's next task, on the engines the last one loaded
+            elif self.n_workers:
+                pool.start(self.n_workers)
             recorded, drain_deadline = time.time(), None
             while not (snap := ray.get(queue.progress.remote()))["finished"]:
                 if self.stop_signal and drain_deadline is None:
@@ -306,6 +316,8 @@ class JobRunner:
             # rows whose prompt and sampling repeated another row's in their shard: generated once, written to each
             "duplicate_rows": sum(i.get("duplicate_rows") or 0 for i in {**snap["workers"], **pool.results}.values()),
             "close_wait_s": pool.close_wait_s,  # the end of the job waiting for engines to close, all in parallel
+            # a suite's task run on engines an earlier task had loaded (SuiteRunner)
+            "engine_reused": any(i.get("engine_reused") for i in pool.results.values()),
             "prompt_tokens": totals["prompt_tokens"],
             "generated_tokens": totals["generated_tokens"],
             # prompt tokens the engines served from reused prefix blocks, and what they computed (all runs)
@@ -367,6 +379,60 @@ RETRY_MAY_CHANGE = {"input.prompt_column", "input.prompt_template", "input.messa
 
 def retry_may_change(key: str) -> bool:
     return key in RETRY_MAY_CHANGE or key.startswith(("engine.", "model_files.", "sampling.per_row."))
+
+
+class SuiteRunner:
+    """A suite (a job file with `tasks:`): every task planned and checked before any work, then run one after the
+    other by one driver on one Ray start, with the same worker actors: a worker keeps its engine from task to task
+    where the tasks need the same one (worker.engine_key), else it loads the task's own in the same process. Each task
+    is a whole job of its own under <output.dir>/<name> (lock, fingerprint, manifest, resume, summary), so a suite
+    cut short resumes task by task; <output.dir>/_summary.json reports every task and the whole."""
+
+    def __init__(self, spec: JobSpec, **kwargs):
+        self.spec, self.kwargs = spec, kwargs
+        self.out = OutputDir(spec.output.dir)
+
+    def run(self) -> JobResult:
+        started = time.time()
+        tasks = self.spec.task_specs()
+        runners = [(name, JobRunner(spec, **self.kwargs)) for name, spec in tasks]
+        plans = [runner.prepare() for _, runner in runners]  # a mistake in any task stops the suite before any work
+        self.out.ensure()
+        self.out.write_bytes(self.out.join("_suite.json"), json.dumps({"tasks": [n for n, _ in tasks]}).encode())
+        summaries, failed, pool = {}, {}, None
+        try:
+            for i, ((name, runner), plan) in enumerate(zip(runners, plans)):
+                runner.pool, runner.keep_workers = pool, i < len(runners) - 1
+                try:
+                    summaries[name] = runner.run(plan).summary
+                except JobFailed as e:  # the task's shards quarantined (or its workers could not run): next task
+                    failed[name] = str(e)
+                    log.error("task %s failed: %s", name, e)
+                pool = runner.pool
+        finally:
+            if pool is not None:
+                pool.close_idle()
+                pool.shutdown()
+        summary = self.write_summary(summaries, failed, time.time() - started)
+        if failed:
+            raise JobFailed(f"{len(failed)} of {len(tasks)} tasks failed; the others are done:\n"
+                            + "\n".join(f"  {n}: {e.splitlines()[0]}" for n, e in failed.items()))
+        return JobResult(str(self.out.root), summary)
+
+    def write_summary(self, summaries: dict, failed: dict, wall: float) -> dict:
+        keys = ("status", "rows", "error_rows", "shards", "shards_committed", "generated_tokens", "duplicate_rows",
+                "metrics", "output_dir")
+        tasks = {n: {k: s.get(k) for k in keys} | {"wall_s": s["this_run"]["wall_s"],
+                                                   "engine_reused": s.get("engine_reused")}
+                 for n, s in summaries.items()}
+        tasks |= {n: {"status": "failed", "error": e} for n, e in failed.items()}
+        summary = {"status": "failed" if failed else "succeeded", "output_dir": str(self.out.root), "tasks": tasks,
+                   "rows": sum(t.get("rows") or 0 for t in tasks.values()),
+                   "error_rows": sum(t.get("error_rows") or 0 for t in tasks.values()),
+                   "generated_tokens": sum(t.get("generated_tokens") or 0 for t in tasks.values()),
+                   "wall_s": round(wall, 3)}
+        self.out.write_text("_summary.json", json.dumps(summary, indent=2))
+        return summary
 
 
 def resolve_num_workers(res) -> int:

@@ -252,6 +252,19 @@ class FaultsSpec(_Section):
     startup_timeout_s: float = Field(900.0, gt=0)  # a worker must have its engine loaded within this
 
 
+class TaskSpec(_Section):
+    """One task of a suite (JobSpec.tasks): its input, and what it changes of the suite's sampling, output (parse,
+    compression), score and shards. Engine, resources and faults are the suite's; its output goes to
+    <output.dir>/<name>. Each task is validated as a whole job (task_specs), its keys named with the task's."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    input: dict[str, Any]
+    sampling: dict[str, Any] = Field(default_factory=dict)
+    output: dict[str, Any] = Field(default_factory=dict)
+    score: dict[str, Any] | None = None
+    shards: dict[str, Any] = Field(default_factory=dict)
+
+
 class JobSpec(_Section):
     @model_validator(mode="before")
     @classmethod
@@ -269,13 +282,42 @@ class JobSpec(_Section):
         return raw
 
     engine: EngineSpec = Field(default_factory=EngineSpec)
-    input: InputSpec
+    input: InputSpec | None = None  # a job's input; a suite has tasks instead, each with its own
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     output: OutputSpec
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     shards: ShardsSpec = Field(default_factory=ShardsSpec)
     faults: FaultsSpec = Field(default_factory=FaultsSpec)
     score: ScoreSpec | None = None  # evals: a score column per row and the job's mean score
+    # a suite: tasks that share the engine (started once) and resources, each with its own input and output subdir
+    tasks: list[TaskSpec] | None = None
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> JobSpec:
+        if (self.input is None) == (self.tasks is None):
+            raise ValueError("a job file needs 'input' (one job) or 'tasks' (a suite), not both" if self.input
+                             else "input is required (or 'tasks' for a suite)")
+        if self.tasks is not None:
+            names = [t.name for t in self.tasks]
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"tasks need distinct names (got {names})")
+        return self
+
+    def task_specs(self) -> list[tuple[str, JobSpec]]:
+        """A suite's tasks as jobs: the suite's keys, the task's over them (section by section; score replaced),
+        output.dir = <output.dir>/<name>. A mistake names the task and the key."""
+        base = self.model_dump(exclude={"tasks", "input"}, exclude_unset=True)
+        out = []
+        for task in self.tasks or []:
+            raw = {**base, "input": task.input,
+                   "sampling": {**base.get("sampling", {}), **task.sampling},
+                   "output": {**base.get("output", {}), **task.output,
+                              "dir": f"{self.output.dir.rstrip('/')}/{task.name}"},
+                   "shards": {**base.get("shards", {}), **task.shards}}
+            if task.score is not None:
+                raw["score"] = task.score
+            out.append((task.name, validate_spec(raw, source=f"task {task.name!r}")))
+        return out
 
     @model_validator(mode="after")
     def _check_scoring(self) -> JobSpec:

@@ -20,6 +20,7 @@ Failures inside the live process (README, failure model):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import queue
@@ -65,18 +66,35 @@ from batchrun.sources import open_source
 from batchrun.spec import LOGLIKELIHOOD_METHODS, JobSpec
 
 log = logging.getLogger("batchrun.worker")
+
+
+def engine_key(spec: JobSpec) -> str:
+    """What an engine is built from: tasks of a suite with the same key share one engine; another key loads its own
+    (the model, its settings, the sampling it was started with, guided choices, scoring or generating)."""
+    parse = spec.output.parse
+    return json.dumps([spec.engine.model_dump(), spec.sampling.model_dump(), bool(spec.scoring),
+                       parse.model_dump() if parse is not None and parse.guided else None], sort_keys=True, default=str)
 class Worker:
     """Wrapped by ray.remote in the driver (so this module imports without starting Ray)."""
 
     def __init__(self, worker_id: str, spec_json: str, units: tuple[str, ...], shard_queue, run_id: str = ""):
         self.worker_id = worker_id
-        self.tags = {"run_id": run_id, "worker": worker_id}  # metric tags
+        spec = JobSpec.model_validate_json(spec_json)
+        self.niceness = set_niceness(spec.resources.niceness)  # before any engine thread or rank exists
+        self.arrow_pool = use_steady_arrow_pool()  # before the worker reads or builds any table
+        self.node = node_name()
+        self.engine = None
+        self.created_at = time.time()
+        self._configure(spec_json, units, shard_queue, run_id)
+        on_stop_signals(self.drain)  # a stop signal drains the worker instead of killing it
+
+    def _configure(self, spec_json: str, units: tuple[str, ...], shard_queue, run_id: str) -> None:
+        """Everything the worker derives from its job: the input, prompts, sampling, output, parse and score, and
+        fresh counters. At creation, and for each next task of a suite (retask), whose engine it may keep."""
+        self.tags = {"run_id": run_id, "worker": self.worker_id}  # metric tags
         self.spec = JobSpec.model_validate_json(spec_json)
-        niceness = set_niceness(self.spec.resources.niceness)  # before any engine thread or rank exists
-        arrow_pool = use_steady_arrow_pool()  # before the worker reads or builds any table
         self.units = units
         self.queue = shard_queue
-        self.node = node_name()
         self.source = open_source(self.spec.input)
         self.prompts = PromptBuilder(self.spec.input)
         self.out = OutputDir(self.spec.output.dir)
@@ -96,23 +114,21 @@ class Worker:
         self.score_columns = self._score_columns(score)
         choices = [score.choices_column] if self.scoring == "loglikelihood" else []
         self.read_columns = list(dict.fromkeys(self.read_columns + self.score_columns + choices))
-        self.engine = None
         # counters written by the main loop and the writer, read by the heartbeat: every access holds _stats_lock
         self._stats_lock = threading.Lock()
         self.stats = {"max_in_flight": None, "max_in_flight_why": None, "peak_rss_mb": None, "rows": 0, "shards": 0,
                       "generated_tokens": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "in_flight": 0,
                       "duplicate_rows": 0,  # rows whose completion was a copy of an identical request's
                       "since_progress_s": 0.0, "prefix_schedule": None,
-                      "niceness": niceness, "arrow_pool": arrow_pool,
+                      "niceness": self.niceness, "arrow_pool": self.arrow_pool,
                       "first_submit_at": 0.0, "first_completion_at": 0.0,  # the engine's busy window, for benchmarks
-                      "last_completion_at": 0.0, "created_at": time.time()}
+                      "last_completion_at": 0.0, "created_at": self.created_at}
         self._last_progress = time.monotonic()
         self._last_beat = 0.0  # when the queue last heard this worker's stats (a heartbeat or a commit)
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._drain = threading.Event()  # stop admitting shards; finish what can finish by _drain_deadline
         self._drain_deadline = float("inf")
-        on_stop_signals(self.drain)  # a stop signal drains the worker instead of killing it
 
     def drain(self, why: str) -> None:
         if not self._drain.is_set():
@@ -130,6 +146,20 @@ class Worker:
         return list(dict.fromkeys(self.read_columns + ref)) if score.hook else ref
 
     # ------------------------------------------------------------ lifecycle
+
+    def retask(self, spec_json: str, units: tuple[str, ...], shard_queue, run_id: str) -> dict:
+        """The next task of a suite, on the engine already loaded where the task needs the same one (engine_key);
+        else the engine is closed and the task's own loaded. Like start(), a failure is this call's error."""
+        before = engine_key(self.spec)
+        self._configure(spec_json, units, shard_queue, run_id)
+        if self.engine is not None and engine_key(self.spec) == before:
+            self.out.probe_write()
+            self._set(engine_start_s=0.0, engine_ready_at=time.time(), engine_reused=True,
+                      kv_cache_tokens=self.engine.kv_cache_tokens, prefix_reuse=self.engine.prefix_reuse)
+            self._beat()
+            return {"worker": self.worker_id, "node": self.node, "pid": os.getpid(), "engine_reused": True}
+        self.close()
+        return self.start()
 
     def start(self) -> dict:
         """Load the engine. A failure here surfaces to the driver as this call's error."""
