@@ -27,3 +27,10 @@ def require_model_dir(spec: JobSpec) -> None:
         raise ValueError(f"engine.model is required for engine {spec.engine.name!r} (a local model directory)")
     if "://" not in model and not os.path.isdir(model):
         raise ValueError(f"key 'engine.model': {model} is not a directory (expected a local model dir)")
+
+
+def render_chat_template(tokenizer, conversations: list[list[dict]]) -> list[str]:
+    """Each conversation through a Hugging Face tokenizer's chat template, ready for the model's reply."""
+    if not tokenizer.chat_template:
+        raise ValueError("the tokenizer has no chat template (input.chat / messages need one)")
+    return [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]

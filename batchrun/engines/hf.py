@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_stop
-from batchrun.engines.build import model_args, require_model_dir, sampling_from_spec
+from batchrun.engines.build import model_args, render_chat_template, require_model_dir, sampling_from_spec
 from batchrun.engines.hf_backend import LaunchConfig, LocalBackend, RawResult
 from batchrun.engines.hf_tp import TPBackend
 
@@ -69,10 +69,7 @@ class HFEngine(Engine):
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def render_chat(self, conversations: list[list[dict]]) -> list[str]:
-        if not self.tokenizer.chat_template:
-            raise ValueError("the tokenizer has no chat template (input.chat / messages need one)")
-        return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                for c in conversations]
+        return render_chat_template(self.tokenizer, conversations)
 
     def submit(self, request: Request) -> None:
         s = request.sampling

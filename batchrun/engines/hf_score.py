@@ -19,6 +19,7 @@ import logging
 import time
 
 from batchrun.engines.base import Completion, Engine, EngineDead, Request, Sampling
+from batchrun.engines.build import render_chat_template
 from batchrun.engines.hf_backend import LaunchConfig, load_model
 from batchrun.loglikelihood import model_input
 
@@ -72,10 +73,7 @@ class HFScoreEngine(Engine):
         return [self.tok_encode(t) for t in texts]
 
     def render_chat(self, conversations: list[list[dict]]) -> list[str]:
-        if not self.tokenizer.chat_template:
-            raise ValueError("the tokenizer has no chat template (input.chat / messages need one)")
-        return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                for c in conversations]
+        return render_chat_template(self.tokenizer, conversations)
 
     def submit(self, request: Request) -> None:
         self._queue.append(request)
