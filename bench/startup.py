@@ -62,7 +62,8 @@ def whole(cmd: list[str], env: dict) -> float:
 
 
 def scoring_check(model_dir: Path, dtype: str) -> dict:
-    """HFScoreEngine on the device: 64 rows of 4 choices, against each (prompt + choice) through the model whole."""
+    """HFScoreEngine on the device: 256 rows of 4 choices, batched and one row at a time, against each (prompt +
+    choice) through the model whole."""
     import random
 
     import torch
@@ -73,7 +74,7 @@ def scoring_check(model_dir: Path, dtype: str) -> dict:
 
     eng = HFScoreEngine(str(model_dir), Sampling(max_tokens=1), dtype=dtype, device="cuda")
     rng, worst, rows = random.Random(3), 0.0, []
-    for _ in range(64):
+    for _ in range(256):
         ctx = "".join(rng.choice("abcdefgh +=") for _ in range(rng.randint(64, 400)))
         rows.append((ctx, ["".join(rng.choice("0123456789") for _ in range(rng.randint(1, 12))) for _ in range(4)]))
 
@@ -86,9 +87,18 @@ def scoring_check(model_dir: Path, dtype: str) -> dict:
             got += eng.poll(1.0)
         return got
 
+    def one_at_a_time():
+        for i, (ctx, choices) in enumerate(rows):
+            eng.submit(Request(i, ctx, None, Sampling(max_tokens=1), pairs=tuple(
+                encode_pair(eng.tok_encode, eng.prefix_token_id, ctx, " " + c) for c in choices)))
+            eng.poll(1.0)
+
     score_all()  # warm: CUDA context, kernels and allocator, out of the timing
     started = time.perf_counter()
-    got = score_all()
+    one_at_a_time()  # each row alone: its prompt pass and its choices pass
+    alone_s = time.perf_counter() - started
+    started = time.perf_counter()
+    got = score_all()  # all queued: rows batched (engines/hf_score.py BATCH_ROWS)
     shared_s = time.perf_counter() - started
     started = time.perf_counter()
     with torch.inference_mode():
@@ -102,6 +112,7 @@ def scoring_check(model_dir: Path, dtype: str) -> dict:
     whole_s = time.perf_counter() - started
     eng.close()
     return {"dtype": dtype, "rows": len(rows), "choices": 4, "max_abs_diff": worst, "engine_s": round(shared_s, 3),
+            "engine_one_row_at_a_time_s": round(alone_s, 3),
             "one_pass_per_choice_s": round(whole_s, 3)}
 
 

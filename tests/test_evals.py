@@ -58,14 +58,23 @@ def scored(engine, pairs):
 
 
 def test_choice_loglikelihoods_equal_lm_eval(lm, engine):
+    """Each row alone, then all rows at once (the engine batches the rows that share their prompt, left-padded, and
+    scores the long one whole): the same numbers as lm-eval either way."""
+    wants, pairs = [], []
     for context, choices in CASES:
-        want = lm_eval_loglikelihoods(lm, context, choices)
-        pairs = [encode_pair(engine.tok_encode, engine.prefix_token_id, context, " " + c) for c in choices]
-        got = scored(engine, pairs)
-        for (ll, greedy), mine, mine_greedy in zip(want, got.pair_logprobs, got.pair_greedy):
-            assert abs(ll - mine) <= 1e-3, (context[:20], ll, mine)
-            assert greedy == mine_greedy
-        assert predictions(got.pair_logprobs, choices) == predictions([ll for ll, _ in want], choices)
+        wants.append(lm_eval_loglikelihoods(lm, context, choices))
+        pairs.append([encode_pair(engine.tok_encode, engine.prefix_token_id, context, " " + c) for c in choices])
+    alone = [scored(engine, p) for p in pairs]
+    for i, p in enumerate(pairs):
+        engine.submit(Request(i, "", None, Sampling(max_tokens=1), pairs=tuple(p)))
+    together = sorted(engine.poll(5.0), key=lambda c: c.request_id)
+    assert len(together) == len(CASES)
+    for (context, choices), want, one, batched in zip(CASES, wants, alone, together):
+        for got in (one, batched):
+            for (ll, greedy), mine, mine_greedy in zip(want, got.pair_logprobs, got.pair_greedy):
+                assert abs(ll - mine) <= 1e-3, (context[:20], ll, mine)
+                assert greedy == mine_greedy
+            assert predictions(got.pair_logprobs, choices) == predictions([ll for ll, _ in want], choices)
 
 
 def test_a_greedy_continuation_is_seen_as_greedy(engine):

@@ -25,7 +25,8 @@ from batchrun.loglikelihood import model_input
 
 log = logging.getLogger(__name__)
 SEQ_LEN_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")  # lm-eval resolve_max_length, in its order
-BATCH_TOKENS = 8192  # tokens per forward pass of whole pairs
+BATCH_TOKENS = 2048  # tokens per forward pass (the logits of whole pairs are tokens x vocabulary)
+BATCH_ROWS = 32  # rows whose choices share their prompt, scored in one batch
 
 
 class HFScoreEngine(Engine):
@@ -54,6 +55,8 @@ class HFScoreEngine(Engine):
         # transformers 5.24 renamed forward's past_key_values to cache (the old name warns); earlier ones have only it
         params = inspect.signature(type(self.model).forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # the prompt pass needs each row's last logits only (left-padded: the last position), not tokens x vocabulary
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._queue: collections.deque[Request] = collections.deque()
 
     def window(self, tokens_per_request: float) -> tuple[int, str]:
@@ -79,52 +82,99 @@ class HFScoreEngine(Engine):
         self._queue.append(request)
 
     def poll(self, timeout: float) -> list[Completion]:
+        """Score queued requests: rows whose choices share their prompt go through in batches (BATCH_ROWS, within
+        BATCH_TOKENS), the others one by one."""
         done, deadline = [], time.monotonic() + timeout
         while self._queue and (not done or time.monotonic() < deadline):
-            done.append(self._score(self._queue.popleft()))
+            request = self._queue.popleft()
+            if (why := self._problem(request)) is not None:
+                done.append(Completion(request.request_id, finish_reason="error", error=why))
+                continue
+            if not self._shares_its_prompt(request):
+                done.append(self._completion(request, self._forward(self._whole, request.pairs)))
+                continue
+            batch, tokens = [request], self._tokens(request)
+            while self._queue and len(batch) < BATCH_ROWS and self._batches_with(self._queue[0], tokens):
+                tokens += self._tokens(self._queue[0])
+                batch.append(self._queue.popleft())
+            results = self._forward(self._shared_rows, [r.pairs for r in batch])
+            done += [self._completion(r, res) for r, res in zip(batch, results)]
         return done
 
-    def _score(self, request: Request) -> Completion:
+    def _problem(self, request: Request) -> str | None:
         pairs = request.pairs or ()
         too_long = [i for i, (_, cont) in enumerate(pairs) if len(cont) > self.context_length]
         empty = [i for i, (_, cont) in enumerate(pairs) if not cont]
         if not pairs or too_long or empty:
-            why = ("no choice to score" if not pairs else
-                   f"choice {empty[0]} encodes to no tokens" if empty else
-                   f"choice {too_long[0]} is longer than the model's context ({self.context_length} tokens)")
-            return Completion(request.request_id, finish_reason="error", error=why)
+            return ("no choice to score" if not pairs else
+                    f"choice {empty[0]} encodes to no tokens" if empty else
+                    f"choice {too_long[0]} is longer than the model's context ({self.context_length} tokens)")
+        return None
+
+    def _shares_its_prompt(self, request: Request) -> bool:
+        """One context for every pair, and context + longest continuation within the model's context."""
+        pairs = request.pairs
+        return len({ctx for ctx, _ in pairs}) == 1 and \
+            len(pairs[0][0]) + max(len(c) for _, c in pairs) <= self.context_length + 1
+
+    def _batches_with(self, request: Request, tokens: int) -> bool:
+        return (self._problem(request) is None and self._shares_its_prompt(request)
+                and tokens + self._tokens(request) <= BATCH_TOKENS)
+
+    @staticmethod
+    def _tokens(request: Request) -> int:
+        return len(request.pairs[0][0]) + sum(len(c) for _, c in request.pairs)
+
+    @staticmethod
+    def _forward(fn, arg):
         try:
-            shared = len({ctx for ctx, _ in pairs}) == 1 and \
-                len(pairs[0][0]) + max(len(c) for _, c in pairs) <= self.context_length + 1
-            lls, greedy, computed = self._shared(pairs) if shared else self._whole(pairs)
+            return fn(arg)
         except Exception as e:  # a failed forward pass is the engine's (out of memory, CUDA error), never the row's
             raise EngineDead(f"the model's forward pass failed: {type(e).__name__}: {e}") from e
-        return Completion(request.request_id, finish_reason="stop", num_prompt_tokens=computed,
-                          pair_logprobs=lls, pair_greedy=greedy, pair_tokens=[len(c) for _, c in pairs])
 
-    def _shared(self, pairs) -> tuple[list[float], list[bool], int]:
-        """One pass over the shared context, then every continuation at once on its repeated KV cache."""
+    @staticmethod
+    def _completion(request: Request, result) -> Completion:
+        lls, greedy, computed = result
+        return Completion(request.request_id, finish_reason="stop", num_prompt_tokens=computed,
+                          pair_logprobs=lls, pair_greedy=greedy, pair_tokens=[len(c) for _, c in request.pairs])
+
+    def _shared_rows(self, rows) -> list[tuple[list[float], list[bool], int]]:
+        """Rows whose pairs share their prompt: the prompts in one pass (left-padded, so that each one's last token
+        is the batch's last position), then every row's choices in one more pass, each on its own row's KV cache
+        (cache rows selected per choice; positions continue each prompt's own)."""
         import torch
 
-        ctx, conts = pairs[0][0], [c for _, c in pairs]
-        dev, k, width = self.model.device, len(conts), max(len(c) for c in conts)
-        # targets[i, j]: continuation i's token j (0-padded); logp[i, j] the distribution that predicts it
-        targets = torch.tensor([list(c) + [0] * (width - len(c)) for c in conts], device=dev)
-        valid = torch.tensor([[j < len(c) for j in range(width)] for c in conts], device=dev)
+        ctxs, conts = [p[0][0] for p in rows], [[c for _, c in p] for p in rows]
+        dev, width_ctx = self.model.device, max(len(c) for c in ctxs)
+        mask = torch.tensor([[0] * (width_ctx - len(c)) + [1] * len(c) for c in ctxs], device=dev)
+        ids = torch.tensor([[0] * (width_ctx - len(c)) + list(c) for c in ctxs], device=dev)
+        owner = torch.tensor([i for i, cs in enumerate(conts) for _ in cs], device=dev)
+        flat = [c for cs in conts for c in cs]
+        width = max(len(c) for c in flat)
+        targets = torch.tensor([list(c) + [0] * (width - len(c)) for c in flat], device=dev)
+        valid = torch.tensor([[j < len(c) for j in range(width)] for c in flat], device=dev)
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([list(ctx)], device=dev), use_cache=True)
-            logp = out.logits[:, -1:].log_softmax(-1).expand(k, 1, -1)  # the first token of every continuation
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                             use_cache=True, **self._last_logits_only)
+            logp = out.logits[:, -1:].log_softmax(-1)[owner]  # predicts the first token of every continuation
             if width > 1:
                 cache = getattr(out, self._cache_kwarg)
-                cache.batch_repeat_interleave(k)
-                mask = torch.cat([torch.ones(k, len(ctx), dtype=torch.long, device=dev), valid[:, :-1].long()], 1)
-                rest = self.model(input_ids=targets[:, :-1], attention_mask=mask, use_cache=False,
-                                  **{self._cache_kwarg: cache}).logits.log_softmax(-1)
+                cache.batch_select_indices(owner)
+                lens = mask.sum(1)[owner]
+                rest = self.model(input_ids=targets[:, :-1], use_cache=False, **{self._cache_kwarg: cache},
+                                  attention_mask=torch.cat([mask[owner], valid[:, :-1].long()], 1),
+                                  position_ids=lens[:, None] + torch.arange(width - 1, device=dev)[None]
+                                  ).logits.log_softmax(-1)
                 logp = torch.cat([logp, rest], 1)
             picked = logp.gather(-1, targets[..., None])[..., 0]
             lls = (picked * valid).sum(-1).tolist()
             greedy = ((logp.argmax(-1) == targets) | ~valid).all(-1).tolist()
-        return lls, greedy, len(ctx) + sum(len(c) - 1 for c in conts)
+        out, start = [], 0
+        for ctx, cs in zip(ctxs, conts):
+            out.append((lls[start:start + len(cs)], greedy[start:start + len(cs)],
+                        len(ctx) + sum(len(c) - 1 for c in cs)))
+            start += len(cs)
+        return out
 
     def _whole(self, pairs) -> tuple[list[float], list[bool], int]:
         """Each pair through the model whole, (context + continuation)[-(max_length + 1):][:-1], in padded batches."""
