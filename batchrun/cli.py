@@ -60,16 +60,19 @@ def cmd_plan(args) -> int:
     from batchrun.spec import load_spec
 
     spec = load_spec(args.job, args.overrides)
-    runner = JobRunner(spec, show_progress=False)
-    plan = runner.prepare()
-    rows = [s.num_rows for s in plan.shards]
-    print(json.dumps({
-        "input": plan.summary(),
-        "shards": {"count": len(plan.shards), "rows_per_shard": spec.rows_per_shard,
-                   "smallest": min(rows), "largest": max(rows)},
-        "resources": spec.resources.model_dump(),
-        "spec": spec.model_dump(),
-    }, indent=2))
+
+    def planned(spec) -> dict:
+        plan = JobRunner(spec, show_progress=False).prepare()
+        rows = [s.num_rows for s in plan.shards]
+        return {"input": plan.summary(),
+                "shards": {"count": len(plan.shards), "rows_per_shard": spec.rows_per_shard,
+                           "smallest": min(rows), "largest": max(rows)},
+                "resources": spec.resources.model_dump(), "spec": spec.model_dump()}
+
+    if spec.tasks is not None:  # a suite: each task's plan, every one checked as `run` checks them
+        print(json.dumps({"tasks": {name: planned(task) for name, task in spec.task_specs()}}, indent=2))
+        return 0
+    print(json.dumps(planned(spec), indent=2))
     return 0
 
 

@@ -110,3 +110,13 @@ def test_the_example_suite_runs_on_the_demo_model(tmp_path, ray_cluster, demo_mo
     assert tasks["multiple-choice"]["metrics"]["acc"] >= 0.9 and tasks["arithmetic"]["metrics"]["score_mean"] >= 0.9
     assert tasks["perplexity"]["metrics"]["bits_per_byte"] > 0
     assert tasks["perplexity"]["engine_reused"] is True and tasks["arithmetic"]["engine_reused"] is False
+
+
+def test_plan_shows_each_task_of_a_suite(tmp_path, capsys):
+    from batchrun.cli import main
+
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite(tmp_path)))
+    assert main(["plan", str(tmp_path / "suite.yaml")]) == 0
+    tasks = json.loads(capsys.readouterr().out)["tasks"]
+    assert {n: t["shards"]["count"] for n, t in tasks.items()} == {"t0": 4, "t1": 12, "t2": 4}
+    assert tasks["t1"]["spec"]["output"]["dir"] == str(tmp_path / "out" / "t1")
