@@ -252,17 +252,55 @@ class FaultsSpec(_Section):
     startup_timeout_s: float = Field(900.0, gt=0)  # a worker must have its engine loaded within this
 
 
+_PROMPT_KEYS = ("prompt_column", "prompt_template", "messages_column", "chat", "system_prompt")
+
+
 class TaskSpec(_Section):
     """One task of a suite (JobSpec.tasks): its input, and what it changes of the suite's sampling, output (parse,
-    compression), score and shards. Engine, resources and faults are the suite's; its output goes to
-    <output.dir>/<name>. Each task is validated as a whole job (task_specs), its keys named with the task's."""
+    compression), score and shards. Engine, resources and faults are the suite's. Each task is validated as a whole
+    job (task_specs), its keys named with the task's.
+
+    Shorthands an eval user writes: `prompt` (a Jinja2 template, or a mapping of the input's prompt keys) and `parse`
+    go to input and output; `output` may be just the task's subdirectory (default: its name) under output.dir."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     input: dict[str, Any]
+    prompt: str | dict[str, Any] | None = None  # input.prompt_template, or {prompt_column: ..., chat: true, ...}
     sampling: dict[str, Any] = Field(default_factory=dict)
-    output: dict[str, Any] = Field(default_factory=dict)
+    parse: dict[str, Any] | None = None  # output.parse
+    output: str | dict[str, Any] = Field(default_factory=dict)  # a subdirectory, or output keys (+ subdir)
     score: dict[str, Any] | None = None
     shards: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_shorthands(self) -> TaskSpec:
+        if isinstance(self.prompt, dict) and (extra := sorted(set(self.prompt) - set(_PROMPT_KEYS))):
+            raise ValueError(f"prompt takes {', '.join(_PROMPT_KEYS)} (got {', '.join(extra)})")
+        prompt = self.prompt_keys()
+        if clash := sorted(set(prompt) & set(self.input)):
+            raise ValueError(f"set {clash[0]} in prompt or in input, not both")
+        if self.parse is not None and "parse" in self.output_keys():
+            raise ValueError("set parse or output.parse, not both")
+        sub = self.subdir
+        if not sub or sub.startswith(("/", "\\")) or any(p in ("", ".", "..") for p in re.split(r"[/\\]", sub)):
+            raise ValueError(f"output subdirectory {sub!r} must be a relative path inside output.dir (no '..')")
+        if any(p.startswith(("_", ".")) for p in sub.split("/")):
+            raise ValueError(f"output subdirectory {sub!r}: a name starting with '_' or '.' is skipped by readers")
+        return self
+
+    def prompt_keys(self) -> dict[str, Any]:
+        if self.prompt is None:
+            return {}
+        return {"prompt_template": self.prompt} if isinstance(self.prompt, str) else dict(self.prompt)
+
+    def output_keys(self) -> dict[str, Any]:
+        return {} if isinstance(self.output, str) else {k: v for k, v in self.output.items() if k != "subdir"}
+
+    @property
+    def subdir(self) -> str:
+        if isinstance(self.output, str):
+            return self.output.rstrip("/")
+        return str(self.output.get("subdir") or self.name).rstrip("/")
 
 
 class JobSpec(_Section):
@@ -301,6 +339,9 @@ class JobSpec(_Section):
             names = [t.name for t in self.tasks]
             if not names or len(set(names)) != len(names):
                 raise ValueError(f"tasks need distinct names (got {names})")
+            subdirs = [t.subdir for t in self.tasks]
+            if len(set(subdirs)) != len(subdirs):
+                raise ValueError(f"tasks need distinct output subdirectories (got {subdirs})")
         return self
 
     def task_specs(self) -> list[tuple[str, JobSpec]]:
@@ -309,10 +350,12 @@ class JobSpec(_Section):
         base = self.model_dump(exclude={"tasks", "input"}, exclude_unset=True)
         out = []
         for task in self.tasks or []:
-            raw = {**base, "input": task.input,
-                   "sampling": {**base.get("sampling", {}), **task.sampling},
-                   "output": {**base.get("output", {}), **task.output,
-                              "dir": f"{self.output.dir.rstrip('/')}/{task.name}"},
+            output = {**base.get("output", {}), **task.output_keys(),
+                      "dir": f"{self.output.dir.rstrip('/')}/{task.subdir}"}
+            if task.parse is not None:
+                output["parse"] = task.parse
+            raw = {**base, "input": {**task.input, **task.prompt_keys()},
+                   "sampling": {**base.get("sampling", {}), **task.sampling}, "output": output,
                    "shards": {**base.get("shards", {}), **task.shards}}
             if task.score is not None:
                 raw["score"] = task.score

@@ -120,3 +120,27 @@ def test_plan_shows_each_task_of_a_suite(tmp_path, capsys):
     tasks = json.loads(capsys.readouterr().out)["tasks"]
     assert {n: t["shards"]["count"] for n, t in tasks.items()} == {"t0": 4, "t1": 12, "t2": 4}
     assert tasks["t1"]["spec"]["output"]["dir"] == str(tmp_path / "out" / "t1")
+
+
+def test_task_shorthands_prompt_parse_and_output_subdirectory(tmp_path):
+    raw = suite(tmp_path)
+    raw["tasks"][0] |= {"prompt": "Q: {{ prompt }}", "parse": {"kind": "choice", "choices": ["a", "b"]},
+                        "output": "evals/first"}
+    raw["tasks"][1] |= {"prompt": {"prompt_column": "prompt", "chat": True}, "output": {"compression": "snappy"}}
+    specs = dict(validate_spec(raw).task_specs())
+    first, second = specs["t0"], specs["t1"]
+    assert first.input.prompt_template == "Q: {{ prompt }}" and first.output.parse.choices == ["a", "b"]
+    assert first.output.dir == str(tmp_path / "out" / "evals" / "first")
+    assert second.input.chat and second.output.compression == "snappy"
+    assert second.output.dir == str(tmp_path / "out" / "t1")
+    for task, match in [({"prompt": "x", "input": {"path": "p", "prompt_template": "y"}}, "prompt_template in prompt"),
+                        ({"prompt": {"template": "x"}}, "prompt takes prompt_column"),
+                        ({"output": "../elsewhere"}, "relative path inside output.dir"),
+                        ({"output": "/abs"}, "relative path inside output.dir"),
+                        ({"output": "a/_hidden"}, "skipped by readers"),
+                        ({"parse": {"kind": "json"}, "output": {"parse": {"kind": "json"}}}, "parse or output.parse"),
+                        ({"output": "t1"}, "distinct output subdirectories")]:
+        bad = suite(tmp_path)
+        bad["tasks"][0] = {**bad["tasks"][0], **task}
+        with pytest.raises(SpecError, match=match):
+            validate_spec(bad)
