@@ -136,7 +136,7 @@ def print_summary(s: dict, samples: int = 3) -> None:
     import pyarrow.parquet as pq
 
     from batchrun.cost import cost_line
-    from batchrun.sink import OutputDir
+    from batchrun.store.output import OutputDir
 
     run = s["this_run"]
     print(f"\nbatchrun: {s['status']}: {s['rows']} rows in {s['shards_committed']}/{s['shards']} shards "
@@ -182,7 +182,7 @@ def print_summary(s: dict, samples: int = 3) -> None:
         print(cost_line(s["cost"]))
     print(f"  output: {s['output_dir']} (summary: _summary.json)")
     out = OutputDir(s["output_dir"])
-    parts = out.parts()
+    parts = out.parts.names()
     if parts:  # a few rows of the first part only: the summary never reads the whole output
         with out.open(parts[0]) as fh:
             batch = next(pq.ParquetFile(fh).iter_batches(batch_size=samples))
@@ -193,7 +193,7 @@ def print_summary(s: dict, samples: int = 3) -> None:
 def cmd_export(args) -> int:
     from batchrun.errors import SpecError
     from batchrun.export import export_openai_batch
-    from batchrun.sink import OutputDir
+    from batchrun.store.output import OutputDir
 
     out = OutputDir(args.out_dir)
     if not out.exists():
@@ -212,7 +212,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from batchrun.sink import OutputDir
+    from batchrun.store.output import OutputDir
 
     out = OutputDir(args.out_dir)
     suite = out.read_json(out.join("_suite.json"))
@@ -221,8 +221,9 @@ def cmd_status(args) -> int:
         print(json.dumps(status, indent=2, default=str)) if args.json else print_status(status)
         return 0
     # a suite: each task's status, from its own output subdirectory
-    tasks = {name: job_status(OutputDir(out.join(name) if out.local else f"{out.root}/{name}"), args.plot)
-             for name in suite["tasks"]}
+    subdirs = suite.get("subdirs") or {}
+    tasks = {name: job_status(OutputDir(out.join(sub) if out.local else f"{out.root}/{sub}"), args.plot)
+             for name in suite["tasks"] for sub in [subdirs.get(name, name)]}
     status = {"output_dir": str(out.root), "running": any(t["running"] for t in tasks.values()), "tasks": tasks,
               "rows_committed": sum(t["rows_committed"] for t in tasks.values()),
               "rows_total": sum(t["rows_total"] for t in tasks.values())}
@@ -240,12 +241,12 @@ def cmd_status(args) -> int:
 def job_status(out, plot: bool = False) -> dict:
     """A job's progress from its output dir, during or after a run."""
     from batchrun.cost import account
+    from batchrun.records import committed_only, committed_totals
     from batchrun.runner import score_metrics
-    from batchrun.sink import committed_only, committed_totals
 
-    entries = out.entries()
-    runs = out.runs()
-    job, lock = out.job(), out.lock_holder()
+    entries = out.manifest.entries()
+    runs = out.runs.all()
+    job, lock = out.runs.job(), out.lock.holder()
     committed = committed_only(entries.values())
     quarantined = {e.shard_id: e.error for e in entries.values() if e.state == "quarantined"}
     total_rows = sum(job.get("components", {}).get("input_files", {}).get("rows", []))

@@ -14,7 +14,8 @@ from typing import TextIO
 import pyarrow.parquet as pq
 
 from batchrun.errors import SpecError
-from batchrun.sink import META_KEY, OutputDir
+from batchrun.store.output import OutputDir
+from batchrun.store.parts import META_KEY
 
 
 def _request_id(custom_id: str) -> str:
@@ -47,7 +48,7 @@ def openai_line(row: dict, created: int = 0, default_model: str = "batchrun") ->
 def export_openai_batch(out_dir: str | Path, fh: TextIO) -> int:
     out, n = OutputDir(out_dir), 0
     model = _job_model(out)
-    for part in out.parts():
+    for part in out.parts.names():
         with out.open(part) as src:
             pf = pq.ParquetFile(src)
             if "custom_id" not in pf.schema_arrow.names:
@@ -65,5 +66,5 @@ def export_openai_batch(out_dir: str | Path, fh: TextIO) -> int:
 
 def _job_model(out: OutputDir) -> str:
     """The job's model name (the last part of engine.model), for requests that named none."""
-    model = out.job().get("components", {}).get("engine", {}).get("model")
+    model = out.runs.job().get("components", {}).get("engine", {}).get("model")
     return Path(model).name if model else "batchrun"

@@ -1,4 +1,4 @@
-"""Fingerprints: what identifies a job's outputs (sink: a re-run that would change them is refused) and a built
+"""Fingerprints: what identifies a job's outputs (store/runs.py: a re-run that would change them is refused) and a built
 TensorRT engine (engines/trtllm.py: the engine cache), as short sha256 digests of canonical JSON."""
 
 from __future__ import annotations

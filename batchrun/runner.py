@@ -24,11 +24,13 @@ from batchrun.pool import WorkerPool
 from batchrun.process import on_stop_signals, peak_rss_mb, steady_arrow_pool
 from batchrun.progress import Progress
 from batchrun.prompts import PromptBuilder
+from batchrun.records import committed_only, committed_totals
 from batchrun.scan import check_choices_column, check_template_renders, scan_input
 from batchrun.shard_queue import ShardQueue
-from batchrun.sink import OutputDir, committed_only, committed_totals, store_retries
 from batchrun.sources import open_source
 from batchrun.spec import JobSpec
+from batchrun.store.fs import store_retries
+from batchrun.store.output import OutputDir
 
 log = logging.getLogger("batchrun")
 
@@ -111,22 +113,22 @@ class JobRunner:
         plan = plan or self.prepare()
         self.timings["plan_s"] = round(time.time() - self.invoked_at, 3)  # plan and the input scan
         self.out.ensure()
-        self.out.acquire_lock(self.run_id, self.break_lock)
+        self.out.lock.acquire(self.run_id, self.break_lock)
         try:
             self.out.check_fingerprint(self.components(plan), self.overwrite,
                                        may_change=retry_may_change if self.retry_errors else None)
             # One manifest read: the segments merged into one (a re-run retries quarantined shards, so their
             # entries go); after a run that did not end cleanly, parts committed just before it died get their
             # entries back from their footers.
-            complete = self.out.take_complete_mark()
-            committed = self.out.compact(self.run_id, keep_quarantined=False)
+            complete = self.out.manifest.take_complete_mark()
+            committed = self.out.manifest.compact(self.run_id, keep_quarantined=False)
             if complete != len(committed):  # the last run did not end cleanly: list the parts (a LIST per 1,000)
-                committed |= self.out.reconcile(committed, self.run_id)
+                committed |= self.out.manifest.reconcile(committed, self.run_id)
             self.out.clean_tmp()
             revise = {sid for sid, e in committed.items() if e.error_rows} if self.retry_errors else set()
             return self._run(plan, set(committed), revise)
         finally:
-            self.out.release_lock(self.run_id)
+            self.out.lock.release(self.run_id)
 
     def _run(self, plan: Plan, committed: set[int], revise: set[int]) -> JobResult:
         import ray
@@ -168,8 +170,8 @@ class JobRunner:
                     recorded = time.time()
                 self._check_stall(snap, pool)
                 pool.watch()
-                if self.out.lock_lost:
-                    raise JobFailed(f"output dir {self.out.root}: {self.out.lock_lost}; stopping this run (what it "
+                if self.out.lock.lost:
+                    raise JobFailed(f"output dir {self.out.root}: {self.out.lock.lost}; stopping this run (what it "
                                     "committed is kept)")
             pool.finish()  # let workers see DONE, close their engines and hand back their final counters
             snap = ray.get(queue.progress.remote())
@@ -247,7 +249,7 @@ class JobRunner:
         record = run_record(self.run_id, self.spec.resources.gpus_per_worker, self.n_workers, self.invoked_at,
                             time.time(), pool.lives(stats), generated, finished, self.spec.resources.gpu_hour_cost)
         try:
-            self.out.write_run(record)
+            self.out.runs.write(record)
         except Exception as e:  # noqa: BLE001 - never fail a job over its cost record
             log.warning("could not write the run's cost record: %s", e)
         return record
@@ -256,15 +258,15 @@ class JobRunner:
         """The parts this run replaced (`--retry-errors`), as their footers say now that no worker is left: when two
         attempts of a revision both wrote, the last write stands, and its entry is the one to keep."""
         mine = [sid for sid, e in entries.items() if e.run_id == self.run_id and e.revision]
-        footers = {sid: self.out.part_entry(sid) for sid in mine}
+        footers = {sid: self.out.parts.entry(sid) for sid in mine}
         return {sid: f for sid, f in footers.items() if f is not None and f != entries[sid]}
 
     def write_summary(self, snap: dict, report: dict, pool: WorkerPool) -> dict:
-        merged = self.out.compact(self.run_id)  # this run's segments merged into one
+        merged = self.out.manifest.compact(self.run_id)  # this run's segments merged into one
         if override := self.revised_entries(merged):
-            merged = self.out.compact(self.run_id, override=override)
+            merged = self.out.manifest.compact(self.run_id, override=override)
         entries = committed_only(merged.values())
-        self.out.mark_complete(len(entries))  # no worker of this run is left: the manifest holds every part
+        self.out.manifest.mark_complete(len(entries))  # no worker of this run is left: the manifest holds every part
         wall = time.time() - self.invoked_at  # the whole command: plan, Ray start, engine loads and the work
         this_run = [e for e in entries if e.run_id == self.run_id]
         revised = [e.retried for e in this_run if e.retried]
@@ -278,7 +280,7 @@ class JobRunner:
             w["generated_tokens"] += e.generated_tokens
         totals = committed_totals(entries)
         self._record_run(pool, snap["workers"], finished=True, generated=gen)
-        cost = account(self.out.runs(), self.spec.resources.gpu_hour_cost)
+        cost = account(self.out.runs.all(), self.spec.resources.gpu_hour_cost)
         cached = totals["cached_prompt_tokens"]
         schedules = {w: i.get("prefix_schedule") for w, i in pool.results.items()}
         summary = {
@@ -398,7 +400,8 @@ class SuiteRunner:
         runners = [(name, JobRunner(spec, **self.kwargs)) for name, spec in tasks]
         plans = [runner.prepare() for _, runner in runners]  # a mistake in any task stops the suite before any work
         self.out.ensure()
-        self.out.write_bytes(self.out.join("_suite.json"), json.dumps({"tasks": [n for n, _ in tasks]}).encode())
+        suite = {"tasks": [n for n, _ in tasks], "subdirs": {t.name: t.subdir for t in self.spec.tasks}}
+        self.out.write_bytes(self.out.join("_suite.json"), json.dumps(suite).encode())
         summaries, failed, pool = {}, {}, None
         try:
             for i, ((name, runner), plan) in enumerate(zip(runners, plans)):

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 from batchrun.metrics import record as record_metric
 from batchrun.process import set_niceness
+from batchrun.records import ManifestEntry
 from batchrun.shards import Shard
-from batchrun.sink import ManifestEntry, OutputDir, store_retries
+from batchrun.store.fs import Store, store_retries
+from batchrun.store.manifest import Manifest
 
 log = logging.getLogger("batchrun.queue")
 WAIT, DONE, DRAIN = "wait", "done", "drain"
@@ -53,13 +55,13 @@ class ShardQueue:
         # Every worker waits on this one thread for its next shard: it runs at the workers' priority
         # (resources.niceness), not behind everything else on the head node at Ray's 15
         set_niceness(niceness)
-        self.out = OutputDir(out_dir)
+        self.manifest = Manifest(Store(out_dir))  # the queue writes the manifest, nothing else
         self.run_id = run_id
         self.max_attempts = max_attempts
         self.lease_timeout_s = lease_timeout_s
         self.shards = {s.shard_id: s for s in shards}
         if done is None:
-            done = set(self.out.committed())
+            done = set(self.manifest.committed())
         self.revise = set(revise)
         done = set(done) - self.revise
         # pending: the order shards are handed out in; pending_ids: which of them are still to do (a commit from a
@@ -162,7 +164,7 @@ class ShardQueue:
                 return False
             # The winner's own report has not arrived (or never will: it died right after its commit): record the
             # winner's entry, from its part's footer.
-            entry = self.out.part_entry(sid) or entry
+            entry = self.manifest.parts.entry(sid) or entry
         elif sid in self.done:
             return True  # the loser reported first and recorded this entry from the footer
         with self._flush_lock:
@@ -188,7 +190,7 @@ class ShardQueue:
                 self._uploader.join()
             if batch := self._take():
                 try:
-                    self.out.append_entries(*batch)
+                    self.manifest.append(*batch)
                 except BaseException:
                     self._put_back(batch[0])
                     raise
@@ -208,7 +210,7 @@ class ShardQueue:
         if self.segments % 64 == 0 and not (self._compactor and self._compactor.is_alive()):
             # a long run: its segments merged into one now and then (~1 a minute), on a thread of its own so that
             # no lease waits for it (a segment written meanwhile, or still uploading, is left for the next merge)
-            self._compactor = threading.Thread(target=self.out.compact, args=(self.run_id,),
+            self._compactor = threading.Thread(target=self.manifest.compact, args=(self.run_id,),
                                                kwargs={"only_run": True}, daemon=True)
             self._compactor.start()
 
@@ -227,7 +229,7 @@ class ShardQueue:
 
     def _upload(self, batch) -> None:
         try:
-            self.out.append_entries(*batch)
+            self.manifest.append(*batch)
         except Exception as e:  # noqa: BLE001 - kept for the next tick; the footers hold the entries meanwhile
             log.warning("manifest segment not written (%s: %s); retried at the next tick", type(e).__name__, e)
             self._put_back(batch[0])

@@ -59,11 +59,13 @@ from batchrun.process import (
     use_steady_arrow_pool,
 )
 from batchrun.prompts import PromptBuilder
+from batchrun.records import ManifestEntry
 from batchrun.shard_queue import DONE, DRAIN, WAIT
 from batchrun.shards import Shard
-from batchrun.sink import ManifestEntry, OutputDir, entry_in, ids_digest, store_retries
 from batchrun.sources import open_source
 from batchrun.spec import LOGLIKELIHOOD_METHODS, JobSpec
+from batchrun.store.fs import Store, store_retries
+from batchrun.store.parts import Parts, entry_in, ids_digest
 
 log = logging.getLogger("batchrun.worker")
 
@@ -97,7 +99,7 @@ class Worker:
         self.queue = shard_queue
         self.source = open_source(self.spec.input)
         self.prompts = PromptBuilder(self.spec.input)
-        self.out = OutputDir(self.spec.output.dir)
+        self.parts = Parts(Store(self.spec.output.dir))  # a worker writes parts, nothing else
         self.sampling = sampling_from_spec(self.spec.sampling)
         self.id_column = self.spec.input.id_column
         passthrough = [c for c in self.spec.input.passthrough_columns if c != self.id_column]
@@ -153,7 +155,7 @@ class Worker:
         before = engine_key(self.spec)
         self._configure(spec_json, units, shard_queue, run_id)
         if self.engine is not None and engine_key(self.spec) == before:
-            self.out.probe_write()
+            self.parts.store.probe_write()
             self._set(engine_start_s=0.0, engine_ready_at=time.time(), engine_reused=True,
                       kv_cache_tokens=self.engine.kv_cache_tokens, prefix_reuse=self.engine.prefix_reuse)
             self._beat()
@@ -163,7 +165,7 @@ class Worker:
 
     def start(self) -> dict:
         """Load the engine. A failure here surfaces to the driver as this call's error."""
-        self.out.probe_write()  # an object store: these credentials can create under the prefix, exclusively
+        self.parts.store.probe_write()  # an object store: these credentials can create under the prefix, exclusively
         started = time.time()
         with RssSampler() as load_rss:  # what the load holds in memory, anonymous vs a mapped checkpoint
             self.engine = create_engine(self.spec.engine, self.spec.sampling, self.spec.output.parse,
@@ -366,7 +368,7 @@ class Worker:
         keep = key_columns(table, shard, self.id_column, self.keep_columns)
         base, rows = None, None
         if revise:
-            base = self.out.read_part(shard.shard_id)
+            base = self.parts.read(shard.shard_id)
             rows = redo_rows(base, self.sampling.n)
             table, keep = table.take(rows), keep.take(rows)
             ids = base.column(keep.column_names[0]).take([r * self.sampling.n for r in rows])
@@ -418,8 +420,8 @@ class Worker:
                 table, entry = self._revision(task, table, entry)
             # The commit happens here, not in the queue actor: the store's exclusive create decides the one winner,
             # and the queue only records it (its single thread never waits on an upload).
-            published = self.out.publish(table, entry, self.spec.output.compression)
-            if not published and self.out.part_entry(entry.shard_id) == entry:
+            published = self.parts.publish(table, entry, self.spec.output.compression)
+            if not published and self.parts.entry(entry.shard_id) == entry:
                 published = True  # a retried PUT whose first try landed: this attempt's own part
             ray.get(self.queue.commit.remote(entry, published, self._beat_payload()))
             record("rows", table.num_rows, **self.tags)

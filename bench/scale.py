@@ -32,8 +32,9 @@ import ray  # noqa: E402
 from batchrun.plan import cut_shards  # noqa: E402
 from batchrun.pool import HEARTBEATS_PER_S  # noqa: E402
 from batchrun.process import peak_rss_mb  # noqa: E402
+from batchrun.records import ManifestEntry  # noqa: E402
 from batchrun.shard_queue import DONE, WAIT, ShardQueue  # noqa: E402
-from batchrun.sink import ManifestEntry, OutputDir  # noqa: E402
+from batchrun.store.output import OutputDir  # noqa: E402
 
 
 @ray.remote(num_cpus=0)
@@ -80,7 +81,7 @@ class SimClients:
                                       started_at=time.time(), committed_at=time.time())
                 t1 = time.perf_counter()
                 # the worker's own commit (exclusive create of the part), then the queue's bookkeeping
-                published = od.create(od.part_path(shard.shard_id), b"PAR1")
+                published = od.create(od.parts.path(shard.shard_id), b"PAR1")
                 last_beat[wid] = time.time()
                 await queue.commit.remote(entry, published, ("sim", os.getpid(), {"in_flight": 1}))
                 commit_lat.append(time.perf_counter() - t1)
@@ -154,9 +155,9 @@ def resume_time(n: int, url: str) -> dict:
     od.ensure()
     t0 = time.perf_counter()
     for first in range(0, n, 1000):
-        od.append_entries([ManifestEntry(sid, "committed", rows=1, worker="w", node="n", run_id="r0")
+        od.manifest.append([ManifestEntry(sid, "committed", rows=1, worker="w", node="n", run_id="r0")
                            for sid in range(first, min(n, first + 1000))], "r0", first // 1000)
-    parts = {od.part_path(sid): b"PAR1" for sid in range(n)}
+    parts = {od.parts.path(sid): b"PAR1" for sid in range(n)}
     if od.local:
         for path, data in parts.items():
             od.create(path, data)
@@ -167,12 +168,12 @@ def resume_time(n: int, url: str) -> dict:
     out = {"resume_shards": n, "store": "local" if od.local else od.protocol, "setup_s": round(setup_s, 1)}
     for case in ("after a crash", "after a clean end"):  # the start of runner.run: the same calls
         t0 = time.perf_counter()
-        complete = od.take_complete_mark()
-        committed = set(od.compact("resume", keep_quarantined=False))
+        complete = od.manifest.take_complete_mark()
+        committed = set(od.manifest.compact("resume", keep_quarantined=False))
         compact_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         if complete != len(committed):
-            assert od.reconcile(committed, "resume") == []
+            assert od.manifest.reconcile(committed, "resume") == []
         reconcile_s = time.perf_counter() - t1
         t1 = time.perf_counter()
         q = ShardQueue(od.root, shards, "resume", 4, 120.0, done=committed)  # as the runner starts it
@@ -180,7 +181,7 @@ def resume_time(n: int, url: str) -> dict:
         assert len(committed) == n and not q.pending
         out[case] = {"resume_s": round(time.perf_counter() - t0, 2), "merge_segments_s": round(compact_s, 2),
                      "list_parts_s": round(reconcile_s, 2), "queue_rebuild_s": round(queue_s, 2)}
-        od.mark_complete(len(committed))
+        od.manifest.mark_complete(len(committed))
     return out
 
 

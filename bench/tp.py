@@ -47,9 +47,9 @@ def run_job(model: Path, tp: int, n: int, src: str | None) -> dict:
     if proc.returncode != 0:
         return {"error": proc.stderr[-800:]}
     s = json.loads((work / "out" / "_summary.json").read_text())
-    from batchrun.sink import OutputDir
+    from batchrun.store.output import OutputDir
 
-    last_commit = max((e.committed_at for e in OutputDir(work / "out").entries().values()), default=exited)
+    last_commit = max((e.committed_at for e in OutputDir(work / "out").manifest.entries().values()), default=exited)
     window = max(s["worker_engine_window_s"].values())
     return {"tok_s": round(s["generated_tokens"] / window), "tok_s_command": round(s["generated_tokens"] /
                                                                                    (exited - t0)),

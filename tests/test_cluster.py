@@ -264,9 +264,9 @@ def test_sigterm_to_every_worker_of_one_node_drains_them_and_the_job_finishes(cl
     assert len(drained) == len(victims) and summary["worker_restarts"] == 0 and summary["engine_deaths"] == 0, summary
     assert all(d["why"] == "SIGTERM" for d in drained.values())
     handed = [sid for d in drained.values() for sid in d["handed_back"]]
-    from batchrun.sink import OutputDir
+    from batchrun.store.output import OutputDir
 
-    entries = OutputDir(tmp_path / "out").entries()
+    entries = OutputDir(tmp_path / "out").manifest.entries()
     relet = sorted(round(entries[sid].started_at - signalled, 2) for sid in handed)
     print(f"node SIGTERM -> re-lease of {len(relet)} handed-back shard(s): {relet} s")
     assert handed and all(0 < x < lease_s / 2 for x in relet), relet  # handed back, not expired

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from batchrun.runner import JobRunner
-from batchrun.sink import OutputDir
 from batchrun.spec import validate_spec
+from batchrun.store.output import OutputDir
 from tests.conftest import PYTHON, ROOT, cli_env, read_output, write_parquet
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def test_sigterm_to_a_worker_drains_and_its_shards_are_leased_again_at_once(tmp_
     drained = summary["drains"][summary["workers_drained"][0]]
     # at least the shard its prefetcher had leased ahead and not started is handed back
     assert drained["why"] == "SIGTERM" and drained["handed_back"]
-    entries = OutputDir(tmp_path / "out").entries()
+    entries = OutputDir(tmp_path / "out").manifest.entries()
     # the shards it handed back were leased again (by another worker) within seconds, not after the lease timeout
     relet = [entries[sid].started_at - signalled for sid in drained["handed_back"]]
     print(f"signal -> re-lease of {len(relet)} handed-back shard(s): {[round(x, 2) for x in relet]} s")
@@ -95,8 +95,8 @@ def test_sigterm_to_the_driver_drains_then_a_rerun_finishes_without_recomputing(
     assert "drained" in stderr and "Re-run the same command to resume" in stderr
     assert stopped_in < 200, stopped_in  # drain_s, a heartbeat and closing: never the 300 s lease timeout
     out = OutputDir(tmp_path / "out")
-    committed = {e.shard_id for e in out.entries().values() if e.state == "committed"}
-    assert committed == {int(p.rsplit("-", 1)[1].split(".")[0]) for p in out.parts()}  # manifest flushed
+    committed = {e.shard_id for e in out.manifest.entries().values() if e.state == "committed"}
+    assert committed == {int(p.rsplit("-", 1)[1].split(".")[0]) for p in out.parts.names()}  # manifest flushed
     assert 4 <= len(committed) < rows // 10
     calls_before = collections.Counter(line for f in (tmp_path / "calls").glob("*.log")
                                        for line in f.read_text().split())

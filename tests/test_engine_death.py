@@ -15,8 +15,8 @@ import pyarrow as pa
 import pytest
 
 from batchrun.runner import JobRunner
-from batchrun.sink import OutputDir
 from batchrun.spec import validate_spec
+from batchrun.store.output import OutputDir
 from tests.conftest import read_output, write_parquet
 from tests.procs import pids_where
 
@@ -46,7 +46,7 @@ def assert_one_engine_death(summary: dict) -> None:
     assert summary["status"] == "succeeded" and summary["error_rows"] == 0
     assert summary["engine_deaths"] == 1 and summary["worker_restarts"] == 1
     assert summary["shards_quarantined"] == {}
-    entries = OutputDir(summary["output_dir"]).entries()
+    entries = OutputDir(summary["output_dir"]).manifest.entries()
     assert all(e.error_rows == 0 for e in entries.values())
 
 

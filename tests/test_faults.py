@@ -20,8 +20,8 @@ import yaml
 
 from batchrun.errors import JobFailed, OutputLocked, SpecError
 from batchrun.runner import JobRunner
-from batchrun.sink import OutputDir
 from batchrun.spec import validate_spec
+from batchrun.store.output import OutputDir
 from tests.conftest import PYTHON, ROOT, cli_env, read_output, write_parquet
 from tests.procs import pids_where
 
@@ -114,9 +114,9 @@ def test_driver_sigkill_then_rerun_resumes_without_recomputing(tmp_path, ray_clu
     assert not alive, alive
     out = OutputDir(tmp_path / "out")
     # What is committed is what has a part: the manifest may lag by its last segment (the re-run reconciles it)
-    committed_before = {int(p.rsplit("-", 1)[1].split(".")[0]) for p in out.parts()}
+    committed_before = {int(p.rsplit("-", 1)[1].split(".")[0]) for p in out.parts.names()}
     assert 8 <= len(committed_before) < n // 50
-    assert set(out.entries()) <= committed_before
+    assert set(out.manifest.entries()) <= committed_before
     # left behind by the killed driver: stale, broken by the re-run
     assert os.path.exists(out.join("_batchrun", "lock.json"))
 
@@ -127,7 +127,7 @@ def test_driver_sigkill_then_rerun_resumes_without_recomputing(tmp_path, ray_clu
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
     assert summary["shards_skipped"] >= len(committed_before)
     # Engine calls of the re-run: none for a shard committed before it started.
-    entries = out.entries()
+    entries = out.manifest.entries()
     for sid in committed_before:
         assert entries[sid].run_id != summary["run_id"]  # never re-committed
     rerun_shards = {sid for sid, e in entries.items() if e.run_id == summary["run_id"]}
@@ -154,7 +154,7 @@ def test_poison_shard_is_quarantined_and_retried_on_rerun(tmp_path, ray_cluster)
     assert "engine crashed on a poison prompt" in proc.stderr
     got = read_output(tmp_path / "out")
     assert sorted(got.column("id").to_pylist()) == [i for i in range(100) if not 30 <= i < 40]
-    entries = OutputDir(tmp_path / "out").entries()
+    entries = OutputDir(tmp_path / "out").manifest.entries()
     assert entries[3].state == "quarantined" and "poison" in entries[3].error
     status = subprocess.run([PYTHON, "-m", "batchrun.cli", "status", str(tmp_path / "out"), "--json"], cwd=ROOT,
                             env=cli_env(), capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""The shard queue's state machine and the sink's commit, without Ray (the queue is a plain class)."""
+"""The shard queue's state machine and the commit of parts, without Ray (the queue is a plain class)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrun.plan import cut_shards
+from batchrun.records import ManifestEntry
 from batchrun.shard_queue import DONE, WAIT, ShardQueue
-from batchrun.sink import ManifestEntry, OutputDir, ids_digest
+from batchrun.store.output import OutputDir
+from batchrun.store.parts import ids_digest
 
 
 def make_queue(tmp_path, n_shards=3, **kw):
@@ -24,7 +26,7 @@ def commit(q, out, shard_id, worker, ids, attempt=1):
     table = pa.table({"id": ids, "generated_text": [worker] * len(ids)})
     entry = ManifestEntry(shard_id, "committed", rows=len(ids), ids_digest=ids_digest(table.column("id")),
                           attempt=attempt, worker=worker)
-    return q.commit(entry, out.publish(table, entry, "zstd"))
+    return q.commit(entry, out.parts.publish(table, entry, "zstd"))
 
 
 def test_stale_worker_commit_is_a_noop(tmp_path):
@@ -35,9 +37,9 @@ def test_stale_worker_commit_is_a_noop(tmp_path):
     assert q.lease("w2").shard_id == 0
     assert commit(q, out, 0, "w2", list(range(10)), attempt=2) is True
     assert commit(q, out, 0, "w1", list(range(10)), attempt=1) is False  # the stale worker comes back
-    assert pq.read_table(out.part_path(0)).column("generated_text").to_pylist() == ["w2"] * 10
+    assert pq.read_table(out.parts.path(0)).column("generated_text").to_pylist() == ["w2"] * 10
     q.flush()
-    assert out.entries()[0].worker == "w2" and out.entries()[0].attempt == 2
+    assert out.manifest.entries()[0].worker == "w2" and out.manifest.entries()[0].attempt == 2
     assert q.progress()["duplicates"] == 1
     assert not out.list(out.tmp)
 
@@ -51,10 +53,10 @@ def test_loser_reporting_first_records_the_winners_entry(tmp_path):
     q.lease("w2")
     table = pa.table({"id": list(range(10)), "generated_text": ["w1"] * 10})
     won = ManifestEntry(0, "committed", rows=10, ids_digest=ids_digest(table.column("id")), attempt=1, worker="w1")
-    assert out.publish(table, won, "zstd") is True  # w1 commits, then dies before telling the queue
+    assert out.parts.publish(table, won, "zstd") is True  # w1 commits, then dies before telling the queue
     assert commit(q, out, 0, "w2", list(range(10)), attempt=2) is False
     q.flush()
-    assert out.entries()[0].worker == "w1" and 0 in q.done and 0 not in q.leases
+    assert out.manifest.entries()[0].worker == "w1" and 0 in q.done and 0 not in q.leases
     assert q.commit(won, True) is True  # w1's report arriving late changes nothing
     assert q.progress()["duplicates"] == 1 and q.progress()["shards_done"] == 1
 
@@ -66,7 +68,7 @@ def test_commit_is_no_clobber_even_across_queues(tmp_path):
     q1.lease("a"), q2.lease("b")
     assert commit(q1, out, 0, "a", list(range(10))) is True
     assert commit(q2, out, 0, "b", list(range(10))) is False
-    assert pq.read_table(out.part_path(0)).column("generated_text").to_pylist() == ["a"] * 10
+    assert pq.read_table(out.parts.path(0)).column("generated_text").to_pylist() == ["a"] * 10
 
 
 def test_failures_quarantine_after_max_attempts_and_rerun_retries(tmp_path):
@@ -76,7 +78,7 @@ def test_failures_quarantine_after_max_attempts_and_rerun_retries(tmp_path):
         assert s.shard_id == 0  # a failed shard goes to the front of the queue
         q.fail(0, "w", f"boom {attempt}")
     assert q.report()["quarantined"][0]["error"] == "boom 1"
-    assert out.entries()[0].state == "quarantined"
+    assert out.manifest.entries()[0].state == "quarantined"
     assert [q.lease("w").shard_id, q.lease("w").shard_id] == [1, 2]
     assert q.lease("w") == WAIT
     commit(q, out, 1, "w", list(range(10, 20)))
@@ -135,10 +137,10 @@ def test_reconcile_rebuilds_entry_of_a_part_committed_before_a_crash(tmp_path):
     q, out = make_queue(tmp_path)
     q.lease("w")
     commit(q, out, 0, "w", list(range(10)))
-    assert q.unflushed and out.entries() == {}  # crash after the commit, before the queue wrote its segment
-    assert list(out.reconcile(set(), "run2")) == [0]
-    assert out.entries()[0].ids_digest == q.unflushed[0].ids_digest
-    assert out.reconcile(set(out.entries()), "run3") == {}
+    assert q.unflushed and out.manifest.entries() == {}  # crash after the commit, before the queue wrote its segment
+    assert list(out.manifest.reconcile(set(), "run2")) == [0]
+    assert out.manifest.entries()[0].ids_digest == q.unflushed[0].ids_digest
+    assert out.manifest.reconcile(set(out.manifest.entries()), "run3") == {}
 
 
 def test_manifest_segments_merge_in_any_order_and_compact(tmp_path):
@@ -146,27 +148,27 @@ def test_manifest_segments_merge_in_any_order_and_compact(tmp_path):
     out.ensure()
     q = ManifestEntry(0, "quarantined", committed_at=1.0, error="boom")
     c = ManifestEntry(0, "committed", rows=10, committed_at=0.5)  # a later run committed it
-    out.append_entries([c, ManifestEntry(1, "committed", rows=10)], "r2", 0)
-    out.append_entries([q, ManifestEntry(2, "quarantined", committed_at=2.0, error="bad")], "r1", 0)
-    entries = out.entries()
+    out.manifest.append([c, ManifestEntry(1, "committed", rows=10)], "r2", 0)
+    out.manifest.append([q, ManifestEntry(2, "quarantined", committed_at=2.0, error="bad")], "r1", 0)
+    entries = out.manifest.entries()
     assert entries[0].state == "committed" and entries[2].state == "quarantined"
-    merged = out.compact("r3", keep_quarantined=False)  # a re-run retries quarantined shards
+    merged = out.manifest.compact("r3", keep_quarantined=False)  # a re-run retries quarantined shards
     assert sorted(merged) == [0, 1] and len(out.list(out.manifest_dir)) == 1
-    assert sorted(out.entries()) == [0, 1]
-    assert out.compact("r4") == out.entries()  # one segment: nothing to merge, nothing written
+    assert sorted(out.manifest.entries()) == [0, 1]
+    assert out.manifest.compact("r4") == out.manifest.entries()  # one segment: nothing to merge, nothing written
     assert len(out.list(out.manifest_dir)) == 1
 
 
 def test_a_long_run_merges_its_own_segments_as_it_goes(tmp_path):
     q, out = make_queue(tmp_path, n_shards=200)
-    out.append_entries([ManifestEntry(199, "committed", rows=10)], "earlier", 0)  # another run's segment stays
+    out.manifest.append([ManifestEntry(199, "committed", rows=10)], "earlier", 0)  # another run's segment stays
     for sid in range(130):
         q.lease("w")
         commit(q, out, sid, "w", list(range(sid * 10, sid * 10 + 10)))
         q.flush()  # one segment per commit here: the queue merges its own every 64
     segments = out.list(out.manifest_dir)
     assert len(segments) == 1 + 1 + 2  # the earlier run's, one merged of 128, and the last 2
-    assert sorted(out.entries()) == list(range(130)) + [199]
+    assert sorted(out.manifest.entries()) == list(range(130)) + [199]
 
 
 def test_ids_digest_ignores_chunking():
@@ -227,7 +229,7 @@ def test_a_commit_carries_the_workers_heartbeat(tmp_path, monkeypatch):
     clock.now = t0 + 0.2
     table = pa.table({"id": list(range(10)), "generated_text": ["w"] * 10})
     entry = ManifestEntry(0, "committed", rows=10, ids_digest=ids_digest(table.column("id")), attempt=1, worker="w")
-    assert q.commit(entry, out.publish(table, entry, "zstd"), ("node-a", 42, {"in_flight": 7})) is True
+    assert q.commit(entry, out.parts.publish(table, entry, "zstd"), ("node-a", 42, {"in_flight": 7})) is True
     expire_at(q, clock, t0 + 0.4)  # 0.4 s after the lease: shard 1 is still held, renewed by the commit's heartbeat
     assert 1 in q.leases
     expire_at(q, clock, t0 + 0.55)  # and lost once the commit's heartbeat is older than the timeout
@@ -271,14 +273,14 @@ def test_a_revision_replaces_the_part_and_readers_see_every_row_once_at_every_in
         table = pa.table({"id": list(range(10)), "generated_text": [f"r{revision}"] * 10})
         entry = ManifestEntry(0, "committed", rows=10, ids_digest=ids_digest(table.column("id")), revision=revision,
                               retried={"rows": 1, "still_failing": 0, "generated_tokens": 3})
-        assert out.publish(table, entry, "zstd") is True  # a revision is a replacement, never refused
+        assert out.parts.publish(table, entry, "zstd") is True  # a revision is a replacement, never refused
         entries.append(entry)
     stop.set()
     reader.join()
     assert seen and all(ids == list(range(10)) for ids in seen)
-    assert pq.read_table(out.part_path(0)).column("generated_text").to_pylist() == ["r39"] * 10
-    assert out.part_entry(0).revision == 39 and out.part_entry(0).retried["generated_tokens"] == 3
+    assert pq.read_table(out.parts.path(0)).column("generated_text").to_pylist() == ["r39"] * 10
+    assert out.parts.entry(0).revision == 39 and out.parts.entry(0).retried["generated_tokens"] == 3
     quarantined = ManifestEntry(0, "quarantined", committed_at=time.time() + 60, error="a failed retry")
     for k, order in enumerate([entries, entries[::-1]]):
-        out.append_entries([*order[:20], quarantined, *order[20:]], f"r{k}", 0)
-        assert out.entries()[0].revision == 39 and out.entries()[0].retried["rows"] == 1
+        out.manifest.append([*order[:20], quarantined, *order[20:]], f"r{k}", 0)
+        assert out.manifest.entries()[0].revision == 39 and out.manifest.entries()[0].retried["rows"] == 1

@@ -13,8 +13,8 @@ import yaml
 from batchrun.cli import main
 from batchrun.errors import SpecError
 from batchrun.runner import JobRunner
-from batchrun.sink import OutputDir
 from batchrun.spec import validate_spec
+from batchrun.store.output import OutputDir
 from tests.conftest import read_output, write_parquet
 
 pytestmark = pytest.mark.slow
@@ -43,14 +43,14 @@ def test_retry_errors_redoes_only_error_rows_and_replaces_their_parts(tmp_path, 
     assert first["error_rows"] == 4 and first["retried_error_rows"] == {"shards": 0, "rows": 0, "still_failing": 0}
     before = rows_by_id(tmp_path / "out")
     out = OutputDir(tmp_path / "out")
-    untouched = out.read_part(2)  # shard 2 (rows 20-29) has no error row
+    untouched = out.parts.read(2)  # shard 2 (rows 20-29) has no error row
 
     # a transient fault that is not over: the rows are redone and still fail; nothing else is touched
     again = run(raw, retry_errors=True)
     assert again["retried_error_rows"] == {"shards": 3, "rows": 4, "still_failing": 4}
     assert again["this_run"]["rows"] == 4 and again["error_rows"] == 4 and again["shards_committed"] == 4
-    assert {s: e.revision for s, e in out.committed().items()} == {0: 1, 1: 1, 2: 0, 3: 1}
-    assert out.read_part(2).equals(untouched)
+    assert {s: e.revision for s, e in out.manifest.committed().items()} == {0: 1, 1: 1, 2: 0, 3: 1}
+    assert out.parts.read(2).equals(untouched)
 
     # the fixed template is refused for a plain re-run, accepted for the error rows
     fixed = {**raw, "input": {**raw["input"], "prompt_template": "{{ q | replace('BADREQ', 'mended') }}"}}
@@ -68,12 +68,12 @@ def test_retry_errors_redoes_only_error_rows_and_replaces_their_parts(tmp_path, 
             assert row["generated_text"] == f"row {i} mended"
         else:  # committed without error: its output is the first run's, byte for byte
             assert row == before[i]
-    entries = out.committed()
+    entries = out.manifest.committed()
     assert {s: e.revision for s, e in entries.items()} == {0: 2, 1: 2, 2: 0, 3: 2}
     assert all(e.error_rows == 0 and e.rows == 10 for e in entries.values())
-    part = pq.read_table(out.part_path(1))
-    assert out.part_entry(1) == entries[1] and part.column("id").to_pylist() == list(range(10, 20))
-    assert len(out.job()["replaced"]) == 1  # the job record took the fixed spec and keeps the one it replaced
+    part = pq.read_table(out.parts.path(1))
+    assert out.parts.entry(1) == entries[1] and part.column("id").to_pylist() == list(range(10, 20))
+    assert len(out.runs.job()["replaced"]) == 1  # the job record took the fixed spec and keeps the one it replaced
 
     # the plan and the output's columns may not change under --retry-errors
     with pytest.raises(SpecError, match=r"rows_per_shard: 10 -> 20[\s\S]*which rows a shard holds"):

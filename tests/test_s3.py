@@ -18,9 +18,13 @@ import pytest
 import yaml
 
 from batchrun.errors import OutputLocked, SpecError
+from batchrun.records import ManifestEntry
 from batchrun.runner import JobRunner
-from batchrun.sink import LOCK_LEASE_S, ManifestEntry, OutputDir, ids_digest, name_number
 from batchrun.spec import validate_spec
+from batchrun.store.fs import name_number
+from batchrun.store.lock import LOCK_LEASE_S
+from batchrun.store.output import OutputDir
+from batchrun.store.parts import ids_digest
 from tests.conftest import PYTHON, ROOT, cli_env, write_parquet
 from tests.test_faults import run_killing_workers, worker_pids
 
@@ -54,17 +58,17 @@ def test_conditional_create_commits_a_shard_once(s3_bucket, tmp_path):
     out.ensure()
     tables = [pa.table({"id": [1, 2], "generated_text": [w, w]}) for w in ("first", "second")]
     entry = ManifestEntry(0, "committed", rows=2, ids_digest=ids_digest(tables[0].column("id")), worker="a")
-    assert out.publish(tables[0], entry, "zstd") is True
-    assert out.publish(tables[1], entry, "zstd") is False
+    assert out.parts.publish(tables[0], entry, "zstd") is True
+    assert out.parts.publish(tables[1], entry, "zstd") is False
     assert read_s3(out.root).column("generated_text").to_pylist() == ["first", "first"]
-    assert out.part_entry(0).worker == "a"  # the entry travels in the footer, for reconcile
+    assert out.parts.entry(0).worker == "a"  # the entry travels in the footer, for reconcile
     assert out.list(out.tmp) == []  # no temp objects on a store: nothing but committed parts is ever listed
     # `run --retry-errors` replaces the part with one plain PUT (visible whole); read back with its new entry
     revised = pa.table({"id": [1, 2], "generated_text": ["first", "redone"]})
-    assert out.publish(revised, dataclasses.replace(entry, revision=1), "zstd") is True
+    assert out.parts.publish(revised, dataclasses.replace(entry, revision=1), "zstd") is True
     assert read_s3(out.root).column("generated_text").to_pylist() == ["first", "redone"]
-    assert out.read_part(0).column("generated_text").to_pylist() == ["first", "redone"]
-    assert out.part_entry(0).revision == 1 and len(out.parts()) == 1
+    assert out.parts.read(0).column("generated_text").to_pylist() == ["first", "redone"]
+    assert out.parts.entry(0).revision == 1 and len(out.parts.names()) == 1
 
 
 @pytest.mark.slow
@@ -107,23 +111,23 @@ def test_s3_driver_sigkill_then_rerun_loses_and_duplicates_nothing(s3_bucket, tm
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = OutputDir(out_url)
     deadline = time.time() + 120
-    while time.time() < deadline and len(out.parts()) < 6:
+    while time.time() < deadline and len(out.parts.names()) < 6:
         time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)  # mid-run: commits and manifest segments in flight
     proc.wait()
     deadline = time.time() + 60
     while time.time() < deadline and worker_pids():
         time.sleep(0.5)
-    committed_before = {int(p.rsplit("-", 1)[1].split(".")[0]) for p in out.parts()}
+    committed_before = {int(p.rsplit("-", 1)[1].split(".")[0]) for p in out.parts.names()}
     assert 6 <= len(committed_before) < n // 50
-    holder = out.lock_holder()
+    holder = out.lock.holder()
     assert holder is not None and holder["lease_s"] == LOCK_LEASE_S  # the dead driver's lease has not lapsed
     # (a plain re-run would watch that lease for LOCK_LEASE_S and take it over: test_s3_lock_lease_takeover_is_won_once)
     rerun = subprocess.run(cmd + ["--break-lock"], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert sorted(read_s3(out_url).column("id").to_pylist()) == list(range(n))  # every row, exactly once
-    entries = out.entries()
+    entries = out.manifest.entries()
     summary = json.loads(s3().cat(f"{out_url}/_summary.json"))
     assert sorted(entries) == list(range(n // 50)) and summary["shards_skipped"] >= len(committed_before)
     for sid in committed_before:
@@ -149,28 +153,28 @@ def test_s3_lock_lease_takeover_is_won_once(s3_bucket, tmp_path, monkeypatch):
     """A driver taking the lock watches the lease on its own clock: refused as soon as it sees a renewal; taken over
     once the lock object stays unchanged for a whole lease, even when the holder's clock runs an hour ahead (its
     `renewed_at` in the future); of two drivers taking over, one wins."""
-    import batchrun.sink as sink
+    import batchrun.store.lock as lock
 
-    monkeypatch.setattr(sink, "LOCK_LEASE_S", 1.2)  # renewed every 0.2 s
+    monkeypatch.setattr(lock, "LOCK_LEASE_S", 1.2)  # renewed every 0.2 s
     out = OutputDir(url(s3_bucket, tmp_path))
     out.ensure()
-    out.acquire_lock("first")
+    out.lock.acquire("first")
     started = time.monotonic()
     with pytest.raises(OutputLocked, match="renewed while this driver watched it"):
-        OutputDir(out.root).acquire_lock("second")
+        OutputDir(out.root).lock.acquire("second")
     assert time.monotonic() - started < 1.2  # a live holder is seen renewing well within a lease
     # the first driver stops renewing (it is gone), and its clock was an hour ahead
-    out._stop_renew.set()
+    out.lock._stop_renew.set()
     time.sleep(0.3)  # a renewal already under way lands
-    stale = json.loads(out.read_bytes(out._lock_path))
+    stale = json.loads(out.read_bytes(out.lock._lock_path))
     stale["renewed_at"] += 3600
-    out.write_bytes(out._lock_path, json.dumps(stale).encode())
-    assert out.lock_holder() is not None  # by comparing clocks (status only) it still looks held
+    out.write_bytes(out.lock._lock_path, json.dumps(stale).encode())
+    assert out.lock.holder() is not None  # by comparing clocks (status only) it still looks held
     takers, results = {"a": OutputDir(out.root), "b": OutputDir(out.root)}, {}
 
     def take(name):
         try:
-            takers[name].acquire_lock(name)
+            takers[name].lock.acquire(name)
             results[name] = time.monotonic() - started
         except OutputLocked as e:
             results[name] = e
@@ -184,10 +188,10 @@ def test_s3_lock_lease_takeover_is_won_once(s3_bucket, tmp_path, monkeypatch):
     won = [n for n, r in results.items() if not isinstance(r, OutputLocked)]
     assert len(won) == 1 and results[won[0]] >= 1.2  # one wins, after watching for a whole lease
     a = takers[won[0]]
-    assert a.lock_holder()["run_id"] == won[0]
-    assert len(a._remote_locks()) == 1  # the lapsed lease object is gone
-    a.release_lock(won[0])
-    assert a.lock_holder() is None and a._remote_locks() == []
+    assert a.lock.holder()["run_id"] == won[0]
+    assert len(a.lock._remote()) == 1  # the lapsed lease object is gone
+    a.lock.release(won[0])
+    assert a.lock.holder() is None and a.lock._remote() == []
 
 
 def test_output_dir_on_a_store_without_exclusive_create_is_refused(tmp_path):
@@ -224,23 +228,23 @@ def test_a_throttled_store_loses_nothing_and_commits_once(s3_bucket, s3_faults, 
             table = pa.table({"id": list(range(sid * 10, sid * 10 + 10)), "generated_text": ["x"] * 10})
             entry = ManifestEntry(sid, "committed", rows=10, ids_digest=ids_digest(table.column("id")), attempt=1,
                                   worker="w", run_id="run1")
-            assert out.publish(table, entry, "zstd") is True
-            assert out.publish(table, entry, "zstd") is False  # the commit point still refuses a second copy
+            assert out.parts.publish(table, entry, "zstd") is True
+            assert out.parts.publish(table, entry, "zstd") is False  # the commit point still refuses a second copy
             assert q.commit(entry, True) is True
             q.progress()  # segment uploads on their thread; a failed one is kept for the next tick
         q.flush()
-        from batchrun.sink import store_retries
+        from batchrun.store.fs import store_retries
 
         assert store_retries() > 0  # batchrun's own retries held (botocore's are off)
-        assert sorted(out.entries()) == list(range(30))
-        assert sorted(out.committed()) == list(range(30))
+        assert sorted(out.manifest.entries()) == list(range(30))
+        assert sorted(out.manifest.committed()) == list(range(30))
         assert sum(s3_faults.injected.values()) > 10, s3_faults.injected
     finally:
         s3_faults.set_share({})
         monkeypatch.undo()
         s3fs.S3FileSystem.clear_instance_cache()
     clean = OutputDir(url(s3_bucket, tmp_path))
-    assert read_s3(clean.root).num_rows == 300 and sorted(clean.entries()) == list(range(30))
+    assert read_s3(clean.root).num_rows == 300 and sorted(clean.manifest.entries()) == list(range(30))
 
 
 @pytest.mark.slow
@@ -261,9 +265,9 @@ def test_a_throttled_store_under_a_real_job_with_worker_kills(s3_bucket, s3_faul
     ids = read_s3(out_url).column("id").to_pylist()
     assert sorted(ids) == list(range(600))  # every row, exactly once
     out = OutputDir(out_url)
-    entries = out.entries()
+    entries = out.manifest.entries()
     assert sorted(entries) == list(range(60)) and all(e.state == "committed" for e in entries.values())
-    assert {name_number(p) for p in out.parts()} == set(entries)  # the manifest names every part, and only those
+    assert {name_number(p) for p in out.parts.names()} == set(entries)  # the manifest names every part, and only those
     assert (summary["rows"], summary["shards_committed"], summary["error_rows"]) == (600, 60, 0)
     assert summary["worker_restarts"] >= 1 and set(summary["store_retries"]) == {
         "driver", "queue", "workers", "segment_write_failures"}
