@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import time
 
 from batchrun.errors import BatchrunError
 
@@ -213,6 +212,7 @@ def cmd_export(args) -> int:
 
 def cmd_status(args) -> int:
     from batchrun.store.output import OutputDir
+    from batchrun.summary import job_status
 
     out = OutputDir(args.out_dir)
     suite = out.read_json(out.join("_suite.json"))
@@ -236,50 +236,6 @@ def cmd_status(args) -> int:
         print(f"- {name}: ", end="")
         print_status(t)
     return 0
-
-
-def job_status(out, plot: bool = False) -> dict:
-    """A job's progress from its output dir, during or after a run."""
-    from batchrun.cost import account
-    from batchrun.records import committed_only, committed_totals
-    from batchrun.runner import score_metrics
-
-    entries = out.manifest.entries()
-    runs = out.runs.all()
-    job, lock = out.runs.job(), out.lock.holder()
-    committed = committed_only(entries.values())
-    quarantined = {e.shard_id: e.error for e in entries.values() if e.state == "quarantined"}
-    total_rows = sum(job.get("components", {}).get("input_files", {}).get("rows", []))
-    totals = committed_totals(committed)
-    rows = totals["rows"]
-    times = [e.committed_at for e in committed]
-    rate = rows / (max(times) - min(e.started_at for e in committed)) if len(times) > 1 else 0.0
-    status = {
-        "output_dir": str(out.root),
-        "running": lock is not None,
-        "lock": lock,
-        "shards_committed": len(committed),
-        "shards_quarantined": quarantined,
-        "rows_committed": rows,
-        "rows_total": total_rows,
-        "rows_per_s": round(rate, 2),  # processing rate: first shard leased -> last commit (no start-up)
-        "rows_per_s_basis": "first lease to last commit, all runs",
-        "eta_s": round((total_rows - rows) / rate, 1) if rate and lock else None,
-        "generated_tokens": totals["generated_tokens"],
-        "error_rows": totals["error_rows"],
-        "prompt_tokens": totals["prompt_tokens"],
-        "prompt_tokens_cached": totals["cached_prompt_tokens"],  # served from reused prefix blocks
-        "prompt_tokens_computed": totals["prompt_tokens"] - totals["cached_prompt_tokens"],
-        "metrics": score_metrics(committed),  # evals: the score (acc, perplexity...) over the committed rows
-        # GPU time and cost over every run so far (a running one up to its last record), at the last run's price
-        "cost": account(runs, runs[-1].get("gpu_hour_cost")) if runs else None,
-        "checked_at": time.time(),
-    }
-    if plot:
-        from batchrun.plot import plot_timeline
-
-        status["plot"] = str(plot_timeline(out))
-    return status
 
 
 def print_status(status: dict) -> None:

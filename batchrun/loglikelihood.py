@@ -150,7 +150,7 @@ class Likelihoods:
       a reference, `score` (1.0 when the prediction is the reference); generated_text is the predicted choice;
     - labels: `label_probs`; generated_text is the likeliest label (which output.parse then reads as `parsed`);
     - loglikelihood_rolling: `loglikelihood` (the whole text's) and `loglikelihood_tokens`.
-    totals() are the shard's sums for the manifest, from which the job's metrics come (runner.score_metrics)."""
+    totals() are the shard's sums for the manifest, from which the job's metrics come (summary.score_metrics)."""
 
     def __init__(self, mode: str, with_reference: bool = False):
         self.mode, self.with_reference = mode, with_reference

@@ -14,6 +14,7 @@ from typing import Any
 from batchrun.engines.base import EngineDead
 from batchrun.errors import JobFailed
 from batchrun.plan import Plan
+from batchrun.records import WorkerStats
 from batchrun.spec import JobSpec
 from batchrun.worker import Worker
 
@@ -93,7 +94,7 @@ class WorkerPool:
         self.spec_json = spec.model_dump_json()
         self.live: dict[str, LiveWorker] = {}
         self.closing: dict[str, tuple[LiveWorker, Any]] = {}  # retired: (worker, close ref), killed once it returns
-        self.results: dict[str, dict] = {}  # final counters returned by workers' run()
+        self.results: dict[str, WorkerStats] = {}  # final counters returned by workers' run()
         self.restarts = 0
         self.restart_times: collections.deque[float] = collections.deque()  # the budget is per hour (restart_budget)
         self.engine_deaths = 0  # workers whose engine died (EngineDead) or that stalled
@@ -173,7 +174,7 @@ class WorkerPool:
                 self.replace(wid, load_state(self.live[wid].start_ref)[1] or _short_error(e))
                 continue
             self._settle(wid)
-            if self.results[wid].get("drain"):  # it drained on a stop signal (preemption): its work goes on elsewhere
+            if self.results[wid].drain:  # it drained on a stop signal (preemption): its work goes on elsewhere
                 self.drained.append(wid)
                 if not self.draining and self._work_left():
                     self._spawn()
@@ -260,7 +261,7 @@ class WorkerPool:
     def _settle(self, wid: str) -> None:
         """A worker whose run() returned: kept for a suite's next task (unless it drained: a stop signal), else
         retired."""
-        if self.keep and not self.results.get(wid, {}).get("drain"):
+        if self.keep and not (wid in self.results and self.results[wid].drain):
             self.idle[wid] = self.live.pop(wid)
         else:
             self._retire(wid)
@@ -315,11 +316,11 @@ class WorkerPool:
                         sorted(self.closing), close_timeout_s)
         self.close_wait_s = round(time.monotonic() - started, 3)
 
-    def lives(self, stats: dict[str, dict]) -> dict[str, dict]:
+    def lives(self, stats: dict[str, WorkerStats]) -> dict[str, dict]:
         """Per worker: when it was spawned and ended, and its engine window (from its stats), for cost.py."""
         return {wid: {"spawned_at": spawned, "ended_at": ended, "initial": wid in self.initial,
-                      "first_submit_at": stats.get(wid, {}).get("first_submit_at"),
-                      "last_completion_at": stats.get(wid, {}).get("last_completion_at")}
+                      "first_submit_at": stats[wid].first_submit_at if wid in stats else None,
+                      "last_completion_at": stats[wid].last_completion_at if wid in stats else None}
                 for wid, (spawned, ended) in self.spans.items()}
 
     def shutdown(self) -> None:

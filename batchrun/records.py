@@ -36,10 +36,77 @@ def committed_only(entries) -> list[ManifestEntry]:
     return [e for e in entries if e.state == "committed"]
 
 
-def committed_totals(entries) -> dict:
-    """Rows and tokens over committed manifest entries: the numbers the summary and `batchrun status` report."""
-    done = committed_only(entries)
-    return {"rows": sum(e.rows for e in done), "error_rows": sum(e.error_rows for e in done),
-            "prompt_tokens": sum(e.prompt_tokens for e in done),
-            "cached_prompt_tokens": sum(e.cached_prompt_tokens for e in done),
-            "generated_tokens": sum(e.generated_tokens for e in done)}
+@dataclass(slots=True)
+class WorkerStats:
+    """A worker's counters and facts: sent with each heartbeat (or carried by a commit), kept by the queue for the
+    driver's progress snapshots, and returned by Worker.run when the worker ends. Times are epoch seconds."""
+
+    created_at: float = 0.0  # the actor's process started
+    niceness: int | None = None
+    arrow_pool: str | None = None
+    # the engine: its load, and what it can hold
+    engine_start_s: float | None = None
+    engine_ready_at: float | None = None
+    engine_reused: bool = False  # a suite's task ran on the engine an earlier task had loaded
+    engine_startup: dict | None = None  # the engine's own start-up phases (seconds)
+    kv_cache_tokens: int | None = None
+    rss_after_load_mb: dict | None = None  # anonymous vs file-backed (a mapped checkpoint)
+    rss_during_load_max_mb: dict | None = None
+    max_in_flight: int | None = None  # the window the worker keeps submitted, and why
+    max_in_flight_why: str | None = None
+    # the work
+    rows: int = 0
+    shards: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    duplicate_rows: int = 0  # rows whose completion was a copy of an identical request's
+    in_flight: int = 0
+    since_progress_s: float = 0.0  # no completion for this long while requests are in flight
+    first_submit_at: float = 0.0  # first request .. last completion: the engine's busy window
+    first_completion_at: float = 0.0
+    last_completion_at: float = 0.0
+    prefix_schedule: str | None = None
+    prefix_leaders: int = 0
+    prefix_held: int = 0
+    prefix_reuse: bool = False  # the engine reuses the KV blocks of shared prefixes
+    peak_rss_mb: float | None = None
+    store_retries: int = 0
+    # a stop signal: why, when, and the shards handed back unfinished
+    drain: str | None = None
+    drain_started_at: float | None = None
+    drained_shards_handed_back: list | None = None
+    # set by the queue
+    worker: str = ""
+    node: str = ""
+    pid: int = 0
+    heartbeat_age_s: float = 0.0
+    dead: bool = False  # released by the driver (its process or engine died, or it stalled)
+
+    @property
+    def engine_window_s(self) -> float | None:
+        return round(self.last_completion_at - self.first_submit_at, 3) if self.first_submit_at else None
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """The queue's snapshot, once per driver tick: what the progress bar, the stall check and the summary read."""
+
+    finished: bool
+    shards_total: int
+    shards_done: int
+    shards_skipped: int
+    rows_skipped: int
+    shards_running: int
+    shards_pending: int
+    shards_quarantined: int
+    shard_failures: int
+    engine_deaths_charged: int
+    shards_handed_back: int
+    segment_write_failures: int
+    store_retries: int  # the queue's own (segment uploads, compaction, footer reads)
+    rows_total: int
+    rows_done: int
+    duplicates: int  # commits refused because the shard was committed already (a stale attempt's copy)
+    workers: dict[str, WorkerStats]
+    leases: dict[int, str]  # shard id -> worker

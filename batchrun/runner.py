@@ -13,18 +13,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from batchrun import summary
 from batchrun.cost import account, run_record
 from batchrun.engines import check_engine
 from batchrun.errors import JobFailed, JobInterrupted, SpecError
 from batchrun.fingerprint import model_files
 from batchrun.hooks import load_hook
-from batchrun.loglikelihood import perplexity_metrics
 from batchrun.plan import Plan, make_plan
 from batchrun.pool import WorkerPool
 from batchrun.process import on_stop_signals, peak_rss_mb, steady_arrow_pool
-from batchrun.progress import Progress
+from batchrun.progress import ProgressBar
 from batchrun.prompts import PromptBuilder
-from batchrun.records import committed_only, committed_totals
+from batchrun.records import Snapshot, WorkerStats, committed_only
 from batchrun.scan import check_choices_column, check_template_renders, scan_input
 from batchrun.shard_queue import ShardQueue
 from batchrun.sources import open_source
@@ -147,7 +147,7 @@ class JobRunner:
         pool = self.pool or WorkerPool(spec, plan, queue, self.run_id)
         pool.assign(spec, plan, queue, self.run_id)
         pool.keep, self.pool = self.keep_workers, pool
-        progress = Progress(total=plan.total_rows, enabled=self.show_progress)
+        progress = ProgressBar(total=plan.total_rows, enabled=self.show_progress)
         try:
             # Workers start loading their engines now, while the queue actor builds its state (from what the driver
             # read of the manifest): model load overlaps the queue's start.
@@ -158,12 +158,12 @@ class JobRunner:
             elif self.n_workers:
                 pool.start(self.n_workers)
             recorded, drain_deadline = time.time(), None
-            while not (snap := ray.get(queue.progress.remote()))["finished"]:
+            while not (snap := ray.get(queue.progress.remote())).finished:
                 if self.stop_signal and drain_deadline is None:
                     drain_deadline = self._start_drain(queue, pool)
                 if drain_deadline is not None and (not pool.live or time.monotonic() > drain_deadline):
                     self._end_drain(queue, pool)
-                self._workers_seen = snap["workers"]  # for the cost record of a run that ends early
+                self._workers_seen = snap.workers  # for the cost record of a run that ends early
                 progress.update(snap)
                 if time.time() - recorded > 30:  # the run's GPU time so far: a killed run still counts
                     self._record_run(pool, self._workers_seen, finished=False)
@@ -221,31 +221,32 @@ class JobRunner:
         pool.reap_closed(timeout=10)  # drained workers close their engines (and ranks) before the driver ends
         snap = ray.get(queue.progress.remote())  # (the manifest is flushed on the way out, as on every path)
         raise JobInterrupted(
-            f"stopped by {self.stop_signal}: drained; {snap['shards_done']} of {snap['shards_total']} shards are "
-            f"committed, {snap['shards_pending'] + snap['shards_running']} are not. Re-run the same command to "
+            f"stopped by {self.stop_signal}: drained; {snap.shards_done} of {snap.shards_total} shards are "
+            f"committed, {snap.shards_pending + snap.shards_running} are not. Re-run the same command to "
             "resume.", self.stop_signal)
 
-    def _check_stall(self, snap: dict, pool: WorkerPool) -> None:
+    def _check_stall(self, snap: Snapshot, pool: WorkerPool) -> None:
         faults = self.spec.faults
-        for wid, w in snap["workers"].items():
-            if w.get("dead") or wid not in pool.live:
+        for wid, w in snap.workers.items():
+            if w.dead or wid not in pool.live:
                 continue
-            if w.get("in_flight", 0) and w.get("since_progress_s", 0) > faults.stall_timeout_s:
+            if w.in_flight and w.since_progress_s > faults.stall_timeout_s:
                 # one stalled engine fails its worker, not the job: replaced, its shards handed back
-                held = [sid for sid, owner in snap["leases"].items() if owner == wid]
+                held = [sid for sid, owner in snap.leases.items() if owner == wid]
                 pool.engine_deaths += 1
-                pool.replace(wid, f"stalled: worker {wid} on {w['node']} has had {w['in_flight']} requests in flight "
-                                  f"and no completion for {w['since_progress_s']:.0f}s (faults.stall_timeout_s="
+                pool.replace(wid, f"stalled: worker {wid} on {w.node} has had {w.in_flight} requests in flight "
+                                  f"and no completion for {w.since_progress_s:.0f}s (faults.stall_timeout_s="
                                   f"{faults.stall_timeout_s:g}); its shards {held} go back to the queue")
                 continue
-            if w.get("heartbeat_age_s", 0) > max(faults.stall_timeout_s, faults.lease_timeout_s):
-                pool.replace(wid, f"no heartbeat for {w['heartbeat_age_s']:.0f}s")
+            if w.heartbeat_age_s > max(faults.stall_timeout_s, faults.lease_timeout_s):
+                pool.replace(wid, f"no heartbeat for {w.heartbeat_age_s:.0f}s")
 
-    def _record_run(self, pool: WorkerPool, stats: dict, finished: bool, generated: int | None = None) -> dict:
+    def _record_run(self, pool: WorkerPool, stats: dict[str, WorkerStats], finished: bool,
+                    generated: int | None = None) -> dict:
         """This run's cost record (cost.py), written to the output dir; best effort on a failure path."""
         stats = {**stats, **pool.results}
         if generated is None:
-            generated = sum(s.get("generated_tokens", 0) for s in stats.values())
+            generated = sum(s.generated_tokens for s in stats.values())
         record = run_record(self.run_id, self.spec.resources.gpus_per_worker, self.n_workers, self.invoked_at,
                             time.time(), pool.lives(stats), generated, finished, self.spec.resources.gpu_hour_cost)
         try:
@@ -261,115 +262,45 @@ class JobRunner:
         footers = {sid: self.out.parts.entry(sid) for sid in mine}
         return {sid: f for sid, f in footers.items() if f is not None and f != entries[sid]}
 
-    def write_summary(self, snap: dict, report: dict, pool: WorkerPool) -> dict:
+    def write_summary(self, snap: Snapshot, report: dict, pool: WorkerPool) -> dict:
         merged = self.out.manifest.compact(self.run_id)  # this run's segments merged into one
         if override := self.revised_entries(merged):
             merged = self.out.manifest.compact(self.run_id, override=override)
         entries = committed_only(merged.values())
         self.out.manifest.mark_complete(len(entries))  # no worker of this run is left: the manifest holds every part
         wall = time.time() - self.invoked_at  # the whole command: plan, Ray start, engine loads and the work
-        this_run = [e for e in entries if e.run_id == self.run_id]
-        revised = [e.retried for e in this_run if e.retried]
-        gen = sum(e.retried["generated_tokens"] if e.retried else e.generated_tokens for e in this_run)
-        rows_run = sum(e.retried["rows"] if e.retried else e.rows for e in this_run)
-        per_worker: dict[str, dict] = {}
-        for e in this_run:
-            w = per_worker.setdefault(e.worker, {"node": e.node, "shards": [], "rows": 0, "generated_tokens": 0})
-            w["shards"].append(e.shard_id)
-            w["rows"] += e.rows
-            w["generated_tokens"] += e.generated_tokens
-        totals = committed_totals(entries)
-        self._record_run(pool, snap["workers"], finished=True, generated=gen)
-        cost = account(self.out.runs.all(), self.spec.resources.gpu_hour_cost)
-        cached = totals["cached_prompt_tokens"]
-        schedules = {w: i.get("prefix_schedule") for w, i in pool.results.items()}
-        summary = {
+        run, per_worker = summary.this_run(entries, self.run_id, wall)
+        self._record_run(pool, snap.workers, finished=True, generated=run["generated_tokens"])
+        done, seen = summary.outputs(entries), {**snap.workers, **pool.results}
+        out = {
             "status": "quarantined" if report["quarantined"] else "succeeded",
             "run_id": self.run_id,
             "output_dir": str(self.out.root),
-            "rows": totals["rows"],
-            "error_rows": totals["error_rows"],
-            # `--retry-errors`: error rows generated again in this run (their parts replaced), and those still failing
-            "retried_error_rows": {"shards": len(revised), "rows": sum(r["rows"] for r in revised),
-                                   "still_failing": sum(r["still_failing"] for r in revised)},
-            "shards": snap["shards_total"],
-            "shards_committed": snap["shards_done"],
-            "shards_skipped": snap["shards_skipped"],
-            "shards_quarantined": report["quarantined"],
-            "shard_failures": snap["shard_failures"],
-            # commits the queue refused because the shard was already committed (a stale worker's late copy)
-            "duplicate_commits_refused": snap["duplicates"],
-            "worker_restarts": pool.restarts,
-            # replacements allowed per hour (faults.max_worker_restarts or restarts_per_worker_hour x workers)
-            "restart_budget": pool.restart_budget(),
-            # workers whose engine died (EngineDead, a stall): their shards went back, charged to the engine
-            "engine_deaths": pool.engine_deaths,
-            "engine_deaths_charged_to_shards": snap["engine_deaths_charged"],
-            "workers_drained": pool.drained,  # workers that drained on a stop signal (preemption) and were replaced
-            "drains": {w: {"why": pool.results[w].get("drain"), "at": pool.results[w].get("drain_started_at"),
-                           "handed_back": pool.results[w].get("drained_shards_handed_back", [])}
-                       for w in pool.drained},
-            "shards_handed_back": snap["shards_handed_back"],
-            # store operations retried after a transient error (503 SlowDown, timeouts, resets), by process
-            "store_retries": {"driver": store_retries(), "queue": snap["store_retries"],
-                              "workers": sum(i.get("store_retries") or 0
-                                             for i in {**snap["workers"], **pool.results}.values()),
-                              "segment_write_failures": snap["segment_write_failures"]},
+            "rows": done["rows"],
+            "error_rows": done["error_rows"],
+            "shards": snap.shards_total,
+            "shards_committed": snap.shards_done,
+            "shards_skipped": snap.shards_skipped,
+            **summary.faults(snap, report, pool, store_retries(), [e for e in entries if e.run_id == self.run_id]),
             # rows whose prompt and sampling repeated another row's in their shard: generated once, written to each
-            "duplicate_rows": sum(i.get("duplicate_rows") or 0 for i in {**snap["workers"], **pool.results}.values()),
+            "duplicate_rows": sum(i.duplicate_rows for i in seen.values()),
             "close_wait_s": pool.close_wait_s,  # the end of the job waiting for engines to close, all in parallel
             # a suite's task run on engines an earlier task had loaded (SuiteRunner)
-            "engine_reused": any(i.get("engine_reused") for i in pool.results.values()),
-            "prompt_tokens": totals["prompt_tokens"],
-            "generated_tokens": totals["generated_tokens"],
+            "engine_reused": any(i.engine_reused for i in pool.results.values()),
+            "prompt_tokens": done["prompt_tokens"],
+            "generated_tokens": done["generated_tokens"],
             # prompt tokens the engines served from reused prefix blocks, and what they computed (all runs)
-            "prefix_reuse": {"prompt_tokens_cached": cached, "prompt_tokens_computed": totals["prompt_tokens"] - cached,
-                             "cached_share": round(cached / totals["prompt_tokens"], 4) if totals["prompt_tokens"]
-                             else 0.0, "schedule": schedules,
-                             "engine_reuses": {w: i.get("prefix_reuse") for w, i in pool.results.items()},
-                             "leaders": sum(i.get("prefix_leaders") or 0 for i in pool.results.values()),
-                             "held": sum(i.get("prefix_held") or 0 for i in pool.results.values())},
-            "cost": cost,
-            "this_run": {"rows": rows_run, "generated_tokens": gen, "wall_s": round(wall, 3),
-                         "rows_per_s": round(rows_run / wall, 2) if wall else 0.0,
-                         "generated_tokens_per_s": round(gen / wall, 2) if wall else 0.0},
+            "prefix_reuse": summary.prefix_reuse(done, pool.results),
+            "cost": account(self.out.runs.all(), self.spec.resources.gpu_hour_cost),
+            "this_run": run,
             "workers": per_worker,
             "driver_peak_rss_mb": peak_rss_mb(),
-            "metrics": score_metrics(entries),
-            "worker_peak_rss_mb": {w: i.get("peak_rss_mb") for w, i in {**snap["workers"], **pool.results}.items()},
-            # resident memory right after the engine loaded: anonymous vs file-backed (a mapped checkpoint)
-            "worker_rss_after_load_mb": {w: i.get("rss_after_load_mb") for w, i in pool.results.items()},
-            "worker_rss_during_load_max_mb": {w: i.get("rss_during_load_max_mb") for w, i in pool.results.items()},
-            "worker_niceness": {w: i.get("niceness") for w, i in pool.results.items()},
-            "startup": self.startup(pool.results),
-            "worker_arrow_pool": {w: i.get("arrow_pool") for w, i in pool.results.items()},
-            # requests each worker kept submitted, and why (engine.max_in_flight, or auto from its KV cache)
-            "worker_max_in_flight": {w: {"window": i.get("max_in_flight"), "why": i.get("max_in_flight_why")}
-                                     for w, i in pool.results.items()},
-            # the batch a worker's engine can hold (HF engine): a small one caps throughput whatever max_in_flight is
-            "worker_kv_cache_tokens": {w: i.get("kv_cache_tokens") for w, i in pool.results.items()},
-            # first request submitted .. last completion, per worker: the engine's share of the wall time
-            "worker_engine_window_s": {w: round(i["last_completion_at"] - i["first_submit_at"], 3)
-                                       for w, i in pool.results.items() if i.get("first_submit_at")},
+            "metrics": done["metrics"],
+            "startup": summary.startup(self.timings, self.invoked_at, pool.results),
+            **summary.workers(pool.results, seen),
         }
-        self.out.write_text("_summary.json", json.dumps(summary, indent=2))
-        return summary
-
-
-    def startup(self, results: dict) -> dict:
-        """Where the time from `batchrun run` to the first completion went: the driver's plan and Ray start, then
-        per worker its actor start (placement, process), engine start (and its phases) and the wait for its first
-        completion. Seconds; `first_completion_s` is from the command's start."""
-        workers = {}
-        for wid, r in results.items():
-            if not r.get("created_at"):
-                continue
-            workers[wid] = {"actor_start_s": round(r["created_at"] - self.invoked_at, 3),
-                            "engine_start_s": r.get("engine_start_s"), **(r.get("engine_startup") or {})}
-            if r.get("first_completion_at"):
-                workers[wid]["first_completion_s"] = round(r["first_completion_at"] - self.invoked_at, 3)
-        firsts = [w["first_completion_s"] for w in workers.values() if "first_completion_s" in w]
-        return {**self.timings, "first_completion_s": min(firsts) if firsts else None, "workers": workers}
+        self.out.write_text("_summary.json", json.dumps(out, indent=2))
+        return out
 
 
 # What `run --retry-errors` may change in the job (fixing a template, a longer budget, another truncation): how
@@ -448,25 +379,6 @@ def resolve_num_workers(res) -> int:
     if res.gpus_per_worker:
         return max(1, int(total.get("GPU", 0) // res.gpus_per_worker))
     return max(1, int(total.get("CPU", 1) // res.cpus_per_worker))
-
-
-def score_metrics(entries) -> dict:
-    """The job's score over every committed shard (this run's and earlier runs'): error rows count as wrong. Scoring
-    jobs add lm-eval's metrics: acc, acc_norm and acc_bytes (loglikelihood), perplexities (loglikelihood_rolling)."""
-    scored = [e.score for e in entries if e.score]
-    if not scored:
-        return {}
-    total, rows = sum(s["sum"] for s in scored), sum(s["rows"] for s in scored)
-    out = {"score_mean": round(total / rows, 6) if rows else 0.0, "score_sum": total, "rows": rows,
-           "rows_scored": sum(s["scored"] for s in scored)}
-    if "norm_sum" in scored[0] and rows:
-        out.update(acc=round(total / rows, 6), acc_norm=round(sum(s["norm_sum"] for s in scored) / rows, 6),
-                   acc_bytes=round(sum(s["bytes_sum"] for s in scored) / rows, 6))
-    if "ll_sum" in scored[0]:
-        ll = sum(s["ll_sum"] for s in scored)
-        out.update(loglikelihood=ll, **{k: round(v, 6) if v is not None else None for k, v in perplexity_metrics(
-            ll, sum(s["words"] for s in scored), sum(s["bytes"] for s in scored)).items()})
-    return out
 
 
 class _AuthNoticeFilter(logging.Filter):

@@ -11,6 +11,7 @@ matters for workers that hang or are partitioned.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import logging
 import threading
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 from batchrun.metrics import record as record_metric
 from batchrun.process import set_niceness
-from batchrun.records import ManifestEntry
+from batchrun.records import ManifestEntry, Snapshot, WorkerStats
 from batchrun.shards import Shard
 from batchrun.store.fs import Store, store_retries
 from batchrun.store.manifest import Manifest
@@ -42,7 +43,7 @@ class WorkerInfo:
     node: str = ""
     pid: int = 0
     last_heartbeat: float = field(default_factory=time.time)
-    stats: dict = field(default_factory=dict)  # rows, tokens, in_flight, since_progress_s, ...
+    stats: WorkerStats = field(default_factory=WorkerStats)
 
 
 class ShardQueue:
@@ -144,7 +145,7 @@ class ShardQueue:
         """A leased shard's hand-out number (1 = first) and whether its committed part is being revised."""
         return self.attempts[shard_id], shard_id in self.revise
 
-    def heartbeat(self, worker: str, node: str, pid: int, stats: dict) -> bool:
+    def heartbeat(self, worker: str, node: str, pid: int, stats: WorkerStats) -> bool:
         """O(1): a worker's heartbeat renews all its leases at once (a lease expires when its worker's last
         heartbeat is older than the lease timeout; see _expire). Returns whether the job is draining."""
         info = self.workers.setdefault(worker, WorkerInfo(worker))
@@ -286,8 +287,8 @@ class ShardQueue:
         record_metric("restarts", 1, run_id=self.run_id)
         held = self.hand_back(worker, None, error, engine_death=True)
         if worker in self.workers:
-            self.workers[worker].stats["in_flight"] = 0
-            self.workers[worker].stats["dead"] = True
+            self.workers[worker].stats.in_flight = 0
+            self.workers[worker].stats.dead = True
         return held
 
     # ------------------------------------------------------------ driver side
@@ -309,31 +310,32 @@ class ShardQueue:
         self._expire()
         return not self.pending_ids and not self.leases
 
-    def progress(self) -> dict:
+    def progress(self) -> Snapshot:
         """One snapshot per driver tick: counters, per-worker stats, leases, and whether the job is finished."""
         self._expire()
         self.flush(force=False)
-        return {
-            "finished": not self.pending_ids and not self.leases,
-            "shards_total": len(self.shards),
-            "shards_done": len(self.done),
-            "shards_skipped": self.skipped,
-            "rows_skipped": self.skipped_rows,
-            "shards_running": len(self.leases),
-            "shards_pending": len(self.pending_ids),
-            "shards_quarantined": len(self.quarantined),
-            "shard_failures": sum(len(v) for v in self.failures.values()),
-            "engine_deaths_charged": sum(len(v) for v in self.engine_deaths.values()),
-            "shards_handed_back": self.handed_back,
-            "segment_write_failures": self.segment_failures,
-            "store_retries": store_retries(),  # the queue's own (segment uploads, compaction, footer reads)
-            "rows_total": self.rows_total,
-            "rows_done": self.rows_done,
-            "duplicates": self.duplicates,
-            "workers": {w: {"node": i.node, "pid": i.pid, "heartbeat_age_s": time.time() - i.last_heartbeat,
-                            **i.stats} for w, i in self.workers.items()},
-            "leases": {sid: lease.worker for sid, lease in self.leases.items()},
-        }
+        now = time.time()
+        return Snapshot(
+            finished=not self.pending_ids and not self.leases,
+            shards_total=len(self.shards),
+            shards_done=len(self.done),
+            shards_skipped=self.skipped,
+            rows_skipped=self.skipped_rows,
+            shards_running=len(self.leases),
+            shards_pending=len(self.pending_ids),
+            shards_quarantined=len(self.quarantined),
+            shard_failures=sum(len(v) for v in self.failures.values()),
+            engine_deaths_charged=sum(len(v) for v in self.engine_deaths.values()),
+            shards_handed_back=self.handed_back,
+            segment_write_failures=self.segment_failures,
+            store_retries=store_retries(),
+            rows_total=self.rows_total,
+            rows_done=self.rows_done,
+            duplicates=self.duplicates,
+            workers={w: dataclasses.replace(i.stats, worker=w, node=i.node, pid=i.pid,
+                                            heartbeat_age_s=now - i.last_heartbeat) for w, i in self.workers.items()},
+            leases={sid: lease.worker for sid, lease in self.leases.items()},
+        )
 
     def report(self) -> dict:
         self.flush()

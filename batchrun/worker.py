@@ -59,7 +59,7 @@ from batchrun.process import (
     use_steady_arrow_pool,
 )
 from batchrun.prompts import PromptBuilder
-from batchrun.records import ManifestEntry
+from batchrun.records import ManifestEntry, WorkerStats
 from batchrun.shard_queue import DONE, DRAIN, WAIT
 from batchrun.shards import Shard
 from batchrun.sources import open_source
@@ -118,13 +118,8 @@ class Worker:
         self.read_columns = list(dict.fromkeys(self.read_columns + self.score_columns + choices))
         # counters written by the main loop and the writer, read by the heartbeat: every access holds _stats_lock
         self._stats_lock = threading.Lock()
-        self.stats = {"max_in_flight": None, "max_in_flight_why": None, "peak_rss_mb": None, "rows": 0, "shards": 0,
-                      "generated_tokens": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "in_flight": 0,
-                      "duplicate_rows": 0,  # rows whose completion was a copy of an identical request's
-                      "since_progress_s": 0.0, "prefix_schedule": None,
-                      "niceness": self.niceness, "arrow_pool": self.arrow_pool,
-                      "first_submit_at": 0.0, "first_completion_at": 0.0,  # the engine's busy window, for benchmarks
-                      "last_completion_at": 0.0, "created_at": self.created_at}
+        self.stats = WorkerStats(created_at=self.created_at, niceness=self.niceness, arrow_pool=self.arrow_pool,
+                                 worker=self.worker_id, node=self.node)
         self._last_progress = time.monotonic()
         self._last_beat = 0.0  # when the queue last heard this worker's stats (a heartbeat or a commit)
         self._stop = threading.Event()
@@ -209,10 +204,10 @@ class Worker:
         if self._error is not None:
             raise self._error
         if self._drain.is_set():
-            handed = self._hand_back(None, f"drained ({self._snapshot()['drain']})")
+            handed = self._hand_back(None, f"drained ({self._snapshot().drain})")
             self._set(drained_shards_handed_back=handed)
         self._beat()
-        return dict(self._snapshot(), worker=self.worker_id, node=self.node)
+        return self._snapshot()
 
     def _hand_back(self, shard_ids, why: str, engine_death: bool = False) -> list[int]:
         import ray
@@ -470,12 +465,12 @@ class Worker:
 
     def _beat_payload(self) -> tuple:
         with self._stats_lock:
-            self.stats["peak_rss_mb"] = peak_rss_mb()
-            self.stats["store_retries"] = store_retries()
+            self.stats.peak_rss_mb = peak_rss_mb()
+            self.stats.store_retries = store_retries()
             idle = time.monotonic() - self._last_progress
-            self.stats["since_progress_s"] = idle if self.stats["in_flight"] else 0.0
-            stats = dict(self.stats)
-        record("in_flight", stats["in_flight"], **self.tags)
+            self.stats.since_progress_s = idle if self.stats.in_flight else 0.0
+            stats = dataclasses.replace(self.stats)
+        record("in_flight", stats.in_flight, **self.tags)
         self._last_beat = time.monotonic()
         return self.node, os.getpid(), stats
 
@@ -485,13 +480,14 @@ class Worker:
 
     def _set(self, **values) -> None:
         with self._stats_lock:
-            self.stats.update(values)
+            for key, value in values.items():
+                setattr(self.stats, key, value)
 
     def _add(self, **deltas) -> None:
         with self._stats_lock:
             for key, value in deltas.items():
-                self.stats[key] += value
+                setattr(self.stats, key, getattr(self.stats, key) + value)
 
-    def _snapshot(self) -> dict:
+    def _snapshot(self) -> WorkerStats:
         with self._stats_lock:
-            return dict(self.stats)
+            return dataclasses.replace(self.stats)

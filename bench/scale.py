@@ -32,7 +32,7 @@ import ray  # noqa: E402
 from batchrun.plan import cut_shards  # noqa: E402
 from batchrun.pool import HEARTBEATS_PER_S  # noqa: E402
 from batchrun.process import peak_rss_mb  # noqa: E402
-from batchrun.records import ManifestEntry  # noqa: E402
+from batchrun.records import ManifestEntry, WorkerStats  # noqa: E402
 from batchrun.shard_queue import DONE, WAIT, ShardQueue  # noqa: E402
 from batchrun.store.output import OutputDir  # noqa: E402
 
@@ -57,7 +57,7 @@ class SimClients:
             while time.time() < stop:
                 if time.time() - last_beat.get(wid, 0.0) >= every:
                     last_beat[wid] = time.time()
-                    await queue.heartbeat.remote(wid, "sim", os.getpid(), {"in_flight": 1})
+                    await queue.heartbeat.remote(wid, "sim", os.getpid(), WorkerStats(in_flight=1))
                 await asyncio.sleep(max(0.05, every - (time.time() - last_beat[wid])))
 
         async def worker(k: int):
@@ -83,7 +83,7 @@ class SimClients:
                 # the worker's own commit (exclusive create of the part), then the queue's bookkeeping
                 published = od.create(od.parts.path(shard.shard_id), b"PAR1")
                 last_beat[wid] = time.time()
-                await queue.commit.remote(entry, published, ("sim", os.getpid(), {"in_flight": 1}))
+                await queue.commit.remote(entry, published, ("sim", os.getpid(), WorkerStats(in_flight=1)))
                 commit_lat.append(time.perf_counter() - t1)
                 commits[0] += 1
             hb.cancel()

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrun.plan import cut_shards
-from batchrun.records import ManifestEntry
+from batchrun.records import ManifestEntry, WorkerStats
 from batchrun.shard_queue import DONE, WAIT, ShardQueue
 from batchrun.store.output import OutputDir
 from batchrun.store.parts import ids_digest
@@ -40,7 +40,7 @@ def test_stale_worker_commit_is_a_noop(tmp_path):
     assert pq.read_table(out.parts.path(0)).column("generated_text").to_pylist() == ["w2"] * 10
     q.flush()
     assert out.manifest.entries()[0].worker == "w2" and out.manifest.entries()[0].attempt == 2
-    assert q.progress()["duplicates"] == 1
+    assert q.progress().duplicates == 1
     assert not out.list(out.tmp)
 
 
@@ -58,7 +58,7 @@ def test_loser_reporting_first_records_the_winners_entry(tmp_path):
     q.flush()
     assert out.manifest.entries()[0].worker == "w1" and 0 in q.done and 0 not in q.leases
     assert q.commit(won, True) is True  # w1's report arriving late changes nothing
-    assert q.progress()["duplicates"] == 1 and q.progress()["shards_done"] == 1
+    assert q.progress().duplicates == 1 and q.progress().shards_done == 1
 
 
 def test_commit_is_no_clobber_even_across_queues(tmp_path):
@@ -87,7 +87,7 @@ def test_failures_quarantine_after_max_attempts_and_rerun_retries(tmp_path):
     q.report()  # the end of a run writes the last manifest segment
     q2, _ = make_queue(tmp_path)  # a re-run: state comes from the manifest; the quarantined shard is retried
     assert q2.lease("w").shard_id == 0 and q2.lease("w") == WAIT
-    assert q2.progress()["shards_skipped"] == 2
+    assert q2.progress().shards_skipped == 2
 
 
 def test_release_worker_returns_all_its_shards(tmp_path):
@@ -125,7 +125,7 @@ def test_heartbeat_renews_leases(tmp_path, monkeypatch):
     q.lease("w2")
     for k in range(1, 5):
         clock.now = t0 + 0.1 * k
-        q.heartbeat("w1", "node", 1, {})  # w2 never heartbeats
+        q.heartbeat("w1", "node", 1, WorkerStats())  # w2 never heartbeats
     expire_at(q, clock, t0 + 0.45)
     assert 0 in q.leases  # 0.45 s after the lease, still held thanks to the heartbeats
     assert 1 not in q.leases and 1 in q.pending_ids  # the same expiry took w2's lease back
@@ -206,13 +206,13 @@ def test_bookkeeping_stays_exact_through_stale_commits_and_expiry(tmp_path):
     a, b = q.lease("w1"), q.lease("w1")
     assert (a.shard_id, b.shard_id) == (0, 1) and q.held["w1"] == 2
     assert q.lease("w1") == WAIT  # its fair share of 4 open shards over 2 workers
-    q.heartbeat("w2", "n", 2, {})
+    q.heartbeat("w2", "n", 2, WorkerStats())
     time.sleep(0.3)  # w1 never heartbeated: both its leases expire and go back, in order
-    q.heartbeat("w2", "n", 2, {})
+    q.heartbeat("w2", "n", 2, WorkerStats())
     c = q.lease("w2")
     assert q.held["w1"] == 0 and c.shard_id == 1 and sorted(q.pending_ids) == [0, 2, 3]
     assert commit(q, out, 0, "w1", list(range(10)))  # w1's late commit of a shard handed back: it counts, once
-    assert 0 not in q.pending_ids and q.progress()["shards_pending"] == 2
+    assert 0 not in q.pending_ids and q.progress().shards_pending == 2
     assert [q.lease("w2").shard_id] == [2]  # shard 0 is skipped in the hand-out order
     assert commit(q, out, 1, "w2", list(range(10, 20))) and q.held["w2"] == 1
     q.fail(2, "w2", "boom")
@@ -229,13 +229,13 @@ def test_a_commit_carries_the_workers_heartbeat(tmp_path, monkeypatch):
     clock.now = t0 + 0.2
     table = pa.table({"id": list(range(10)), "generated_text": ["w"] * 10})
     entry = ManifestEntry(0, "committed", rows=10, ids_digest=ids_digest(table.column("id")), attempt=1, worker="w")
-    assert q.commit(entry, out.parts.publish(table, entry, "zstd"), ("node-a", 42, {"in_flight": 7})) is True
+    assert q.commit(entry, out.parts.publish(table, entry, "zstd"), ("node-a", 42, WorkerStats(in_flight=7))) is True
     expire_at(q, clock, t0 + 0.4)  # 0.4 s after the lease: shard 1 is still held, renewed by the commit's heartbeat
     assert 1 in q.leases
     expire_at(q, clock, t0 + 0.55)  # and lost once the commit's heartbeat is older than the timeout
     assert 1 not in q.leases
-    worker = q.progress()["workers"]["w"]
-    assert worker["node"] == "node-a" and worker["in_flight"] == 7
+    worker = q.progress().workers["w"]
+    assert worker.node == "node-a" and worker.in_flight == 7
 
 
 def test_heartbeat_interval_grows_with_the_worker_count():
