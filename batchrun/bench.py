@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from batchrun.engines import create_engine
-from batchrun.engines.base import Request, Sampling
+from batchrun.engines.base import Request, Sampling, choose_window
 from batchrun.process import peak_rss_mb
 from batchrun.spec import EngineSpec, SamplingSpec
 
@@ -80,7 +80,7 @@ def drive(engine, requests: list[Request], window: int | None = None) -> tuple[i
     does. Returns (generated tokens, seconds, seconds to the first finished request)."""
     if not window:
         sizes = [len(r.prompt_token_ids or r.prompt.split()) + r.sampling.max_tokens for r in requests]
-        window = engine.window(sum(sizes) / max(len(sizes), 1))[0]
+        window = choose_window("auto", engine, sum(sizes) / max(len(sizes), 1))[0]
     pending = list(reversed(requests))
     done = tokens = in_flight = 0
     first = None
@@ -105,8 +105,8 @@ def run_engine(name: str, model: str, prompts: list[str], max_tokens: int, dtype
         return EngineResult(name, "not installed")
     gpu = _GpuMemoryPeak() if cuda_available() else None
     try:
-        engine = create_engine(EngineSpec(name=name, model=model, dtype=dtype, max_in_flight=max_in_flight,
-                                          options=options.get(name, {})), SamplingSpec(max_tokens=max_tokens))
+        engine = create_engine(EngineSpec(name=name, model=model, dtype=dtype, options=options.get(name, {})),
+                               SamplingSpec(max_tokens=max_tokens))
     except Exception as e:  # a broken install or an unsupported model: report it, compare the rest
         if gpu:
             gpu.stop()
@@ -114,7 +114,8 @@ def run_engine(name: str, model: str, prompts: list[str], max_tokens: int, dtype
     try:
         ids = engine.encode(prompts) or [None] * len(prompts)
         sampling = Sampling(max_tokens=max_tokens)
-        tokens, seconds, first = drive(engine, [Request(f"0:{i}", p, ids[i], sampling) for i, p in enumerate(prompts)])
+        requests = [Request(f"0:{i}", p, ids[i], sampling) for i, p in enumerate(prompts)]
+        tokens, seconds, first = drive(engine, requests, max_in_flight)
     finally:
         engine.close()
     if gpu:

@@ -44,7 +44,7 @@ from batchrun.datapath import (
     to_score_requests,
 )
 from batchrun.engines import create_engine, sampling_from_spec
-from batchrun.engines.base import EngineDead, engine_failure
+from batchrun.engines.base import EngineDead, choose_window, engine_failure
 from batchrun.loglikelihood import Likelihoods, text_counts
 from batchrun.metrics import record
 from batchrun.postprocess import Parser, Scorer, merge_totals, totals
@@ -327,7 +327,8 @@ class Worker:
         reqs = task.requests
         sizes = [(len(r.prompt_token_ids) if r.prompt_token_ids is not None else len(r.prompt.split()))
                  + r.sampling.max_tokens for r in reqs]
-        window, why = self.engine.window(sum(sizes) / len(sizes) if sizes else self.sampling.max_tokens)
+        window, why = choose_window(self.spec.engine.max_in_flight, self.engine,
+                                    sum(sizes) / len(sizes) if sizes else self.sampling.max_tokens)
         self._set(max_in_flight=window, max_in_flight_why=why)
         log.info("worker %s: %d requests in flight (%s)", self.worker_id, window, why)
         return window

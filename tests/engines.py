@@ -17,7 +17,7 @@ class CountingEcho(EchoEngine):
     """Appends every submitted request id to `log_path` (one file per worker process), then echoes."""
 
     def __init__(self, log_path: str, delay_s: float = 0.0, **kw):
-        super().__init__(delay_s=delay_s, **{k: v for k, v in kw.items() if k == "max_in_flight"})
+        super().__init__(delay_s=delay_s)
         os.makedirs(log_path, exist_ok=True)
         self.log = open(os.path.join(log_path, f"{os.getpid()}.log"), "a", buffering=1)
 
@@ -29,8 +29,10 @@ class CountingEcho(EchoEngine):
 class PoisonEcho(EchoEngine):
     """Crashes (as an engine crash would) on any prompt containing POISON."""
 
+    batch_limit = 32  # auto: the worker keeps 64 in flight
+
     def __init__(self, **kw):
-        super().__init__(max_in_flight=kw.get("max_in_flight", 64))
+        super().__init__()
 
     def submit(self, request: Request) -> None:
         if "POISON" in request.prompt:
@@ -41,8 +43,10 @@ class PoisonEcho(EchoEngine):
 class StallEngine(EchoEngine):
     """Answers `good` requests, then accepts requests and never completes them."""
 
+    batch_limit = 4  # auto: the worker keeps 8 in flight
+
     def __init__(self, good: int = 10, **kw):
-        super().__init__(max_in_flight=kw.get("max_in_flight", 8))
+        super().__init__()
         self.good = good
 
     def submit(self, request: Request) -> None:
@@ -60,8 +64,10 @@ class StallEngine(EchoEngine):
 class FlakyRequestEcho(EchoEngine):
     """Fails the single request whose prompt contains BADREQ, as an engine reports a per-request error."""
 
+    batch_limit = 32  # auto: the worker keeps 64 in flight
+
     def __init__(self, **kw):
-        super().__init__(max_in_flight=kw.get("max_in_flight", 64))
+        super().__init__()
 
     def submit(self, request: Request) -> None:
         if "BADREQ" in request.prompt:
@@ -94,8 +100,10 @@ class DyingEcho(EchoEngine):
     the request's own error (an engine that does not: the worker's safety net must catch it). Only the first engine
     to get there and claim `once` dies, whichever worker it is (no test depends on which worker got the work)."""
 
+    batch_limit = 4  # auto: the worker keeps 8 in flight
+
     def __init__(self, die_after: int = 15, as_error_rows: bool = False, once: str | None = None, **kw):
-        super().__init__(max_in_flight=kw.get("max_in_flight", 8), delay_s=0.01)
+        super().__init__(delay_s=0.01)
         self.left, self.as_error_rows, self.once = die_after, as_error_rows, once
         self.dead = False
 
@@ -148,7 +156,7 @@ class SlowEcho(CountingEcho):
     while (a stop signal then finds work to drain and work to hand back)."""
 
     def __init__(self, log_path: str, per_poll: int = 1, delay_s: float = 0.1, **kw):
-        super().__init__(log_path, **{k: v for k, v in kw.items() if k == "max_in_flight"})
+        super().__init__(log_path)
         self.per_poll, self.pace = per_poll, delay_s
 
     def poll(self, timeout: float) -> list[Completion]:

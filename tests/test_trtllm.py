@@ -39,7 +39,7 @@ def tllm(monkeypatch):
 def make_engine(model, sampling=None, **options):
     from batchrun.engines.trtllm import TRTLLMEngine
 
-    return TRTLLMEngine(str(model), sampling or Sampling(max_tokens=4), dtype="float32", max_in_flight=16, **options)
+    return TRTLLMEngine(str(model), sampling or Sampling(max_tokens=4), dtype="float32", **options)
 
 
 def collect(engine, requests, expect: int, timeout: float = 10.0) -> list:
@@ -424,7 +424,7 @@ def test_windowed_async_submission_out_of_order(tllm, demo_model):
     ids = engine.encode(texts)
     pending, order, done = list(range(40)), [], {}
     while len(done) < 40:  # the worker's loop: keep at most the window submitted
-        while pending and len(order) - len(done) < engine.max_in_flight:
+        while pending and len(order) - len(done) < 16:
             i = pending.pop(0)
             engine.submit(Request(f"0:{i}", texts[i], ids[i], Sampling(max_tokens=3)))
             order.append(i)

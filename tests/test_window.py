@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batchrun.engines.base import MAX_WINDOW, MIN_WINDOW, Sampling, auto_window
+from batchrun.engines.base import MAX_WINDOW, MIN_WINDOW, Sampling, auto_window, choose_window
 
 
 def test_auto_window_rule():
@@ -22,13 +22,11 @@ def test_hf_engine_window_follows_its_kv_cache(demo_model):
     for num_blocks in (8, 256):
         engine = HFEngine(str(demo_model), Sampling(max_tokens=8), dtype="float32", device="cpu", num_blocks=num_blocks)
         try:
-            window, why = engine.window(tokens_per_request=48)
+            window, why = choose_window("auto", engine, tokens_per_request=48)
             assert engine.kv_cache_tokens and f"{engine.kv_cache_tokens:,}" in why
             assert window == max(MIN_WINDOW, min(MAX_WINDOW, int(2 * engine.kv_cache_tokens / 48)))
             windows[num_blocks] = window
         finally:
             engine.close()
     assert windows[8] < windows[256]
-    explicit = HFEngine(str(demo_model), Sampling(max_tokens=8), dtype="float32", device="cpu", max_in_flight=7)
-    assert explicit.window(24) == (7, "engine.max_in_flight")
-    explicit.close()
+    assert choose_window(7, engine, 24) == (7, "engine.max_in_flight")  # the job's number wins

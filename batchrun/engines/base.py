@@ -105,8 +105,6 @@ class Engine(ABC):
     Failures: a request's own failure (bad input, too long, refused parameters) is a Completion with `error` set; a
     failure of the engine itself is EngineDead, raised from `submit` or `poll`, never an error row."""
 
-    #: requests (samples) the worker keeps submitted at once, when the job sets engine.max_in_flight; None: auto
-    max_in_flight: int | None = None
     #: the most requests the engine batches at once, where it has such a limit (TensorRT-LLM's max_batch_size)
     batch_limit: int | None = None
     #: seconds its start took, by phase (rank spawn, process group, model load, warm-up), where it can tell
@@ -140,13 +138,6 @@ class Engine(ABC):
         rows, so that rows failed by a dying engine are never committed as the request's errors."""
         return None
 
-    def window(self, tokens_per_request: float) -> tuple[int, str]:
-        """How many requests the worker keeps submitted, and why: the job's number, or enough that batchrun never
-        caps the engine's batch (auto_window)."""
-        if self.max_in_flight:
-            return self.max_in_flight, "engine.max_in_flight"
-        return auto_window(self.kv_cache_tokens, tokens_per_request, self.batch_limit)
-
     def encode(self, texts: list[str]) -> list[list[int]] | None:
         """Token ids of each prompt, or None if the engine takes text. Called off the engine's critical path."""
         return None
@@ -169,6 +160,15 @@ class Engine(ABC):
 
 
 MIN_WINDOW, MAX_WINDOW = 64, 4096
+
+
+def choose_window(max_in_flight: int | str, engine: Engine, tokens_per_request: float) -> tuple[int, str]:
+    """How many requests (samples) a worker keeps submitted to its engine, and why: the job's engine.max_in_flight,
+    or `auto` from what the engine reports of itself (its KV cache, its batch limit). The worker's decision: no
+    engine is told its window."""
+    if max_in_flight != "auto":
+        return int(max_in_flight), "engine.max_in_flight"
+    return auto_window(engine.kv_cache_tokens, tokens_per_request, engine.batch_limit)
 
 
 def auto_window(kv_cache_tokens: int | None, tokens_per_request: float, batch_limit: int | None = None

@@ -16,8 +16,7 @@ def sampling_from_spec(s: SamplingSpec) -> Sampling:
 def model_args(spec: EngineSpec, options: dict) -> dict:
     """The constructor arguments every model-backed engine takes."""
     return dict(tokenizer=spec.tokenizer, dtype=spec.dtype, device=spec.device,
-                trust_remote_code=spec.trust_remote_code, tensor_parallel_size=spec.tensor_parallel_size,
-                max_in_flight=None if spec.max_in_flight == "auto" else spec.max_in_flight, **options)
+                trust_remote_code=spec.trust_remote_code, tensor_parallel_size=spec.tensor_parallel_size, **options)
 
 
 def require_model_dir(spec: JobSpec) -> None:

@@ -30,12 +30,11 @@ def check(spec) -> None:
 
 
 def create(spec, sampling, parse=None) -> EchoEngine:
-    return EchoEngine(max_in_flight=None if spec.max_in_flight == "auto" else spec.max_in_flight, **spec.options)
+    return EchoEngine(**spec.options)
 
 
 class EchoEngine(Engine):
-    def __init__(self, max_in_flight: int | None = None, delay_s: float = 0.0):
-        self.max_in_flight = max_in_flight
+    def __init__(self, delay_s: float = 0.0):
         self.delay_s = float(delay_s)
         self._done: collections.deque[Completion] = collections.deque()
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 class HFEngine(Engine):
     def __init__(self, model: str, sampling: Sampling, *, tokenizer: str | None = None, dtype: str = "auto",
-                 device: str = "auto", trust_remote_code: bool = False, max_in_flight: int | None = None,
+                 device: str = "auto", trust_remote_code: bool = False,
                  tensor_parallel_size: int = 1, row_keys: tuple[str, ...] = (), choices: list[str] | None = None,
                  **options):
         # Tensor parallel: the ranks are spawned first, so that they import torch and transformers while this
@@ -53,7 +53,6 @@ class HFEngine(Engine):
         self._prefilled: list = []  # request keys whose prompt the cache holds now (PrefixTracker's events)
         self.startup = {"tokenizer_s": tokenizer_s, **getattr(self.backend, "timings", {})}
         self.eos_ids = set(self.backend.eos_ids)
-        self.max_in_flight = max_in_flight
         self.stop = sampling.stop  # job-level stop strings, cut from the text when a request finishes
         self.copies = 1 if cfg.may_sample else sampling.n  # greedy n > 1: n copies of one generation
         self.results_per_request = cfg.results_per_request  # raw results a request comes back as (children)

@@ -31,9 +31,10 @@ BATCH_ROWS = 32  # rows whose choices share their prompt, scored in one batch
 
 class HFScoreEngine(Engine):
     scores = True
+    batch_limit = BATCH_ROWS  # rows scored in one batch: the worker keeps twice that queued (across shard ends)
 
     def __init__(self, model: str, sampling: Sampling, *, tokenizer: str | None = None, dtype: str = "auto",
-                 device: str = "auto", trust_remote_code: bool = False, max_in_flight: int | None = None,
+                 device: str = "auto", trust_remote_code: bool = False,
                  tensor_parallel_size: int = 1, **options):
         started = time.monotonic()
         from transformers import AutoTokenizer
@@ -51,18 +52,12 @@ class HFScoreEngine(Engine):
         tok = self.tokenizer
         self.prefix_token_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         self._bos_text = tok.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
-        self.max_in_flight = max_in_flight
         # transformers 5.24 renamed forward's past_key_values to cache (the old name warns); earlier ones have only it
         params = inspect.signature(type(self.model).forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         # the prompt pass needs each row's last logits only (left-padded: the last position), not tokens x vocabulary
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._queue: collections.deque[Request] = collections.deque()
-
-    def window(self, tokens_per_request: float) -> tuple[int, str]:
-        if self.max_in_flight:
-            return self.max_in_flight, "engine.max_in_flight"
-        return 64, "scoring: poll computes the queued rows one by one; 64 keep it busy across shard boundaries"
 
     def tok_encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
         """lm-eval's HFLM.tok_encode with its defaults: the tokenizer's own special tokens unless told, none when the

@@ -420,7 +420,7 @@ def create(spec, sampling, parse=None) -> TRTLLMEngine:
 
 class TRTLLMEngine(Engine):
     def __init__(self, model: str, sampling: Sampling, *, tokenizer: str | None = None, dtype: str = "auto",
-                 device: str = "auto", trust_remote_code: bool = False, max_in_flight: int | None = None,
+                 device: str = "auto", trust_remote_code: bool = False,
                  tensor_parallel_size: int = 1, guide: ParseSpec | None = None, **options):
         # Before tensorrt_llm (and so mpi4py.MPI) is imported: its TP ranks are spawned through MPI from this actor.
         prepare_mpi_process(actor_gpu_ids())
@@ -445,7 +445,6 @@ class TRTLLMEngine(Engine):
         self.llm = cls(**kwargs)
         self._ranks = [p for p in descendants() if p.pid not in before]  # what close() must leave no trace of
         self.tokenizer = getattr(self.llm, "tokenizer", None)
-        self.max_in_flight = max_in_flight
         self.prefix_reuse = self.opts.kv_cache.enable_block_reuse  # KvCacheConfig (A3): on by default
         self.batch_limit = self.opts.max_batch_size or DEFAULT_MAX_BATCH_SIZE  # A1; its KV cache size is not exposed
         lim = limits(model, self.opts)
