@@ -228,7 +228,7 @@ class WorkerPool:
         import ray
 
         progress = ray.get(self.queue.progress.remote())
-        return bool(progress["shards_pending"] or progress["shards_running"])
+        return bool(progress.shards_pending or progress.shards_running)
 
     def restart_budget(self) -> dict:
         """Replacements allowed in any hour: max_worker_restarts, or restarts_per_worker_hour per worker of the job

@@ -43,12 +43,12 @@ from batchrun.datapath import (
     to_requests,
     to_score_requests,
 )
+from batchrun.engine_loop import EngineLoop
 from batchrun.engines import create_engine, sampling_from_spec
-from batchrun.engines.base import EngineDead, choose_window, engine_failure
+from batchrun.engines.base import EngineDead
 from batchrun.loglikelihood import Likelihoods, text_counts
 from batchrun.metrics import record
 from batchrun.postprocess import Parser, Scorer, merge_totals, totals
-from batchrun.prefix import KEY_TOKENS, PrefixScheduler
 from batchrun.process import (
     RssSampler,
     node_name,
@@ -120,7 +120,8 @@ class Worker:
         self._stats_lock = threading.Lock()
         self.stats = WorkerStats(created_at=self.created_at, niceness=self.niceness, arrow_pool=self.arrow_pool,
                                  worker=self.worker_id, node=self.node)
-        self._last_progress = time.monotonic()
+        self._last_progress = time.monotonic()  # before the engine loop runs (its own clock after that)
+        self.loop: EngineLoop | None = None
         self._last_beat = 0.0  # when the queue last heard this worker's stats (a heartbeat or a commit)
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -181,6 +182,11 @@ class Worker:
         # Bounded: if the writer falls behind (slow storage), the engine loop waits instead of piling up finished
         # shards in memory; a worker holds at most ~4 shards whatever the input size.
         finished: queue.Queue = queue.Queue(maxsize=2)
+        self.loop = EngineLoop(self.engine, ready, lambda task: self._put(finished, task),
+                               max_in_flight=self.spec.engine.max_in_flight,
+                               prefix_schedule=self.spec.engine.prefix_schedule == "auto",
+                               default_tokens=self.sampling.max_tokens, set_stats=self._set, add_stats=self._add,
+                               on_tokens=lambda n: record("tokens", n, **self.tags))
         threads = [
             threading.Thread(target=self._guard, args=(self._prefetch, ready), daemon=True, name="prefetch"),
             threading.Thread(target=self._guard, args=(self._write, finished), daemon=True, name="writer"),
@@ -188,10 +194,9 @@ class Worker:
         ]
         for t in threads:
             t.start()
-        running: set[int] = set()  # shards the engine has requests of: what an engine death is charged to
         dead: EngineDead | None = None
         try:
-            self._generate(ready, finished, running)
+            self.loop.run(self._stop, self._drain, lambda: self._drain_deadline)
         except EngineDead as e:
             dead = e
         finally:
@@ -199,7 +204,7 @@ class Worker:
             threads[1].join()  # shards finished before a death or within a drain are committed first
             self._stop.set()
         if dead is not None:
-            self._hand_back_after_death(dead, running)
+            self._hand_back_after_death(dead, self.loop.running)
             raise dead
         if self._error is not None:
             raise self._error
@@ -246,92 +251,6 @@ class Worker:
             self._stop.set()
 
     # ------------------------------------------------------------ main loop: the engine's window
-
-    def _generate(self, ready: queue.Queue, finished: queue.Queue, running: set[int]) -> None:
-        engine, window = self.engine, 0  # 0: sized from the first shard that reaches the loop
-        # the order requests go to the engine in: input order, or prefix-aware (batchrun/prefix.py)
-        sched = PrefixScheduler(self.spec.engine.prefix_schedule == "auto" and engine.prefix_reuse,
-                                engine.prefix_block_tokens or KEY_TOKENS)
-        self._set(prefix_schedule="on" if sched.enabled else "off")
-        by_shard: dict[int, ShardTask] = {}
-        in_flight, exhausted = 0, False
-        first_submit = first_completion = 0.0  # the engine's busy window, for benchmarks and the start-up split
-        while not self._stop.is_set():
-            # draining: admit no new shard; the admitted ones' requests still go in, to finish within the drain
-            draining = self._drain.is_set()
-            if draining and time.monotonic() > self._drain_deadline:
-                return
-            while (not window or in_flight < window) and not exhausted:
-                request = sched.next()
-                if request is None:
-                    # Nothing to submit now: take the next prepared shard, unless the scheduler already holds a
-                    # window's worth of rows waiting for their prefix (lookahead across shards stays bounded).
-                    if draining or (window and sched.held_count >= window):
-                        break
-                    try:  # block only when the engine has nothing to do
-                        task = ready.get(timeout=0.2) if in_flight == 0 else ready.get_nowait()
-                    except queue.Empty:
-                        break
-                    if task is None:  # the prefetcher's end marker
-                        exhausted = True
-                        break
-                    by_shard[task.shard.shard_id] = task
-                    window = window or self._window(task)
-                    if task.remaining == 0:  # every row was an error row
-                        self._put(finished, by_shard.pop(task.shard.shard_id))
-                    sched.add(task.requests)
-                    task.requests = []  # the scheduler holds them until they are submitted
-                    continue
-                running.add(request.request_id.shard_id)
-                engine.submit(request)
-                in_flight += request.sampling.n  # counted in samples: one completion each
-                if not first_submit:
-                    first_submit = time.time()
-                    self._set(first_submit_at=first_submit)
-            if (exhausted or draining) and in_flight == 0 and not len(sched):
-                self._set(prefix_leaders=sched.stats["leaders"], prefix_held=sched.stats["held"])
-                return
-            if in_flight == 0:
-                continue
-            done = engine.poll(timeout=0.05)
-            for request_id in engine.prefilled():  # a leader's prompt is computed: its siblings can share it
-                sched.prefilled(request_id)
-            if done:
-                self._last_progress = time.monotonic()
-                now = time.time()
-                first_completion = first_completion or now
-                self._set(last_completion_at=now, first_completion_at=first_completion)
-            in_flight -= len(done)
-            self._set(in_flight=in_flight)
-            record("tokens", sum(c.num_generated_tokens for c in done), **self.tags)
-            for c in done:
-                key = c.request_id  # the RequestKey the request carried
-                if c.error is not None and engine_failure(c.error):  # the safety net: never an error row
-                    raise EngineDead(f"the engine failed request {key} with an engine-wide error: {c.error}")
-                task = by_shard[key.shard_id]
-                task.fill(key.row, c)
-                for row in task.copies.get(key.row, ()):  # the same prompt and sampling: the same completion
-                    task.fill(row, c)
-                    self._add(duplicate_rows=c.sample_index == 0)
-                sched.prefilled(key)  # a finished request's prompt is computed, whether or not the engine said so
-                self._add(generated_tokens=c.num_generated_tokens, prompt_tokens=c.num_prompt_tokens,
-                          cached_prompt_tokens=c.num_cached_prompt_tokens or 0)
-                if task.remaining == 0:
-                    if any(e is not None for e in task.error):
-                        engine.check_alive()  # error rows of an engine that is dying are not the requests'
-                    running.discard(key.shard_id)
-                    self._put(finished, by_shard.pop(key.shard_id))
-
-    def _window(self, task: ShardTask) -> int:
-        """The engine's window (engine.max_in_flight, or auto from its KV cache and this shard's request sizes)."""
-        reqs = task.requests
-        sizes = [(len(r.prompt_token_ids) if r.prompt_token_ids is not None else len(r.prompt.split()))
-                 + r.sampling.max_tokens for r in reqs]
-        window, why = choose_window(self.spec.engine.max_in_flight, self.engine,
-                                    sum(sizes) / len(sizes) if sizes else self.sampling.max_tokens)
-        self._set(max_in_flight=window, max_in_flight_why=why)
-        log.info("worker %s: %d requests in flight (%s)", self.worker_id, window, why)
-        return window
 
     # ------------------------------------------------------------ prefetcher: lease, read, render, tokenize
 
@@ -468,7 +387,7 @@ class Worker:
         with self._stats_lock:
             self.stats.peak_rss_mb = peak_rss_mb()
             self.stats.store_retries = store_retries()
-            idle = time.monotonic() - self._last_progress
+            idle = time.monotonic() - (self.loop.last_progress if self.loop else self._last_progress)
             self.stats.since_progress_s = idle if self.stats.in_flight else 0.0
             stats = dataclasses.replace(self.stats)
         record("in_flight", stats.in_flight, **self.tags)

@@ -57,7 +57,7 @@ def test_sigterm_to_a_worker_drains_and_its_shards_are_leased_again_at_once(tmp_
     t.start()
     wait_for_parts(tmp_path, 2)
     deadline = time.time() + 60
-    while not (running := [w["pid"] for w in runner._workers_seen.values() if w.get("shards")]):
+    while not (running := [w.pid for w in runner._workers_seen.values() if w.shards]):
         assert time.time() < deadline  # a worker that has committed a shard: past its start, in its run
         time.sleep(0.05)
     victim = running[0]

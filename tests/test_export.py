@@ -8,6 +8,8 @@ from openai.types.chat import ChatCompletion
 
 from batchrun.export import openai_line
 
+pytestmark = pytest.mark.fast
+
 ROW = {"custom_id": "r1", "generated_text": "42", "finish_reason": "stop", "num_prompt_tokens": 5,
        "num_generated_tokens": 2, "error": None}
 

@@ -10,6 +10,8 @@ from batchrun.sources import open_source
 from batchrun.spec import validate_spec
 from tests.conftest import write_parquet
 
+pytestmark = pytest.mark.fast
+
 
 def spec_for(path, rows_per_shard, **input_extra):
     return validate_spec({"engine": {"name": "echo"}, "input": {"path": str(path), **input_extra},

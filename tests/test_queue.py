@@ -6,12 +6,15 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from batchrun.plan import cut_shards
 from batchrun.records import ManifestEntry, WorkerStats
 from batchrun.shard_queue import DONE, WAIT, ShardQueue
 from batchrun.store.output import OutputDir
 from batchrun.store.parts import ids_digest
+
+pytestmark = pytest.mark.fast
 
 
 def make_queue(tmp_path, n_shards=3, **kw):
@@ -143,22 +146,6 @@ def test_reconcile_rebuilds_entry_of_a_part_committed_before_a_crash(tmp_path):
     assert out.manifest.reconcile(set(out.manifest.entries()), "run3") == {}
 
 
-def test_manifest_segments_merge_in_any_order_and_compact(tmp_path):
-    out = OutputDir(tmp_path / "out")
-    out.ensure()
-    q = ManifestEntry(0, "quarantined", committed_at=1.0, error="boom")
-    c = ManifestEntry(0, "committed", rows=10, committed_at=0.5)  # a later run committed it
-    out.manifest.append([c, ManifestEntry(1, "committed", rows=10)], "r2", 0)
-    out.manifest.append([q, ManifestEntry(2, "quarantined", committed_at=2.0, error="bad")], "r1", 0)
-    entries = out.manifest.entries()
-    assert entries[0].state == "committed" and entries[2].state == "quarantined"
-    merged = out.manifest.compact("r3", keep_quarantined=False)  # a re-run retries quarantined shards
-    assert sorted(merged) == [0, 1] and len(out.list(out.manifest_dir)) == 1
-    assert sorted(out.manifest.entries()) == [0, 1]
-    assert out.manifest.compact("r4") == out.manifest.entries()  # one segment: nothing to merge, nothing written
-    assert len(out.list(out.manifest_dir)) == 1
-
-
 def test_a_long_run_merges_its_own_segments_as_it_goes(tmp_path):
     q, out = make_queue(tmp_path, n_shards=200)
     out.manifest.append([ManifestEntry(199, "committed", rows=10)], "earlier", 0)  # another run's segment stays
@@ -169,13 +156,6 @@ def test_a_long_run_merges_its_own_segments_as_it_goes(tmp_path):
     segments = out.list(out.manifest_dir)
     assert len(segments) == 1 + 1 + 2  # the earlier run's, one merged of 128, and the last 2
     assert sorted(out.manifest.entries()) == list(range(130)) + [199]
-
-
-def test_ids_digest_ignores_chunking():
-    a = pa.chunked_array([[1, 2, 3, 4]])
-    b = pa.chunked_array([[1, 2], [3, 4]])
-    assert ids_digest(a) == ids_digest(b) == ids_digest(pa.array([0, 1, 2, 3, 4]).slice(1))
-    assert ids_digest(a) != ids_digest(pa.chunked_array([[1, 2, 4, 3]]))
 
 
 def test_fair_share_leaves_shards_for_workers_still_loading(tmp_path):
