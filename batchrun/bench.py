@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from batchrun.engines import create_engine
 from batchrun.engines.base import Request, Sampling, choose_window
-from batchrun.process import peak_rss_mb
+from batchrun.memory import peak_rss_mb
 from batchrun.spec import EngineSpec, SamplingSpec
 
 ENGINE_MODULES = {"hf": "transformers", "trtllm": "tensorrt_llm"}

@@ -132,10 +132,7 @@ def reuse_line(cached: int, prompt: int) -> str:
 
 
 def print_summary(s: dict, samples: int = 3) -> None:
-    import pyarrow.parquet as pq
-
     from batchrun.cost import cost_line
-    from batchrun.store.output import OutputDir
 
     run = s["this_run"]
     print(f"\nbatchrun: {s['status']}: {s['rows']} rows in {s['shards_committed']}/{s['shards']} shards "
@@ -145,6 +142,19 @@ def print_summary(s: dict, samples: int = 3) -> None:
     if (retried := s.get("retried_error_rows") or {}).get("shards"):
         print(f"  retried: {retried['rows']} error rows in {retried['shards']} shards generated again, "
               f"{retried['still_failing']} still fail")
+    print_workers(s)
+    if s.get("metrics"):
+        print(metrics_line(s["metrics"]))
+    if (s.get("prefix_reuse") or {}).get("prompt_tokens_cached"):
+        print(reuse_line(s["prefix_reuse"]["prompt_tokens_cached"], s["prompt_tokens"]))
+    if s.get("cost"):
+        print(cost_line(s["cost"]))
+    print(f"  output: {s['output_dir']} (summary: _summary.json)")
+    print_sample_rows(s["output_dir"], samples)
+
+
+def print_workers(s: dict) -> None:
+    """Each worker's share, the start-up split of the first one, and the window each kept (one line a size)."""
     windows = s.get("worker_engine_window_s", {})
     for wid, w in sorted(s["workers"].items()):
         busy = windows.get(wid)
@@ -164,25 +174,28 @@ def print_summary(s: dict, samples: int = 3) -> None:
             chosen.setdefault(v["window"], v["why"])  # workers sized from their own first shard: one line a size
     for window, why in sorted(chosen.items()):
         print(f"  in flight per worker: {window} ({why})")
-    if s.get("metrics"):
-        m = s["metrics"]
-        if "word_perplexity" in m:
-            print(f"  perplexity over {m['rows_scored']} texts: word {m['word_perplexity']:.4g}, byte "
-                  f"{m['byte_perplexity']:.4g}, bits per byte {m['bits_per_byte']:.4g}")
-        elif "acc" in m:
-            print(f"  acc {m['acc']:.4f}, acc_norm {m['acc_norm']:.4f} over {m['rows']} rows "
-                  f"({m['rows'] - m['rows_scored']} error rows count as wrong)")
-        else:
-            print(f"  score: {m['score_mean']:.4f} mean over {m['rows']} rows ({m['score_sum']:g} right; "
-                  f"{m['rows'] - m['rows_scored']} error rows count as wrong)")
-    if (s.get("prefix_reuse") or {}).get("prompt_tokens_cached"):
-        print(reuse_line(s["prefix_reuse"]["prompt_tokens_cached"], s["prompt_tokens"]))
-    if s.get("cost"):
-        print(cost_line(s["cost"]))
-    print(f"  output: {s['output_dir']} (summary: _summary.json)")
-    out = OutputDir(s["output_dir"])
+
+
+def metrics_line(m: dict) -> str:
+    if "word_perplexity" in m:
+        return (f"  perplexity over {m['rows_scored']} texts: word {m['word_perplexity']:.4g}, byte "
+                f"{m['byte_perplexity']:.4g}, bits per byte {m['bits_per_byte']:.4g}")
+    if "acc" in m:
+        return (f"  acc {m['acc']:.4f}, acc_norm {m['acc_norm']:.4f} over {m['rows']} rows "
+                f"({m['rows'] - m['rows_scored']} error rows count as wrong)")
+    return (f"  score: {m['score_mean']:.4f} mean over {m['rows']} rows ({m['score_sum']:g} right; "
+            f"{m['rows'] - m['rows_scored']} error rows count as wrong)")
+
+
+def print_sample_rows(output_dir: str, samples: int) -> None:
+    """A few rows of the first part only: the summary never reads the whole output."""
+    import pyarrow.parquet as pq
+
+    from batchrun.store.output import OutputDir
+
+    out = OutputDir(output_dir)
     parts = out.parts.names()
-    if parts:  # a few rows of the first part only: the summary never reads the whole output
+    if parts:
         with out.open(parts[0]) as fh:
             batch = next(pq.ParquetFile(fh).iter_batches(batch_size=samples))
         for row in batch.to_pylist():

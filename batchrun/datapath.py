@@ -43,7 +43,7 @@ class ShardTask:
     shard: Shard
     attempt: int
     keep: pa.Table  # id + passthrough columns, in input order
-    refs: pa.Table  # the columns the scorer reads (reference column, or the whole row for a hook)
+    score_inputs: pa.Table  # the columns the scorer reads (reference column, or the whole row for a hook)
     n: int  # samples per row: slot = row * n + sample_index
     logprobs: bool  # keep each sample's token logprobs for a `logprobs` column
     top_logprobs: int = 0  # > 0: a `top_logprobs` column, the k likeliest tokens per generated token
@@ -97,18 +97,19 @@ class ShardTask:
                                          num_prompt_tokens=prompt_tokens, sample_index=k))
 
     def table(self, parser=None, scorer=None) -> pa.Table:
-        assert self.remaining == 0 and all(f is not None for f in self.finish), \
-            "shard written before every row finished"
+        if self.remaining or any(f is None for f in self.finish):  # a real check: `python -O` drops asserts
+            raise RuntimeError(f"shard {self.shard.shard_id} written before every row finished "
+                               f"({self.remaining} of {len(self.finish)} slots open)")
         scored, self.score_totals = {}, None
         if self.likelihoods is not None:  # nothing generated: the text is the predicted choice or label
             self.text, scored, self.score_totals = self.likelihoods.columns(
                 self.pair_lls, self.pair_greedy, self.pair_tokens, self.choices,
-                self.refs.column(0).to_pylist() if self.refs.num_columns else None, self.counts)
+                self.score_inputs.column(0).to_pylist() if self.score_inputs.num_columns else None, self.counts)
         cols = [self.text, self.finish, self.prompt_tokens, self.gen_tokens, self.error]
-        out, refs = self.keep, self.refs
+        out, inputs = self.keep, self.score_inputs
         if self.n > 1:  # one output row per sample, in (row, sample) order
             rows = pa.array([i for i in range(self.keep.num_rows) for _ in range(self.n)], pa.int64())
-            out, refs = out.take(rows), refs.take(rows)
+            out, inputs = out.take(rows), inputs.take(rows)
             out = out.append_column("sample_index", pa.array(list(range(self.n)) * self.keep.num_rows, pa.int32()))
         for (name, typ), values in zip(OUTPUT_SCHEMA, cols):
             out = out.append_column(pa.field(name, typ), pa.array(values, type=typ))
@@ -124,7 +125,7 @@ class ShardTask:
                 out = out.append_column(name, column)
             parsed = out.column("parsed").to_pylist()
         if scorer is not None:
-            out = out.append_column("score", scorer.column(self.text, parsed, refs))
+            out = out.append_column("score", scorer.column(self.text, parsed, inputs))
         return out
 
 
@@ -197,7 +198,7 @@ def row_samplings(table: pa.Table, row_ids: list, base: Sampling, per_row: dict[
 
 
 @dataclass(frozen=True)
-class Limits:
+class PromptLimits:
     """What a prompt must fit: the engine's context and longest prompt, and the job's truncation policy."""
 
     context: int | None
@@ -206,7 +207,7 @@ class Limits:
 
 
 def to_requests(shard_id: int, prompts: Prompts, samplings: list[Sampling | str],
-                encode: Callable[[list[str]], list[list[int]] | None], limits: Limits
+                encode: Callable[[list[str]], list[list[int]] | None], limits: PromptLimits
                 ) -> tuple[list[Request], list[tuple[int, str, int]]]:
     """The rows that reach the engine, as requests in row order, and the rows that do not: (row, why, prompt tokens).
     Text is tokenized in one call per shard (engines that take text return None: no token ids, no length check)."""
@@ -254,14 +255,15 @@ def dedupe(requests: list[Request]) -> tuple[list[Request], dict[int, list[int]]
 
 
 def to_score_requests(shard_id: int, prompts: Prompts, samplings: list[Sampling | str], engine, mode: str,
-                      choices: list | None, refs: list | None, delimiter: str) -> tuple[list[Request], list]:
+                      choices: list | None, references: list | None, delimiter: str) -> tuple[list[Request], list]:
     """A scoring job's rows as requests of (context, continuation) pairs (loglikelihood.py), and the rows that
     cannot be scored: (row, why, 0). mode: loglikelihood | labels (one pair per choice) | loglikelihood_rolling."""
     requests, failed = [], []
     for i, text in enumerate(prompts.texts):
         why = prompts.errors[i] or (samplings[i] if isinstance(samplings[i], str) else None)
         if why is None and mode != "loglikelihood_rolling":
-            why = row_problem(choices[i], refs[i] if refs is not None else None, check_ref=refs is not None)
+            ref = references[i] if references is not None else None
+            why = row_problem(choices[i], ref, check_ref=references is not None)
         if why is not None or text is None:
             failed.append((i, why or "no prompt", 0))
             continue

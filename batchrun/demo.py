@@ -57,7 +57,7 @@ def arithmetic_examples(rng: random.Random, n: int) -> list[tuple[str, str]]:
 def build_model(path: str | Path, steps: int = 2500, seed: int = 0, quiet: bool = False) -> Path:
     """Train the demo model and save it in HF format under `path` (skipped when a current one is there)."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
     path = Path(path)
     stamp = path / "batchrun_demo.json"
@@ -66,20 +66,35 @@ def build_model(path: str | Path, steps: int = 2500, seed: int = 0, quiet: bool 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tok = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
+    model = LlamaForCausalLM(_config(tok))
+    t0 = time.time()
+    _train(model, tok, rng, steps, quiet)
+    model.eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False
     )
-    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    acc = accuracy(model, tok, arithmetic_examples(random.Random(seed + 1), 200))
+    stamp.write_text(json.dumps({"version": MODEL_VERSION, "steps": steps, "accuracy": acc}))
+    if not quiet:
+        print(f"demo model: saved to {path} (held-out accuracy {acc:.1%}, {time.time() - t0:.0f}s)")
+    return path
+
+
+def _config(tok):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       tie_word_embeddings=True)
+
+
+def _train(model, tok, rng: random.Random, steps: int, quiet: bool) -> None:
+    import torch
+
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     t0 = time.time()
@@ -94,18 +109,6 @@ def build_model(path: str | Path, steps: int = 2500, seed: int = 0, quiet: bool 
         sched.step()
         if not quiet and step % 250 == 0:
             print(f"demo model: step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
-    model.eval()
-    path.mkdir(parents=True, exist_ok=True)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False
-    )
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    acc = accuracy(model, tok, arithmetic_examples(random.Random(seed + 1), 200))
-    stamp.write_text(json.dumps({"version": MODEL_VERSION, "steps": steps, "accuracy": acc}))
-    if not quiet:
-        print(f"demo model: saved to {path} (held-out accuracy {acc:.1%}, {time.time() - t0:.0f}s)")
-    return path
 
 
 def _encode_batch(tok, batch):

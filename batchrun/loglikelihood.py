@@ -155,7 +155,7 @@ class Likelihoods:
     def __init__(self, mode: str, with_reference: bool = False):
         self.mode, self.with_reference = mode, with_reference
 
-    def columns(self, lls, greedy, ntok, choices, refs, counts) -> tuple[list[str | None], dict, dict]:
+    def columns(self, lls, greedy, ntok, choices, references, counts) -> tuple[list[str | None], dict, dict]:
         import pyarrow as pa
 
         rows = range(len(lls))
@@ -172,7 +172,8 @@ class Likelihoods:
         if self.mode == "labels":
             return texts, {"label_probs": pa.array([label_probs(v) if v is not None else None for v in lls],
                                                    pa.list_(pa.float64()))}, {}
-        golds = [reference_index(refs[i], choices[i])[0] if self.with_reference and preds[i] else None for i in rows]
+        golds = [reference_index(references[i], choices[i])[0] if self.with_reference and preds[i] else None
+                 for i in rows]
         cols = {"choice_logprobs": pa.array(lls, pa.list_(pa.float64())),
                 "choice_tokens": pa.array(ntok, pa.list_(pa.int32())),
                 "choice_greedy": pa.array(greedy, pa.list_(pa.bool_())),

@@ -85,10 +85,10 @@ class Scorer:
 
     def column(self, texts, parsed, table: pa.Table) -> pa.Array:
         ref = self.spec.reference_column
-        refs = table.column(ref).to_pylist() if ref else [None] * len(texts)
+        references = table.column(ref).to_pylist() if ref else [None] * len(texts)
         rows = table.to_pylist() if self.hook else None
         scores = []
-        for i, (text, ref) in enumerate(zip(texts, refs)):
+        for i, (text, ref) in enumerate(zip(texts, references)):
             if self.hook:
                 value = self.hook(text, rows[i])
                 scores.append(None if value is None else float(value))

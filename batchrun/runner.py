@@ -19,9 +19,10 @@ from batchrun.engines import check_engine
 from batchrun.errors import JobFailed, JobInterrupted, SpecError
 from batchrun.fingerprint import model_files
 from batchrun.hooks import load_hook
+from batchrun.memory import peak_rss_mb, steady_arrow_pool
 from batchrun.plan import Plan, make_plan
 from batchrun.pool import WorkerPool
-from batchrun.process import on_stop_signals, peak_rss_mb, steady_arrow_pool
+from batchrun.process import on_stop_signals
 from batchrun.progress import ProgressBar
 from batchrun.prompts import PromptBuilder
 from batchrun.records import Snapshot, WorkerStats, committed_only
@@ -151,32 +152,9 @@ class JobRunner:
         try:
             # Workers start loading their engines now, while the queue actor builds its state (from what the driver
             # read of the manifest): model load overlaps the queue's start.
-            pending = sum(s.shard_id not in committed or s.shard_id in revise for s in plan.shards)
-            self.n_workers = min(resolve_num_workers(spec.resources), pending) if pending else 0
-            if pool.idle and self.n_workers:
-                pool.retask(self.n_workers)  # a suite's next task, on the engines the last one loaded
-            elif self.n_workers:
-                pool.start(self.n_workers)
-            recorded, drain_deadline = time.time(), None
-            while not (snap := ray.get(queue.progress.remote())).finished:
-                if self.stop_signal and drain_deadline is None:
-                    drain_deadline = self._start_drain(queue, pool)
-                if drain_deadline is not None and (not pool.live or time.monotonic() > drain_deadline):
-                    self._end_drain(queue, pool)
-                self._workers_seen = snap.workers  # for the cost record of a run that ends early
-                progress.update(snap)
-                if time.time() - recorded > 30:  # the run's GPU time so far: a killed run still counts
-                    self._record_run(pool, self._workers_seen, finished=False)
-                    recorded = time.time()
-                self._check_stall(snap, pool)
-                pool.watch()
-                if self.out.lock.lost:
-                    raise JobFailed(f"output dir {self.out.root}: {self.out.lock.lost}; stopping this run (what it "
-                                    "committed is kept)")
-            pool.finish()  # let workers see DONE, close their engines and hand back their final counters
-            snap = ray.get(queue.progress.remote())
-            report = ray.get(queue.report.remote())
-            progress.update(snap)
+            self._start_workers(pool, plan, sum(s.shard_id not in committed or s.shard_id in revise
+                                                for s in plan.shards))
+            snap, report = self._watch(queue, pool, progress)
         except BaseException:
             self._record_run(pool, self._workers_seen, finished=False)
             raise
@@ -196,6 +174,39 @@ class JobRunner:
                 "the other shards are committed. Re-run the same command to retry them.\n" + "\n".join(lines)
             )
         return JobResult(str(self.out.root), summary)
+
+    def _start_workers(self, pool: WorkerPool, plan: Plan, pending: int) -> None:
+        self.n_workers = min(resolve_num_workers(self.spec.resources), pending) if pending else 0
+        if pool.idle and self.n_workers:
+            pool.retask(self.n_workers)  # a suite's next task, on the engines the last one loaded
+        elif self.n_workers:
+            pool.start(self.n_workers)
+
+    def _watch(self, queue, pool: WorkerPool, progress: ProgressBar) -> tuple[Snapshot, dict]:
+        """One tick a snapshot: drain on a stop signal, progress, the cost record so far, stalls, dead or finished
+        workers, a lost lock. Returns the last snapshot and the queue's report once every shard is done."""
+        import ray
+
+        recorded, drain_deadline = time.time(), None
+        while not (snap := ray.get(queue.progress.remote())).finished:
+            if self.stop_signal and drain_deadline is None:
+                drain_deadline = self._start_drain(queue, pool)
+            if drain_deadline is not None and (not pool.live or time.monotonic() > drain_deadline):
+                self._end_drain(queue, pool)
+            self._workers_seen = snap.workers  # for the cost record of a run that ends early
+            progress.update(snap)
+            if time.time() - recorded > 30:  # the run's GPU time so far: a killed run still counts
+                self._record_run(pool, self._workers_seen, finished=False)
+                recorded = time.time()
+            self._check_stall(snap, pool)
+            pool.watch()
+            if self.out.lock.lost:
+                raise JobFailed(f"output dir {self.out.root}: {self.out.lock.lost}; stopping this run (what it "
+                                "committed is kept)")
+        pool.finish()  # let workers see DONE, close their engines and hand back their final counters
+        snap = ray.get(queue.progress.remote())
+        progress.update(snap)
+        return snap, ray.get(queue.report.remote())
 
     def _on_stop_signal(self, name: str) -> None:
         """SIGTERM (`ray job stop`, a preempted VM, Kubernetes) and a first Ctrl-C drain the job: workers commit what

@@ -61,8 +61,11 @@ class ShardQueue:
         self.max_attempts = max_attempts
         self.lease_timeout_s = lease_timeout_s
         self.shards = {s.shard_id: s for s in shards}
-        if done is None:
-            done = set(self.manifest.committed())
+        self._init_plan(shards, set(self.manifest.committed()) if done is None else done, revise)
+        self._init_bookkeeping()
+        self._init_segments()
+
+    def _init_plan(self, shards: list[Shard], done: set[int], revise) -> None:
         self.revise = set(revise)
         done = set(done) - self.revise
         # pending: the order shards are handed out in; pending_ids: which of them are still to do (a commit from a
@@ -74,6 +77,8 @@ class ShardQueue:
         self.skipped_rows = sum(self.shards[s].num_rows for s in self.done)
         self.rows_total = sum(s.num_rows for s in shards)
         self.rows_done = self.skipped_rows
+
+    def _init_bookkeeping(self) -> None:
         self.leases: dict[int, Lease] = {}
         self.held: collections.Counter[str] = collections.Counter()  # leases per worker, for the fair share
         self.attempts: collections.Counter[int] = collections.Counter()  # hand-outs in this run
@@ -89,6 +94,8 @@ class ShardQueue:
         self.worker_count = 1  # live workers, set by the driver: each holds at most its share of the open shards
         self.started_at = time.time()
         self._next_expiry = 0.0  # leases are checked for expiry at most once a second
+
+    def _init_segments(self) -> None:
         # Manifest entries of this run's commits and quarantines, appended as one segment per batch: off the commit's
         # critical path (the part is already committed; its footer holds the entry until the segment is written).
         self.unflushed: list[ManifestEntry] = []  # appended by the actor's thread, taken by the uploader: _flush_lock

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from batchrun.datapath import (
     ROW_INDEX,
-    Limits,
+    PromptLimits,
     ShardTask,
     dedupe,
     key_columns,
@@ -47,17 +47,10 @@ from batchrun.engine_loop import EngineLoop
 from batchrun.engines import create_engine, sampling_from_spec
 from batchrun.engines.base import EngineDead
 from batchrun.loglikelihood import Likelihoods, text_counts
+from batchrun.memory import RssSampler, peak_rss_mb, rss_now_mb, use_steady_arrow_pool
 from batchrun.metrics import record
 from batchrun.postprocess import Parser, Scorer, merge_totals, totals
-from batchrun.process import (
-    RssSampler,
-    node_name,
-    on_stop_signals,
-    peak_rss_mb,
-    rss_now_mb,
-    set_niceness,
-    use_steady_arrow_pool,
-)
+from batchrun.process import node_name, on_stop_signals, set_niceness
 from batchrun.prompts import PromptBuilder
 from batchrun.records import ManifestEntry, WorkerStats
 from batchrun.shard_queue import DONE, DRAIN, WAIT
@@ -297,7 +290,7 @@ class Worker:
         if self.scoring:
             requests, failed = self._score_requests(shard, table, prompts, samplings, task)
         else:
-            limits = Limits(self.engine.context_length, getattr(self.engine, "max_prompt_tokens", None),
+            limits = PromptLimits(self.engine.context_length, getattr(self.engine, "max_prompt_tokens", None),
                             self.spec.input.truncation)
             requests, failed = to_requests(shard.shard_id, prompts, samplings, self.engine.encode, limits)
         if self.spec.engine.dedupe == "auto":
@@ -317,11 +310,11 @@ class Worker:
             task.choices, delimiter = [list(parse.choices)] * table.num_rows, parse.target_delimiter
         else:
             task.counts, delimiter = [text_counts(t) if t else (0, 0) for t in prompts.texts], ""
-        refs = (table.column(score.reference_column).to_pylist()
-                if self.scoring == "loglikelihood" and score.reference_column else None)
+        references = (table.column(score.reference_column).to_pylist()
+                      if self.scoring == "loglikelihood" and score.reference_column else None)
         task.likelihoods = self.likelihoods
-        return to_score_requests(shard.shard_id, prompts, samplings, self.engine, self.scoring, task.choices, refs,
-                                 delimiter)
+        return to_score_requests(shard.shard_id, prompts, samplings, self.engine, self.scoring, task.choices,
+                                 references, delimiter)
 
     # ------------------------------------------------------------ writer: Parquet part, atomic commit
 

@@ -4,7 +4,7 @@ and thread, and the functions each thread spends them in.
 With --gil a sample is kept only for the thread that holds the GIL, so a thread's samples over `rate x seconds` is its
 share of the GIL; without it, its share of the wall.
 
-  python bench/pyspy_raw.py profile.raw --rate 100 [--match default_worker] [--frame Worker._generate] [--top 8]
+  python bench/pyspy_raw.py profile.raw --rate 100 [--match default_worker] [--frame EngineLoop.run] [--top 8]
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 import ray  # noqa: E402
 
+from batchrun.memory import peak_rss_mb  # noqa: E402
 from batchrun.plan import cut_shards  # noqa: E402
 from batchrun.pool import HEARTBEATS_PER_S  # noqa: E402
-from batchrun.process import peak_rss_mb  # noqa: E402
 from batchrun.records import ManifestEntry, WorkerStats  # noqa: E402
 from batchrun.shard_queue import DONE, WAIT, ShardQueue  # noqa: E402
 from batchrun.store.output import OutputDir  # noqa: E402

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from batchrun.datapath import (
-    Limits,
+    PromptLimits,
     ShardTask,
     key_columns,
     merge_redone,
@@ -102,16 +102,17 @@ def test_to_requests_fits_the_context_and_names_the_rows_that_do_not(tokenizer):
     prompts = Prompts(texts, [None, None, None, "template variable 'q' is missing (null) in this row", None])
     samplings = [Sampling(max_tokens=4)] * 4 + ["column 'b' (sampling.per_row.max_tokens): expected ..."]
     encode = encode_with(tokenizer)
-    reqs, failed = to_requests(9, prompts, samplings, encode, Limits(context=32, max_prompt=None, truncation="error"))
+    limits = PromptLimits(context=32, max_prompt=None, truncation="error")
+    reqs, failed = to_requests(9, prompts, samplings, encode, limits)
     assert [r.request_id for r in reqs] == [RequestKey(9, 0)] and str(reqs[0].request_id) == "9:0"
     assert reqs[0].prompt_token_ids == encode(["1+1="])[0]
     rows = {row: (why, n) for row, why, n in failed}
     assert "exceeds the model's context of 32" in rows[1][0] and rows[1][1] == len(encode([texts[1]])[0])
     assert rows[2][0] == "prompt is empty (0 tokens)" and "missing" in rows[3][0] and "per_row" in rows[4][0]
-    reqs, failed = to_requests(9, prompts, samplings, encode, Limits(context=32, max_prompt=16, truncation="left"))
+    reqs, failed = to_requests(9, prompts, samplings, encode, PromptLimits(32, max_prompt=16, truncation="left"))
     cut = next(r for r in reqs if r.request_id.row == 1)
     assert cut.prompt_token_ids == encode([texts[1]])[0][-16:]  # the engine's longest prompt binds before the context
-    text_only, _ = to_requests(9, prompts, samplings, EchoEngine().encode, Limits(None, None, "error"))
+    text_only, _ = to_requests(9, prompts, samplings, EchoEngine().encode, PromptLimits(None, None, "error"))
     assert [r.prompt_token_ids for r in text_only] == [None, None, None]  # echo takes text: no token check
 
 

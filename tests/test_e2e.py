@@ -103,7 +103,7 @@ def test_echo_every_row_exactly_once_with_passthrough(tmp_path, ray_cluster):
         "shards": {"rows_per_shard": 333},
     })
     summary = JobRunner(spec, show_progress=False).run().summary
-    from batchrun.process import steady_arrow_pool
+    from batchrun.memory import steady_arrow_pool
 
     assert list(summary["worker_arrow_pool"].values()) == [steady_arrow_pool()] * 2  # set from the worker's start
     out = read_output(tmp_path / "out")

@@ -195,7 +195,7 @@ def test_shards_of_one_big_row_group_read_the_file_about_once(tmp_path, monkeypa
 @pytest.mark.parametrize("env,expected", [(None, {"jemalloc", "system"}), ("mimalloc", {"mimalloc"})])
 def test_workers_get_an_arrow_pool_that_returns_memory_unless_told(monkeypatch, env, expected):
     """mimalloc kept ~60 MB of pages freed by Parquet decoding; workers get another pool unless the user chose one."""
-    from batchrun.process import steady_arrow_pool
+    from batchrun.memory import steady_arrow_pool
 
     monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
     if env:

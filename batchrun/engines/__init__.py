@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling
-from batchrun.engines.build import model_args, require_model_dir, sampling_from_spec
+from batchrun.engines.common import model_args, require_model_dir, sampling_from_spec
 from batchrun.errors import SpecError
 from batchrun.hooks import load_hook
 from batchrun.spec import BUILTIN_ENGINES, EngineSpec, JobSpec, ParseSpec, SamplingSpec, describe_errors

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_stop
-from batchrun.engines.build import model_args, render_chat_template, require_model_dir, sampling_from_spec
+from batchrun.engines.common import model_args, render_chat_template, require_model_dir, sampling_from_spec
 from batchrun.engines.hf_backend import LaunchConfig, LocalBackend, RawResult
 from batchrun.engines.hf_tp import TPBackend
 

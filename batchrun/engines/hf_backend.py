@@ -153,13 +153,34 @@ def load_model(cfg: LaunchConfig, tp_plan: str | None = None):
     return model, sorted(set(eos if isinstance(eos, list) else [eos]) - {None}), timings
 
 
+def batching_options(cfg: LaunchConfig, model) -> dict:
+    """ContinuousBatchingConfig's keywords: the device's defaults, then engine.options, then what the job needs
+    (its seed, logprobs, a choice mask). Applies the attention implementation named there to the model."""
+    import torch
+
+    from batchrun.engines.hf_attention import apply_attention
+
+    if model.device.type == "cpu":
+        cb_options = dict(CPU_CB_DEFAULTS)
+    else:
+        cb_options = cuda_cb_defaults(torch.cuda.mem_get_info(model.device)[0]) if model.device.type == "cuda" else {}
+    cb_options.update(dict(cfg.options))
+    attention = apply_attention(model, cb_options.pop("attn_implementation", "auto"))
+    log.info("HF engine: attention %s, continuous batching %s", attention, cb_options)
+    if cfg.sampling.seed is not None:
+        cb_options.setdefault("seed", cfg.sampling.seed)
+    if cfg.sampling.logprobs:
+        cb_options.setdefault("return_logprobs", True)
+    if cfg.choices:  # the choice mask reads each request's tokens so far: no double-buffered (async) batches
+        cb_options["use_async_batching"] = False
+    return cb_options
+
+
 def start_manager(cfg: LaunchConfig, tp_plan: str | None = None):
     """Load the model and start a ContinuousBatchingManager on it. Returns (model, manager, eos ids, timings)."""
-    import torch
     from transformers import GenerationConfig
     from transformers.generation import ContinuousBatchingConfig
 
-    from batchrun.engines.hf_attention import apply_attention
     from batchrun.engines.hf_sampling import ChoiceTrie, RowSampler
 
     model, eos_ids, timings = load_model(cfg, tp_plan)
@@ -173,19 +194,7 @@ def start_manager(cfg: LaunchConfig, tp_plan: str | None = None):
     # HFEngine copies the one result instead. Set after construction: validate() refuses n > 1 with do_sample off,
     # which is how RowSampler's Gumbel-max sampling runs (the noise is in the scores, the argmax picks).
     gen.num_return_sequences = cfg.results_per_request
-    if model.device.type == "cpu":
-        cb_options = dict(CPU_CB_DEFAULTS)
-    else:
-        cb_options = cuda_cb_defaults(torch.cuda.mem_get_info(model.device)[0]) if model.device.type == "cuda" else {}
-    cb_options.update(dict(cfg.options))
-    attention = apply_attention(model, cb_options.pop("attn_implementation", "auto"))
-    log.info("HF engine: attention %s, continuous batching %s", attention, cb_options)
-    if s.seed is not None:
-        cb_options.setdefault("seed", s.seed)
-    if s.logprobs:
-        cb_options.setdefault("return_logprobs", True)
-    if cfg.choices:  # the choice mask reads each request's tokens so far: no double-buffered (async) batches
-        cb_options["use_async_batching"] = False
+    cb_options = batching_options(cfg, model)
     started = time.monotonic()
     manager = model.init_continuous_batching(
         generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**cb_options)

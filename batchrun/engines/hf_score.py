@@ -19,7 +19,7 @@ import logging
 import time
 
 from batchrun.engines.base import Completion, Engine, EngineDead, Request, Sampling
-from batchrun.engines.build import render_chat_template
+from batchrun.engines.common import render_chat_template
 from batchrun.engines.hf_backend import LaunchConfig, load_model
 from batchrun.loglikelihood import model_input
 

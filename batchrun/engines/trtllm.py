@@ -46,7 +46,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from batchrun.engines.base import Completion, Engine, EngineDead, Request, Sampling, apply_stop
-from batchrun.engines.build import model_args, require_model_dir, sampling_from_spec
+from batchrun.engines.common import model_args, require_model_dir, sampling_from_spec
 from batchrun.engines.mpi import abandon_mpi_manager_threads, actor_gpu_ids, descendants, kill_all, prepare_mpi_process
 from batchrun.fingerprint import fingerprint, model_files
 from batchrun.spec import ParseSpec
@@ -216,24 +216,24 @@ def sampling_params(tllm, s: Sampling, logprobs: int | None = None, guide=None):
 
 
 @dataclass(frozen=True)
-class Limits:
+class EngineLimits:
     """The engine's context and its longest prompt, in tokens (None: unknown)."""
 
     context: int | None
     prompt: int | None
 
 
-def limits(model: str, opts: TRTLLMOptions) -> Limits:
+def limits(model: str, opts: TRTLLMOptions) -> EngineLimits:
     config = _config(model)
     if "build_config" in config:  # a built engine carries its own (A9)
         build = config["build_config"]
-        return Limits(build.get("max_seq_len"), build.get("max_input_len"))
+        return EngineLimits(build.get("max_seq_len"), build.get("max_input_len"))
     context = opts.max_seq_len or config.get("max_position_embeddings")  # A1: max_seq_len None -> the model's
     if opts.backend == "tensorrt":
-        return Limits(context, opts.max_input_len or context)
+        return EngineLimits(context, opts.max_input_len or context)
     if opts.enable_chunked_prefill:
-        return Limits(context, None)
-    return Limits(context, min(filter(None, (context, opts.max_num_tokens or DEFAULT_MAX_NUM_TOKENS))))
+        return EngineLimits(context, None)
+    return EngineLimits(context, min(filter(None, (context, opts.max_num_tokens or DEFAULT_MAX_NUM_TOKENS))))
 
 
 def build_fingerprint(model: str, tp: int, opts: TRTLLMOptions, logprobs: bool = False) -> str:
