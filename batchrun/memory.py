@@ -20,7 +20,7 @@ def steady_arrow_pool() -> str:
     """The Arrow allocator workers use unless ARROW_DEFAULT_MEMORY_POOL names one: jemalloc, else the system's.
 
     pyarrow's default on Linux, mimalloc, keeps the pages that Parquet decoding frees on its thread pool: a worker
-    grew by ~60 MB over its first 200 shards with 4 MB live in the pool, then plateaued (bench/RESULTS.md, memory).
+    grows far past what is live in the pool before it plateaus (bench/RESULTS.md, memory).
     jemalloc and the system allocator return them. Best set in the environment of the node's Ray processes, so that
     Arrow's C++ code, which never sees pa.set_memory_pool, uses it from the start: batchrun does that for the local
     cluster it starts, the Docker image and launch/ scripts for theirs. Elsewhere the worker switches pyarrow's pool

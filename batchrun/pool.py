@@ -71,7 +71,7 @@ HEARTBEATS_PER_S = 250  # what the one queue actor takes from all workers togeth
 
 def heartbeat_for(spec: JobSpec, workers: int) -> JobSpec:
     """The spec the workers run with: faults.heartbeat_s, or longer where many workers would flood the queue actor
-    (its one thread spends ~0.5 ms a call: 10,000 workers beating every 2 s would need 2.5 cores), at most a third of
+    (its one thread serves every call: bench/RESULTS.md, scale), at most a third of
     the lease timeout so that a live worker never loses its leases."""
     f = spec.faults
     every = min(max(f.heartbeat_s, workers / HEARTBEATS_PER_S), f.lease_timeout_s / 3)

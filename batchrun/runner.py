@@ -419,8 +419,8 @@ def init_ray() -> None:
 
 def end_local_cluster() -> bool:
     """The command's end, on a local cluster this process started: SIGTERM to each of its processes (the raylet
-    takes its workers down), without ray.shutdown's wait of up to a second for each, one after the other (2.2-2.6 s
-    from the summary to the shell prompt on the demo job). Returns whether it did; the caller then exits at once."""
+    takes its workers down), without ray.shutdown's wait of up to a second for each, one after the other
+    (bench/exit.py). Returns whether it did; the caller then exits at once."""
     import ray
 
     if not (_STARTED_LOCAL[0] and ray.is_initialized()):

@@ -175,7 +175,7 @@ def auto_window(kv_cache_tokens: int | None, tokens_per_request: float, batch_li
                 ) -> tuple[int, str]:
     """`engine.max_in_flight: auto`: twice what the engine can run at once, so that it always has the next request
     queued when one finishes (a queued request costs the worker a few KB of host memory; a missing one costs the GPU
-    a batch slot: measured 0.75x of the engine alone at 64 in flight, 1.006x with every prompt queued). What it can
+    a batch slot: bench/RESULTS.md, defaults). What it can
     run at once: the requests of the job's size (prompt + max_tokens, from the first shard) its KV cache holds, else
     its batch limit. Bounded to [MIN_WINDOW, MAX_WINDOW]."""
     tpr = max(tokens_per_request, 1.0)

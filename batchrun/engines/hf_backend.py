@@ -116,12 +116,12 @@ class LaunchConfig:
 
 def cuda_cb_defaults(free_bytes: int) -> dict:
     """What measured fastest on GPUs, unless the job's engine.options say otherwise: CUDA graphs, and a large batch
-    token budget where free memory allows (bench/RESULTS.md: varlen + graphs + 32k batch tokens ran 5.7x
-    transformers' defaults on an H100).
+    token budget where free memory allows (bench/RESULTS.md: varlen attention, graphs and a 32k batch token budget,
+    against transformers' defaults).
     The KV cache takes 75% of the memory free after the load, not transformers' 90%: transformers sizes it before any
-    CUDA graph is captured, and the graphs' private pools grow with the batch shapes a job brings. On an H200, 1,024
-    prompts of 1,550 tokens all in flight held 18 GiB in graph pools and ran out of memory in the attention's cache
-    read (index_select in full_attention.py) with the cache at 90% (bench/RESULTS.md, shared prefixes)."""
+    CUDA graph is captured, and the graphs' private pools grow with the batch shapes a job brings: with the cache at
+    90%, long prompts all in flight ran out of memory in the attention's cache read (bench/RESULTS.md, shared
+    prefixes)."""
     gib = free_bytes / 2**30
     tokens = 32768 if gib >= 24 else 16384 if gib >= 8 else None
     return {"use_cuda_graph": True, "max_memory_percent": 0.75, **({"max_batch_tokens": tokens} if tokens else {})}

@@ -76,8 +76,8 @@ def _teardown(dist, cuda: bool) -> None:
     """Leave torch.distributed as the rank exits. On GPUs the NCCL process group is *not* destroyed: with torch 2.11
     and NCCL on 2 H200s, destroy_process_group() never returned on either rank (py-spy: both ranks in
     distributed_c10d.destroy_process_group), nor did _abort_process_group() or a barrier then destroy; close() then
-    waited 90 s and killed the ranks. Without it close() took 2.3 s with no rank killed: the process exits and the
-    driver frees its communicators (bench/RESULTS.md, TP close). Gloo (CPU) tears down cleanly."""
+    waited for its timeout and killed the ranks. Without it close() returns with no rank killed: the process exits and
+    the driver frees its communicators (bench/RESULTS.md, TP close). Gloo (CPU) tears down cleanly."""
     if not cuda:
         dist.destroy_process_group()
 
