@@ -89,7 +89,8 @@ def cmd_build(args) -> int:
     try:
         path, built = build_engine(spec.engine.model, spec.engine.tensor_parallel_size, spec.engine.dtype,
                                    spec.engine.trust_remote_code, spec.engine.options,
-                                   logprobs=bool(spec.sampling.logprobs or spec.sampling.top_logprobs))
+                                   logprobs=bool(spec.sampling.logprobs or spec.sampling.top_logprobs),
+                                   scoring=bool(spec.scoring))
     except ValueError as e:
         raise SpecError(str(e)) from None
     print(f"{'built' if built else 'already built (same fingerprint)'}: {path}")

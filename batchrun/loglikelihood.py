@@ -68,6 +68,35 @@ def _rolling_windows(tokens: list[int], prefix_token: int, max_len: int) -> Iter
         predicted += n
 
 
+def tok_encode(tokenizer, bos_text: str | None, text: str, add_special_tokens: bool | None = None) -> list[int]:
+    """lm-eval's HFLM.tok_encode with its defaults, on a Hugging Face tokenizer: the tokenizer's own special tokens
+    unless told, none when the text already starts with the BOS text."""
+    kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+    if add_special_tokens is None and bos_text and text.startswith(bos_text):
+        kwargs["add_special_tokens"] = False
+    return tokenizer.encode(text, **kwargs)
+
+
+def prefix_token(tokenizer) -> tuple[int | None, str | None]:
+    """lm-eval's prefix_token_id (BOS, else EOS) and its text (what tok_encode looks for)."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return token, tokenizer.decode(token) if token is not None else None
+
+
+def pair_problem(pairs, context_length: int) -> str | None:
+    """Why a row's pairs cannot be scored (an error row), or None."""
+    pairs = pairs or ()
+    too_long = [i for i, (_, cont) in enumerate(pairs) if len(cont) > context_length]
+    empty = [i for i, (_, cont) in enumerate(pairs) if not cont]
+    if not pairs:
+        return "no choice to score"
+    if empty:
+        return f"choice {empty[0]} encodes to no tokens"
+    if too_long:
+        return f"choice {too_long[0]} is longer than the model's context ({context_length} tokens)"
+    return None
+
+
 def model_input(pair: Pair, max_length: int) -> tuple[list[int], int]:
     """The tokens the model sees for a pair, and how many of its last positions predict the continuation."""
     ctx, cont = pair

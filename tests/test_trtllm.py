@@ -567,3 +567,113 @@ def test_job_ends_in_bounded_time_when_shutdown_hangs(tmp_path, ray_cluster, dem
     # of workers that loaded in time (one fast worker may take every shard on a busy machine: not asserted)
     assert 5 <= summary["close_wait_s"] < 9
     assert pids_where(lambda c: "tllm-double-rank" in c) == []
+
+
+# ---------------------------------------------------------------- scoring: log-likelihoods from context logits
+
+
+def score_all(engine, rows: list[tuple], timeout: float = 60.0) -> dict:
+    for key, pairs in rows:
+        engine.submit(Request(key, "", None, Sampling(max_tokens=1), pairs=tuple(pairs)))
+    got, deadline = {}, time.time() + timeout
+    while len(got) < len(rows):
+        assert time.time() < deadline, f"{len(got)} of {len(rows)} rows scored"
+        got.update({c.request_id: c for c in engine.poll(0.1)})
+    return got
+
+
+def test_scoring_on_trtllm_equals_the_hf_scorer(tllm, demo_model):
+    """Choice log-likelihoods from TensorRT-LLM's context logits (UPSTREAM.md P1-P4) equal the HF scoring engine's,
+    which equal lm-eval's (test_evals.py): the double's logits are the checkpoint's own, so a position off by one
+    shows. A row's choices reuse its context's KV blocks, whose positions have no logits; choices that share their
+    first tokens across a block boundary are asked again under a cache salt of their own."""
+    from batchrun.engines.hf_score import HFScoreEngine
+    from batchrun.engines.trtllm import TRTScoreEngine
+    from batchrun.loglikelihood import encode_pair
+
+    trt = TRTScoreEngine(str(demo_model), Sampling(max_tokens=1), dtype="float32")
+    hf = HFScoreEngine(str(demo_model), Sampling(max_tokens=1), dtype="float32", device="cpu")
+    assert trt.prefix_token_id == hf.prefix_token_id and trt.encode(["1+1="]) == hf.encode(["1+1="])
+    boundary = "Sum:"  # a context of 31 tokens: choices sharing a first token share a whole 32-token block
+    while len(trt.tok_encode(boundary)) < 31:
+        boundary += "9"
+    cases = [("Question: 2+2=?\nAnswer:", ["4", "5", "22"]), ("", ["hello world", "x"]),
+             ("12+30=" * 8, ["42", "43", "7"]), (boundary, ["12", "13"])]
+    rows = [(f"r{i}", [encode_pair(trt.tok_encode, trt.prefix_token_id, ctx, " " + c) for c in choices])
+            for i, (ctx, choices) in enumerate(cases)]
+    try:
+        want, got = score_all(hf, rows), score_all(trt, rows)
+        for key, _ in rows:
+            assert got[key].error is None, got[key].error
+            assert got[key].pair_greedy == want[key].pair_greedy and got[key].pair_tokens == want[key].pair_tokens
+            assert all(abs(a - b) < 1e-4 for a, b in zip(got[key].pair_logprobs, want[key].pair_logprobs)), key
+        assert got["r2"].num_cached_prompt_tokens >= 32  # the shared context was computed once per row
+        assert trt.resubmitted >= 1  # the boundary row's second choice, asked again without reuse
+        assert score_all(trt, [("bad", [((1,), ())])])["bad"].error == "choice 0 encodes to no tokens"
+    finally:
+        trt.close()
+        hf.close()
+
+
+def test_scoring_on_the_tensorrt_backend_builds_with_context_logits(tllm, demo_model, tmp_path):
+    """The TensorRT backend returns context logits only from an engine built with gather_context_logits (P2, P4):
+    batchrun builds it so for a scoring job, and refuses at plan time a prebuilt engine without it."""
+    import asyncio
+
+    from batchrun.engines import check_engine
+    from batchrun.engines.trtllm import TRTLLMOptions, TRTScoreEngine, build_engine, llm_class_and_kwargs
+    from batchrun.errors import SpecError
+    from batchrun.spec import validate_spec
+
+    opts = TRTLLMOptions(backend="tensorrt")
+    cls, kw = llm_class_and_kwargs(tllm, str(demo_model), 1, "float32", False, opts, scoring=True)
+    assert kw["build_config"].gather_context_logits
+    cls, kw = llm_class_and_kwargs(tllm, str(demo_model), 1, "float32", False, opts)
+    plain = cls(**kw)
+
+    async def ask():
+        return plain.generate_async([1, 2, 3], tllm.SamplingParams(max_tokens=1, return_context_logits=True))
+
+    with pytest.raises(ValueError, match="gather_context_logits=True"):
+        asyncio.run(ask())
+    plain.shutdown()
+    engine = TRTScoreEngine(str(demo_model), Sampling(max_tokens=1), dtype="float32", backend="tensorrt")
+    try:
+        (c,) = score_all(engine, [("k", [((1, 5, 6), (7, 8))])]).values()
+        assert c.error is None and len(c.pair_logprobs) == 1 and c.pair_logprobs[0] < 0
+    finally:
+        engine.close()
+
+    cache = tmp_path / "engines"
+    built, _ = build_engine(str(demo_model), 1, "float32", False, {"backend": "tensorrt", "engine_cache": str(cache)})
+    job = {"engine": {"name": "trtllm", "model": str(built), "options": {"backend": "tensorrt"}},
+           "input": {"path": "x.parquet"}, "output": {"dir": str(tmp_path / "out")},
+           "score": {"method": "loglikelihood", "choices_column": "c", "reference_column": "a"}}
+    with pytest.raises(SpecError, match="built without gather_context_logits"):
+        check_engine(validate_spec(job))
+
+
+@pytest.mark.slow
+def test_a_multiple_choice_job_on_trtllm_writes_the_hf_engines_numbers(tmp_path, ray_cluster, demo_model):
+    """The same eval job on engine trtllm (through Ray workers and the double) and on engine hf: the same
+    choice_logprobs, predictions and acc; error rows the same."""
+    from batchrun.runner import JobRunner
+    from batchrun.spec import validate_spec
+    from tests.conftest import read_output
+    from tests.test_evals import mc_job
+
+    outs = {}
+    for name in ("hf", "trtllm"):
+        (tmp_path / name).mkdir()
+        raw = mc_job(tmp_path / name)
+        raw["engine"] = {"name": name, "model": str(demo_model), "dtype": "float32"}
+        raw["resources"]["num_workers"] = 2
+        summary = JobRunner(validate_spec(raw), show_progress=False).run().summary
+        outs[name] = ({r["id"]: r for r in read_output(tmp_path / name / "out").to_pylist()}, summary["metrics"])
+    (hf_rows, hf_metrics), (trt_rows, trt_metrics) = outs["hf"], outs["trtllm"]
+    assert sorted(trt_rows) == sorted(hf_rows) and trt_metrics["acc"] == hf_metrics["acc"]
+    for rid, row in hf_rows.items():
+        other = trt_rows[rid]
+        assert (other["error"], other["prediction"], other["choice_tokens"]) == \
+            (row["error"], row["prediction"], row["choice_tokens"])
+        assert all(abs(a - b) < 1e-4 for a, b in zip(other["choice_logprobs"] or [], row["choice_logprobs"] or []))

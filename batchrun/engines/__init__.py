@@ -74,7 +74,7 @@ def check_engine(spec: JobSpec) -> EngineKind:
     if spec.scoring and kind.create_scorer is None:
         key = "output.parse.probabilities" if spec.scoring == "labels" else f"score.method ({spec.scoring})"
         raise SpecError(f"key '{key}' scores log-likelihoods, which engine {spec.engine.name!r} cannot do here; "
-                        "use engine hf")
+                        "use engine hf or trtllm")
     try:
         kind.check(spec)
     except ValueError as e:

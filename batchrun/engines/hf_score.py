@@ -21,7 +21,7 @@ import time
 from batchrun.engines.base import Completion, Engine, EngineDead, Request, Sampling
 from batchrun.engines.common import render_chat_template
 from batchrun.engines.hf_backend import LaunchConfig, load_model
-from batchrun.loglikelihood import model_input
+from batchrun.loglikelihood import model_input, pair_problem, prefix_token, tok_encode
 
 log = logging.getLogger(__name__)
 SEQ_LEN_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")  # lm-eval resolve_max_length, in its order
@@ -49,9 +49,7 @@ class HFScoreEngine(Engine):
             tml = getattr(self.tokenizer, "model_max_length", None)
             length = tml if tml is not None and tml < 1e29 else 2048
         self.context_length = int(length)
-        tok = self.tokenizer
-        self.prefix_token_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        self._bos_text = tok.decode(self.prefix_token_id) if self.prefix_token_id is not None else None
+        self.prefix_token_id, self._bos_text = prefix_token(self.tokenizer)
         # transformers 5.24 renamed forward's past_key_values to cache (the old name warns); earlier ones have only it
         params = inspect.signature(type(self.model).forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -60,12 +58,7 @@ class HFScoreEngine(Engine):
         self._queue: collections.deque[Request] = collections.deque()
 
     def tok_encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
-        """lm-eval's HFLM.tok_encode with its defaults: the tokenizer's own special tokens unless told, none when the
-        text already starts with the BOS text."""
-        kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-        if add_special_tokens is None and self._bos_text and text.startswith(self._bos_text):
-            kwargs["add_special_tokens"] = False
-        return self.tokenizer.encode(text, **kwargs)
+        return tok_encode(self.tokenizer, self._bos_text, text, add_special_tokens)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [self.tok_encode(t) for t in texts]
@@ -82,7 +75,7 @@ class HFScoreEngine(Engine):
         done, deadline = [], time.monotonic() + timeout
         while self._queue and (not done or time.monotonic() < deadline):
             request = self._queue.popleft()
-            if (why := self._problem(request)) is not None:
+            if (why := pair_problem(request.pairs, self.context_length)) is not None:
                 done.append(Completion(request.request_id, finish_reason="error", error=why))
                 continue
             if not self._shares_its_prompt(request):
@@ -96,16 +89,6 @@ class HFScoreEngine(Engine):
             done += [self._completion(r, res) for r, res in zip(batch, results)]
         return done
 
-    def _problem(self, request: Request) -> str | None:
-        pairs = request.pairs or ()
-        too_long = [i for i, (_, cont) in enumerate(pairs) if len(cont) > self.context_length]
-        empty = [i for i, (_, cont) in enumerate(pairs) if not cont]
-        if not pairs or too_long or empty:
-            return ("no choice to score" if not pairs else
-                    f"choice {empty[0]} encodes to no tokens" if empty else
-                    f"choice {too_long[0]} is longer than the model's context ({self.context_length} tokens)")
-        return None
-
     def _shares_its_prompt(self, request: Request) -> bool:
         """One context for every pair, and context + longest continuation within the model's context."""
         pairs = request.pairs
@@ -113,7 +96,7 @@ class HFScoreEngine(Engine):
             len(pairs[0][0]) + max(len(c) for _, c in pairs) <= self.context_length + 1
 
     def _batches_with(self, request: Request, tokens: int) -> bool:
-        return (self._problem(request) is None and self._shares_its_prompt(request)
+        return (pair_problem(request.pairs, self.context_length) is None and self._shares_its_prompt(request)
                 and tokens + self._tokens(request) <= BATCH_TOKENS)
 
     @staticmethod

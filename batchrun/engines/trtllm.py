@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import dataclasses
 import functools
 import json
@@ -39,6 +40,7 @@ import os
 import queue
 import re
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +51,7 @@ from batchrun.engines.base import Completion, Engine, EngineDead, Request, Sampl
 from batchrun.engines.common import model_args, require_model_dir, sampling_from_spec
 from batchrun.engines.mpi import abandon_mpi_manager_threads, actor_gpu_ids, descendants, kill_all, prepare_mpi_process
 from batchrun.fingerprint import fingerprint, model_files
+from batchrun.loglikelihood import model_input, pair_problem, prefix_token, tok_encode
 from batchrun.spec import ParseSpec
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,9 @@ class TRTLLMOptions(BaseModel):
     enable_chunked_prefill: bool = False
     engine_cache: str | None = None  # tensorrt backend: where `batchrun build` keeps engines, keyed by fingerprint
     shutdown_timeout_s: float = Field(30.0, gt=0)  # LLM.shutdown() is given this long, then the ranks are ended
+    # scoring jobs: the context logits of the pairs in flight, at most this much host memory (each pair's request
+    # returns [prompt tokens x vocabulary] float32 logits)
+    score_logits_gib: float = Field(4.0, gt=0)
 
 
 def options_model():
@@ -132,7 +138,7 @@ def check(spec) -> None:
             raise ValueError("key 'sampling.top_logprobs' above 1 needs engine.options.backend: tensorrt: the PyTorch "
                              "backend of the pinned TensorRT-LLM 1.0 returns the sampled token's logprob only")
     elif q.calibrates and not _no_build_needed(spec.engine.model, spec.engine.tensor_parallel_size, opts,
-                                               _wants_logprobs(spec.sampling)):
+                                               _wants_logprobs(spec.sampling), bool(spec.scoring)):
         if not q.calib_dataset:
             raise ValueError(
                 f"keys 'engine.options.quantization.algo' ({q.algo}) / 'engine.options.quantization.kv_cache' "
@@ -143,6 +149,12 @@ def check(spec) -> None:
     if q.calib_dataset and not os.path.exists(q.calib_dataset):
         raise ValueError(f"key 'engine.options.quantization.calib_dataset': {q.calib_dataset} does not exist "
                          "(expected a local dataset path)")
+    if spec.scoring and opts.backend == "tensorrt" and _is_engine_dir(spec.engine.model) and not \
+            _config(spec.engine.model)["build_config"].get("gather_context_logits"):
+        raise ValueError(f"key 'engine.model': the TensorRT engine {spec.engine.model} was built without "
+                         "gather_context_logits, which a scoring job needs (its log-likelihoods come from the context "
+                         "logits, UPSTREAM.md P1-P4); give the HF checkpoint (batchrun builds the engine with it), or "
+                         "rebuild with BuildConfig(gather_context_logits=True)")
     max_batch = opts.max_batch_size or DEFAULT_MAX_BATCH_SIZE
     if spec.sampling.n > max_batch:
         raise ValueError(f"key 'sampling.n' ({spec.sampling.n}) exceeds engine.options.max_batch_size ({max_batch}): "
@@ -165,9 +177,9 @@ def _is_engine_dir(model: str) -> bool:
     return "build_config" in config and "pretrained_config" in config  # A9
 
 
-def _no_build_needed(model: str, tp: int, opts: TRTLLMOptions, logprobs: bool) -> bool:
+def _no_build_needed(model: str, tp: int, opts: TRTLLMOptions, logprobs: bool, scoring: bool = False) -> bool:
     """A built engine (given, or in the engine cache), or a pre-quantized checkpoint: nothing calibrates (L5)."""
-    built = engine_dir_for(model, tp, opts, logprobs)
+    built = engine_dir_for(model, tp, opts, logprobs, scoring)
     return (_is_engine_dir(model) or (built is not None and (built / "batchrun_build.json").exists())
             or "quantization_config" in _config(model) or (Path(model) / "hf_quant_config.json").exists())
 
@@ -236,19 +248,22 @@ def limits(model: str, opts: TRTLLMOptions) -> EngineLimits:
     return EngineLimits(context, min(filter(None, (context, opts.max_num_tokens or DEFAULT_MAX_NUM_TOKENS))))
 
 
-def build_fingerprint(model: str, tp: int, opts: TRTLLMOptions, logprobs: bool = False) -> str:
+def build_fingerprint(model: str, tp: int, opts: TRTLLMOptions, logprobs: bool = False, scoring: bool = False) -> str:
     """What makes a built engine reusable: weights, parallel layout, quantization, sizes, gathered logits."""
     key = {"model": os.path.abspath(model) if os.path.isdir(model) else model, "files": model_files(model), "tp": tp,
            "pp": opts.pipeline_parallel_size, "quant": opts.quantization.model_dump(exclude={"calib_dataset"}),
            "max": [opts.max_batch_size, opts.max_num_tokens, opts.max_seq_len, opts.max_input_len]}
     if logprobs:  # added only when set, so engines built before this key existed keep their fingerprint
         key["gather_generation_logits"] = True
+    if scoring:
+        key["gather_context_logits"] = True
     return fingerprint(key)
 
 
 def llm_class_and_kwargs(tllm, model: str, tp: int, dtype: str, trust_remote_code: bool, opts: TRTLLMOptions,
-                         logprobs: bool = False):
-    """The LLM class to use and its constructor arguments (L1-L3, A1-A8)."""
+                         logprobs: bool = False, scoring: bool = False):
+    """The LLM class to use and its constructor arguments (L1-L3, A1-A8). scoring: the engine returns context
+    logits (TensorRT backend: built with BuildConfig.gather_context_logits, P2)."""
     from tensorrt_llm.llmapi import KvCacheConfig
 
     q = opts.quantization
@@ -279,22 +294,25 @@ def llm_class_and_kwargs(tllm, model: str, tp: int, dtype: str, trust_remote_cod
         build["max_input_len"] = prompt  # BuildConfig's 1024 would refuse longer prompts the context has room for
     if logprobs:
         build["gather_generation_logits"] = True
+    if scoring:
+        build["gather_context_logits"] = True
     kwargs["build_config"] = BuildConfig(**build)
     return TrtLLM, kwargs
 
 
-def engine_dir_for(model: str, tp: int, opts: TRTLLMOptions, logprobs: bool = False) -> Path | None:
+def engine_dir_for(model: str, tp: int, opts: TRTLLMOptions, logprobs: bool = False,
+                   scoring: bool = False) -> Path | None:
     if opts.backend != "tensorrt" or not opts.engine_cache:
         return None
-    return Path(opts.engine_cache) / build_fingerprint(model, tp, opts, logprobs)
+    return Path(opts.engine_cache) / build_fingerprint(model, tp, opts, logprobs, scoring)
 
 
 def build_engine(model: str, tp: int, dtype: str, trust_remote_code: bool, options: dict,
-                 logprobs: bool = False) -> tuple[Path, bool]:
+                 logprobs: bool = False, scoring: bool = False) -> tuple[Path, bool]:
     """`batchrun build`: build the TensorRT engine once into the cache. Returns (dir, built_now). The process is set
     up for MPI as a worker is, and LLM.shutdown() is bounded: a build that is done never hangs on its ranks."""
     opts = TRTLLMOptions(**options)
-    target = engine_dir_for(model, tp, opts, logprobs)
+    target = engine_dir_for(model, tp, opts, logprobs, scoring)
     if target is None:
         raise ValueError("batchrun build needs engine.options.backend: tensorrt and engine.options.engine_cache")
     if (target / "batchrun_build.json").exists():
@@ -302,7 +320,7 @@ def build_engine(model: str, tp: int, dtype: str, trust_remote_code: bool, optio
     prepare_mpi_process(actor_gpu_ids())
     import tensorrt_llm as tllm
 
-    cls, kwargs = llm_class_and_kwargs(tllm, model, tp, dtype, trust_remote_code, opts, logprobs)
+    cls, kwargs = llm_class_and_kwargs(tllm, model, tp, dtype, trust_remote_code, opts, logprobs, scoring)
     before = {p.pid for p in descendants()}
     llm = cls(**kwargs)
     ranks = [p for p in descendants() if p.pid not in before]
@@ -421,7 +439,7 @@ def create(spec, sampling, parse=None) -> TRTLLMEngine:
 class TRTLLMEngine(Engine):
     def __init__(self, model: str, sampling: Sampling, *, tokenizer: str | None = None, dtype: str = "auto",
                  device: str = "auto", trust_remote_code: bool = False,
-                 tensor_parallel_size: int = 1, guide: ParseSpec | None = None, **options):
+                 tensor_parallel_size: int = 1, guide: ParseSpec | None = None, scoring: bool = False, **options):
         # Before tensorrt_llm (and so mpi4py.MPI) is imported: its TP ranks are spawned through MPI from this actor.
         prepare_mpi_process(actor_gpu_ids())
         import tensorrt_llm as tllm
@@ -431,11 +449,11 @@ class TRTLLMEngine(Engine):
         self.request_error = RequestError  # E2, E4: how a response's own error reaches its awaiter
         self.opts = TRTLLMOptions(**options)
         self.logprobs = sampling.logprobs or bool(sampling.top_logprobs)
-        built = engine_dir_for(model, tensor_parallel_size, self.opts, self.logprobs)
+        built = engine_dir_for(model, tensor_parallel_size, self.opts, self.logprobs, scoring)
         if built is not None and (built / "batchrun_build.json").exists():
             model = str(built)  # load the engine `batchrun build` made instead of building one per worker
         cls, kwargs = llm_class_and_kwargs(tllm, model, tensor_parallel_size, dtype, trust_remote_code, self.opts,
-                                           self.logprobs)
+                                           self.logprobs, scoring)
         if tokenizer:
             kwargs["tokenizer"] = tokenizer
         self.guide = guided_decoding(guide)
@@ -530,3 +548,120 @@ class TRTLLMEngine(Engine):
         if getattr(self, "_loop", None) is not None:
             self._loop.stop()
             self._loop = None
+
+
+# ---------------------------------------------------------------- scoring: log-likelihoods from context logits
+
+
+def create_scorer(spec, sampling) -> TRTScoreEngine:
+    return TRTScoreEngine(spec.model, sampling_from_spec(sampling), **model_args(spec, spec.options))
+
+
+class TRTScoreEngine(TRTLLMEngine):
+    """Scoring jobs (batchrun/loglikelihood.py) on TensorRT-LLM: each pair's log P(continuation | context) from the
+    context logits of one request per pair (P1: prompt logprobs are top-k only, so they cannot give it; P3: the
+    logits of the prompt's positions). The request is what lm-eval's HF backend feeds its model, (context +
+    continuation)[-(window + 1):][:-1], generating one token; the last len(continuation) positions' logits give the
+    sum and is_greedy.
+
+    A row's pairs share its prompt: with block reuse (on by default) the context's KV blocks are computed once and
+    reused by the row's other choices, and those positions have no logits (P3). The continuation's positions are
+    never among them unless choices share their first tokens across a block boundary; such a pair is asked again
+    under a cache salt of its own (P3), which reuses nothing."""
+
+    scores = True
+
+    def __init__(self, model: str, sampling: Sampling, **kwargs):
+        super().__init__(model, sampling, scoring=True, **kwargs)
+        self.hf_tokenizer = getattr(self.tokenizer, "tokenizer", None) or self.tokenizer
+        self.prefix_token_id, self._bos_text = prefix_token(self.hf_tokenizer)
+        # the request generates one token after its prompt (L9: prompt + max_tokens <= max_seq_len on the TensorRT
+        # backend; the PyTorch backend caps the prompt at max_num_tokens): the window is what a prompt may hold
+        windows = [n for n in (self.context_length - 1 if self.context_length else None, self.max_prompt_tokens) if n]
+        self.context_length = min(windows) if windows else 2048  # lm-eval's default max_length
+        self._params = self.tllm.SamplingParams(max_tokens=1, top_k=1, return_context_logits=True, detokenize=False)
+        self.batch_limit = 32  # rows; their pairs wait for room in the logits budget
+        vocab = getattr(self.hf_tokenizer, "vocab_size", None) or len(self.hf_tokenizer)
+        budget = max(int(self.opts.score_logits_gib * 2**30 / (4 * vocab)), self.context_length)
+        self._budget = _TokenBudget(budget)  # prompt tokens whose logits may be in flight at once
+        self.resubmitted = 0  # pairs asked again without reuse (their continuation's logits were not computed)
+
+    def tok_encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        return tok_encode(self.hf_tokenizer, self._bos_text, text, add_special_tokens)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [self.tok_encode(t) for t in texts]
+
+    def submit(self, request: Request) -> None:
+        if (why := pair_problem(request.pairs, self.context_length)) is not None:
+            self._done.put(Completion(request.request_id, finish_reason="error", error=why))
+            return
+        self._loop.submit(self._score(request))
+
+    async def _score(self, request: Request) -> None:
+        try:
+            scored = await asyncio.gather(*(self._pair(pair) for pair in request.pairs))
+        except _Refused as e:  # the request's own failure (argument checks, RequestError): an error row
+            return self._fail(request, e.__cause__)
+        except Exception as e:
+            return self._died(e)
+        lls, greedy, computed, cached = zip(*scored)
+        self._done.put(Completion(request.request_id, finish_reason="stop", num_prompt_tokens=sum(computed),
+                                  num_cached_prompt_tokens=sum(cached), pair_logprobs=list(lls),
+                                  pair_greedy=list(greedy), pair_tokens=[len(c) for _, c in request.pairs]))
+
+    async def _pair(self, pair) -> tuple[float, bool, int, int]:
+        tokens, n = model_input(pair, self.context_length)
+        async with self._budget.hold(len(tokens)):
+            logits = await self._context_logits(tokens, None)
+            if logits.shape[0] < n:  # reused blocks cover positions the continuation needs: once more, unshared
+                self.resubmitted += 1
+                logits = await self._context_logits(tokens, f"batchrun-{uuid.uuid4().hex}")
+            if logits.shape[0] < n:
+                raise RuntimeError(f"the engine returned {logits.shape[0]} context logits for a {len(tokens)}-token "
+                                   f"prompt, fewer than the {n} the continuation needs")
+            import torch
+
+            logp = logits[-n:].float().log_softmax(-1)
+            target = torch.tensor(pair[1][-n:], device=logp.device)
+            ll = float(logp.gather(-1, target[:, None]).sum())
+            return ll, bool((logp.argmax(-1) == target).all()), logits.shape[0], len(tokens) - logits.shape[0]
+
+    async def _context_logits(self, tokens: list[int], salt: str | None):
+        """The logits of the positions the engine computed (the last ones: reused blocks come first)."""
+        try:
+            pending = self.llm.generate_async(tokens, sampling_params=self._params, cache_salt=salt)
+        except (ValueError, TypeError) as e:  # L7-L9: argument checks refuse this request alone
+            raise _Refused() from e
+        try:
+            output = await pending.aresult()
+        except self.request_error as e:
+            raise _Refused() from e
+        if output.context_logits is None:
+            raise RuntimeError("the engine returned no context logits (SamplingParams.return_context_logits)")
+        return output.context_logits
+
+
+class _Refused(Exception):
+    """A pair's request was refused or failed on its own: the row is an error row."""
+
+
+class _TokenBudget:
+    """At most `limit` prompt tokens held at once (a request larger than the limit runs alone)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._freed: asyncio.Condition | None = None  # made on the engine's loop, where it is used
+
+    @contextlib.asynccontextmanager
+    async def hold(self, tokens: int):
+        self._freed = self._freed or asyncio.Condition()
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.used == 0 or self.used + tokens <= self.limit)
+            self.used += tokens
+        try:
+            yield
+        finally:
+            async with self._freed:
+                self.used -= tokens
+                self._freed.notify_all()

@@ -1,6 +1,7 @@
 """The LLM classes of tensorrt_llm/llmapi/llm.py and the result types of executor/result.py, with upstream's rules
-(UPSTREAM.md L1-L12, R1-R3). Generation itself is a deterministic toy: the prompt's tokens reversed, finishing after
-a per-request delay so completions come back out of order.
+(UPSTREAM.md L1-L12, R1-R3, P2-P4). Generation itself is a deterministic toy: the prompt's tokens reversed, finishing
+after a per-request delay so completions come back out of order. Context logits (P3) are real: the checkpoint's own,
+computed with transformers, for the positions the modelled block reuse did not cover.
 
 Test knobs (what a real cluster would make happen, set by a test through the model directory it passes):
 - a prompt containing FAILREQ fails, as a per-request engine error would;
@@ -70,8 +71,13 @@ class GenerationResult:  # R3: executor/result.py (the part the adapter reads)
         self.outputs: list[CompletionOutput] = []
         self.finished = False
         self.cached_tokens = 0  # R4: prompt tokens the runtime took from reused KV blocks (set per response)
+        self._context_logits = None  # P3: set when SamplingParams.return_context_logits
         self._compute = compute
         self._streaming = False
+
+    @property
+    def context_logits(self):  # P3: executor/result.py GenerationResultBase.context_logits
+        return self._context_logits
 
     async def aresult(self):
         if self._compute is not None:
@@ -222,8 +228,8 @@ class BaseLLM:
         rid = next(self._ids)
         self.in_flight += 1
         self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
-        out = RequestOutput._from_generation_result(GenerationResult(rid, ids, self._compute(rid, prompt, ids, sp)),
-                                                    prompt, self.tokenizer)
+        out = RequestOutput._from_generation_result(
+            GenerationResult(rid, ids, self._compute(rid, prompt, ids, sp, cache_salt)), prompt, self.tokenizer)
         self._handle_background_error()  # E3: submit surfaces a queued background error
         return out
 
@@ -267,19 +273,33 @@ class BaseLLM:
 
     REUSE_BLOCK = 32  # the double's model of block reuse: whole blocks of this many tokens, never the last token
 
-    def _reuse(self, ids: list[int]) -> int:
+    def _reuse(self, ids: list[int], salt: str | None = None) -> int:
         """R4's value, modelled: with KvCacheConfig.enable_block_reuse (A3, on by default), the longest run of whole
-        blocks this prompt shares with one computed before; the prompt's own blocks are then kept for later ones."""
+        blocks this prompt shares with one computed before under the same cache salt (P3: `cache_salt` limits reuse
+        to requests with the same string); the prompt's own blocks are then kept for later ones."""
         if not self.kv_cache_config.enable_block_reuse:
             return 0
         seen = self.__dict__.setdefault("_blocks", set())
         b, cached = self.REUSE_BLOCK, 0
-        while cached + b < len(ids) and tuple(ids[: cached + b]) in seen:
+        while cached + b < len(ids) and (salt, tuple(ids[: cached + b])) in seen:
             cached += b
-        seen.update(tuple(ids[:k]) for k in range(b, len(ids) + 1, b))
+        seen.update((salt, tuple(ids[:k])) for k in range(b, len(ids) + 1, b))
         return cached
 
-    def _compute(self, rid, prompt, ids, sp):
+    def _context_logits(self, ids: list[int], cached: int):
+        """P3: the logits of the prompt positions the runtime computed, [len(ids) - cached, vocab]: with KV cache
+        reuse, the reused positions have none (handle_logits.py). The numbers are the checkpoint's own, computed
+        with transformers in float32 (a model directory without HF weights has none to give)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = self.__dict__.get("_hf")
+        if model is None:
+            model = self.__dict__["_hf"] = AutoModelForCausalLM.from_pretrained(self.model, dtype=torch.float32)
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([ids])).logits[0, cached:]
+
+    def _compute(self, rid, prompt, ids, sp, salt=None):
         async def compute(out):
             try:
                 await asyncio.sleep(random.Random(rid * 7919).uniform(0, 0.02))  # finish out of order
@@ -299,7 +319,9 @@ class BaseLLM:
                 logprobs = [{**{t + j + 1: Logprob(-1.0 - j, j + 2) for j in range(sp.logprobs)}, t: Logprob(-0.5, 1)}
                             for t in gen] if sp.logprobs else []
                 out.outputs = [CompletionOutput(i, text, gen, None, logprobs, [], reason) for i in range(sp.n)]
-                out.cached_tokens = self._reuse(ids)
+                out.cached_tokens = self._reuse(ids, salt)
+                if sp.return_context_logits:
+                    out._context_logits = self._context_logits(ids, out.cached_tokens)
                 self._maybe_die(rid)
                 self._handle_background_error()  # E2: after every response, the first background error surfaces
             finally:
@@ -353,6 +375,12 @@ class _TrtLLM(BaseLLM):
         if sp.logprobs and not self.args.get("gather_generation_logits"):
             raise ValueError(f"`sampling_params.logprobs={sp.logprobs}` requires `gather_generation_logits=True` "
                              "to be passed explicitly to the `LLM()` constructor.")
+        if (sp.prompt_logprobs or sp.return_context_logits) and not self.build_config.gather_context_logits:
+            # P2 for prompt_logprobs; P4: the double refuses return_context_logits the same way (stricter than the
+            # Python checks read: what the C++ executor does with it on such an engine was not read)
+            raise ValueError(f"`sampling_params's prompt_logprobs={sp.prompt_logprobs}` requires "
+                             "`gather_context_logits=True` in the `BuildConfig` when constructing the LLM. Example: "
+                             "LLM(..., build_config=BuildConfig(gather_context_logits=True)).")
 
     def save(self, engine_dir):  # the engine dir holds the build config the runtime reads back (A9)
         os.makedirs(engine_dir, exist_ok=True)
