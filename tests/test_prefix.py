@@ -2,7 +2,7 @@
 
 The scheduler's rules on their own; then real jobs on the demo model through the real HF engine (its cache reports
 the prompt tokens it served from shared blocks): reuse happens, outputs do not depend on the schedule, the shard
-size or the worker count, and a job's cost adds up over its runs."""
+size or the worker count."""
 
 from __future__ import annotations
 
