@@ -151,7 +151,8 @@ def print_summary(s: dict, samples: int = 3) -> None:
     if s.get("cost"):
         print(cost_line(s["cost"]))
     print(f"  output: {s['output_dir']} (summary: _summary.json)")
-    print_sample_rows(s["output_dir"], samples)
+    shards = sorted(sid for w in s["workers"].values() for sid in w["shards"])
+    print_sample_rows(s["output_dir"], samples, shards[0] if shards else None)
 
 
 def print_workers(s: dict) -> None:
@@ -188,14 +189,15 @@ def metrics_line(m: dict) -> str:
             f"{m['rows'] - m['rows_scored']} error rows count as wrong)")
 
 
-def print_sample_rows(output_dir: str, samples: int) -> None:
-    """A few rows of the first part only: the summary never reads the whole output."""
+def print_sample_rows(output_dir: str, samples: int, shard_id: int | None) -> None:
+    """A few rows of one part (this run's first, else the first listed): the summary never reads the whole output,
+    nor lists it when this run committed a part."""
     import pyarrow.parquet as pq
 
     from batchrun.store.output import OutputDir
 
     out = OutputDir(output_dir)
-    parts = out.parts.names()
+    parts = [out.parts.path(shard_id)] if shard_id is not None else out.parts.names()[:1]
     if parts:
         with out.open(parts[0]) as fh:
             batch = next(pq.ParquetFile(fh).iter_batches(batch_size=samples))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields
 
 import pyarrow as pa
@@ -18,6 +19,8 @@ import pyarrow.parquet as pq
 from batchrun.records import ManifestEntry, committed_only
 from batchrun.store.fs import Store, name_number
 from batchrun.store.parts import Parts
+
+FOOTER_READS = 32  # footers read at once by reconcile on an object store
 
 ENTRY_FIELDS = [f.name for f in fields(ManifestEntry)]
 SEGMENT_SCHEMA = pa.schema([
@@ -119,6 +122,11 @@ class Manifest:
         """Add manifest entries for parts committed just before a crash (their segment was never written), from the
         parts' own footers. `known`: the shard ids the manifest has."""
         missing = [p for p in self.parts.names() if name_number(p) not in known]
-        rebuilt = [e for e in map(self.parts.footer_entry, missing) if e is not None]
+        if self.store.local or len(missing) < 2:
+            footers = list(map(self.parts.footer_entry, missing))
+        else:  # one small ranged read each, many at once: a crash can leave thousands on a store
+            with ThreadPoolExecutor(max_workers=FOOTER_READS) as pool:
+                footers = list(pool.map(self.parts.footer_entry, missing))
+        rebuilt = [e for e in footers if e is not None]
         self.append(rebuilt, run_id, 999999)
         return {e.shard_id: e for e in rebuilt}
