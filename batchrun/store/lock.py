@@ -85,7 +85,9 @@ class RunLock:
             locks = self._remote()
             if locks and not break_lock:
                 self._wait_for_lapse(locks[-1])  # raises OutputLocked while its driver renews it
-                locks = self._remote()
+                watched, locks = locks[-1], self._remote()
+                if locks and locks[-1] != watched:  # another taker won the lapsed lease while this one watched
+                    raise self._locked(self.store.read_json(locks[-1]) or {})
             number = name_number(locks[-1]) + 1 if locks else 1
             path = self.store.join("_batchrun", f"lock-{number:06d}.json")
             if self.store.create(path, self._lock_body(run_id, time.time())):
