@@ -18,7 +18,7 @@ def plot_timeline(out: OutputDir, path: Path | None = None, bins: int = 60) -> s
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    entries = sorted(out.manifest.entries().values(), key=lambda e: e.started_at)
+    entries = sorted(out.manifest.entries().list(), key=lambda e: e.started_at)
     if not entries:
         raise ValueError(f"{out.root}: no committed or quarantined shard to plot yet")
     t0 = min(e.started_at for e in entries)

@@ -25,12 +25,13 @@ from batchrun.pool import WorkerPool
 from batchrun.process import on_stop_signals
 from batchrun.progress import ProgressBar
 from batchrun.prompts import PromptBuilder
-from batchrun.records import Snapshot, WorkerStats, committed_only
+from batchrun.records import Snapshot, WorkerStats
 from batchrun.scan import check_choices_column, check_template_renders, scan_input
 from batchrun.shard_queue import ShardQueue
 from batchrun.sources import open_source
 from batchrun.spec import JobSpec
 from batchrun.store.fs import store_retries
+from batchrun.store.manifest import Entries
 from batchrun.store.output import OutputDir
 
 log = logging.getLogger("batchrun")
@@ -124,10 +125,10 @@ class JobRunner:
             complete = self.out.manifest.take_complete_mark()
             committed = self.out.manifest.compact(self.run_id, keep_quarantined=False)
             if complete != len(committed):  # the last run did not end cleanly: list the parts (a LIST per 1,000)
-                committed |= self.out.manifest.reconcile(committed, self.run_id)
+                committed = committed.replace(self.out.manifest.reconcile(committed, self.run_id))
             self.out.clean_tmp()
-            revise = {sid for sid, e in committed.items() if e.error_rows} if self.retry_errors else set()
-            return self._run(plan, set(committed), revise)
+            revise = committed.having("error_rows").ids() if self.retry_errors else set()
+            return self._run(plan, committed.ids(), revise)
         finally:
             self.out.lock.release(self.run_id)
 
@@ -266,10 +267,10 @@ class JobRunner:
             log.warning("could not write the run's cost record: %s", e)
         return record
 
-    def revised_entries(self, entries: dict) -> dict:
+    def revised_entries(self, entries: Entries) -> dict:
         """The parts this run replaced (`--retry-errors`), as their footers say now that no worker is left: when two
         attempts of a revision both wrote, the last write stands, and its entry is the one to keep."""
-        mine = [sid for sid, e in entries.items() if e.run_id == self.run_id and e.revision]
+        mine = entries.of_run(self.run_id, having="revision")
         footers = {sid: self.out.parts.entry(sid) for sid in mine}
         return {sid: f for sid, f in footers.items() if f is not None and f != entries[sid]}
 
@@ -277,10 +278,10 @@ class JobRunner:
         merged = self.out.manifest.compact(self.run_id)  # this run's segments merged into one
         if override := self.revised_entries(merged):
             merged = self.out.manifest.compact(self.run_id, override=override)
-        entries = committed_only(merged.values())
+        entries = merged.committed()
         self.out.manifest.mark_complete(len(entries))  # no worker of this run is left: the manifest holds every part
         wall = time.time() - self.invoked_at  # the whole command: plan, Ray start, engine loads and the work
-        run, per_worker = summary.this_run(entries, self.run_id, wall)
+        run, per_worker, revised = summary.this_run(entries, self.run_id, wall)
         self._record_run(pool, snap.workers, finished=True, generated=run["generated_tokens"])
         done, seen = summary.outputs(entries), {**snap.workers, **pool.results}
         out = {
@@ -292,7 +293,7 @@ class JobRunner:
             "shards": snap.shards_total,
             "shards_committed": snap.shards_done,
             "shards_skipped": snap.shards_skipped,
-            **summary.faults(snap, report, pool, store_retries(), [e for e in entries if e.run_id == self.run_id]),
+            **summary.faults(snap, report, pool, store_retries(), revised),
             # rows whose prompt and sampling repeated another row's in their shard: generated once, written to each
             "duplicate_rows": sum(i.duplicate_rows for i in seen.values()),
             "close_wait_s": pool.close_wait_s,  # the end of the job waiting for engines to close, all in parallel

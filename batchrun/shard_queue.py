@@ -61,7 +61,7 @@ class ShardQueue:
         self.max_attempts = max_attempts
         self.lease_timeout_s = lease_timeout_s
         self.shards = {s.shard_id: s for s in shards}
-        self._init_plan(shards, set(self.manifest.committed()) if done is None else done, revise)
+        self._init_plan(shards, self.manifest.committed().ids() if done is None else done, revise)
         self._init_bookkeeping()
         self._init_segments()
 

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import time
 
+import pyarrow.compute as pc
+
 from batchrun.cost import account
 from batchrun.loglikelihood import perplexity_metrics
-from batchrun.records import ManifestEntry, Snapshot, WorkerStats, committed_only
+from batchrun.records import Snapshot, WorkerStats
+from batchrun.store.manifest import Entries
 
 
-def score_metrics(entries) -> dict:
-    """The job's score over every committed shard (this run's and earlier runs'): error rows count as wrong. Scoring
-    jobs add lm-eval's metrics: acc, acc_norm and acc_bytes (loglikelihood), perplexities (loglikelihood_rolling)."""
-    scored = [e.score for e in entries if e.score]
+def score_metrics(scored: list[dict]) -> dict:
+    """The job's score over every committed shard (this run's and earlier runs'; each shard's sums, from its entry):
+    error rows count as wrong. Scoring jobs add lm-eval's metrics: acc, acc_norm and acc_bytes (loglikelihood),
+    perplexities (loglikelihood_rolling)."""
+    scored = [s for s in scored if s]
     if not scored:
         return {}
     total, rows = sum(s["sum"] for s in scored), sum(s["rows"] for s in scored)
@@ -30,38 +34,39 @@ def score_metrics(entries) -> dict:
     return out
 
 
-def outputs(entries) -> dict:
+def outputs(entries: Entries) -> dict:
     """What the output holds, over committed entries (every run's): rows, tokens, prefix reuse, metrics."""
-    done = committed_only(entries)
-    prompt = sum(e.prompt_tokens for e in done)
-    cached = sum(e.cached_prompt_tokens for e in done)
-    return {"rows": sum(e.rows for e in done), "error_rows": sum(e.error_rows for e in done),
-            "prompt_tokens": prompt, "generated_tokens": sum(e.generated_tokens for e in done),
-            "prompt_tokens_cached": cached, "prompt_tokens_computed": prompt - cached,
-            "cached_share": round(cached / prompt, 4) if prompt else 0.0, "metrics": score_metrics(done)}
+    done = entries.committed()
+    prompt, cached = done.sum("prompt_tokens"), done.sum("cached_prompt_tokens")
+    return {"rows": done.sum("rows"), "error_rows": done.sum("error_rows"), "prompt_tokens": prompt,
+            "generated_tokens": done.sum("generated_tokens"), "prompt_tokens_cached": cached,
+            "prompt_tokens_computed": prompt - cached, "cached_share": round(cached / prompt, 4) if prompt else 0.0,
+            "metrics": score_metrics(done.json("score"))}
 
 
-def this_run(entries: list[ManifestEntry], run_id: str, wall: float) -> tuple[dict, dict]:
-    """The rows and tokens this run made (a replaced part counts its redone rows only), and per worker."""
-    mine = [e for e in entries if e.run_id == run_id]
-    gen = sum(e.retried["generated_tokens"] if e.retried else e.generated_tokens for e in mine)
-    rows = sum(e.retried["rows"] if e.retried else e.rows for e in mine)
-    per_worker: dict[str, dict] = {}
-    for e in mine:
-        w = per_worker.setdefault(e.worker, {"node": e.node, "shards": [], "rows": 0, "generated_tokens": 0})
-        w["shards"].append(e.shard_id)
-        w["rows"] += e.rows
-        w["generated_tokens"] += e.generated_tokens
+def this_run(entries: Entries, run_id: str, wall: float) -> tuple[dict, dict, list[dict]]:
+    """The rows and tokens this run made (a replaced part counts its redone rows only), per worker, and its
+    replacements of parts (`--retry-errors`: each entry's `retried`)."""
+    mine = entries.columns("run_id", "worker", "node", "rows", "generated_tokens", "retried").of_run(run_id)
+    fresh, revised = mine.where(pc.is_null(mine.table["retried"])), mine.json("retried")
+    gen = fresh.sum("generated_tokens") + sum(r["generated_tokens"] for r in revised)
+    rows = fresh.sum("rows") + sum(r["rows"] for r in revised)
+    per_worker = {}
+    grouped = mine.table.group_by("worker").aggregate([("node", "min"), ("shard_id", "list"), ("rows", "sum"),
+                                                       ("generated_tokens", "sum")])
+    for g in grouped.to_pylist():
+        per_worker[g["worker"]] = {"node": g["node_min"], "shards": sorted(g["shard_id_list"]),
+                                   "rows": g["rows_sum"], "generated_tokens": g["generated_tokens_sum"]}
     run = {"rows": rows, "generated_tokens": gen, "wall_s": round(wall, 3),
            "rows_per_s": round(rows / wall, 2) if wall else 0.0,
            "generated_tokens_per_s": round(gen / wall, 2) if wall else 0.0}
-    return run, per_worker
+    return run, per_worker, revised
 
 
-def faults(snap: Snapshot, report: dict, pool, driver_retries: int, mine: list[ManifestEntry]) -> dict:
-    """Everything that went wrong and how it was absorbed: failures, restarts, engine deaths, drains, retries."""
+def faults(snap: Snapshot, report: dict, pool, driver_retries: int, revised: list[dict]) -> dict:
+    """Everything that went wrong and how it was absorbed: failures, restarts, engine deaths, drains, retries.
+    revised: this run's replacements of parts (`--retry-errors`), as their entries' `retried` say."""
     seen = {**snap.workers, **pool.results}
-    revised = [e.retried for e in mine if e.retried]
     return {
         # `--retry-errors`: error rows generated again in this run (their parts replaced), and those still failing
         "retried_error_rows": {"shards": len(revised), "rows": sum(r["rows"] for r in revised),
@@ -135,18 +140,21 @@ def job_status(out, plot: bool = False) -> dict:
     entries = out.manifest.entries()
     runs = out.runs.all()
     job, lock = out.runs.job(), out.lock.holder()
-    committed = committed_only(entries.values())
+    committed = entries.committed()
     total_rows = sum(job.get("components", {}).get("input_files", {}).get("rows", []))
     done = outputs(committed)
     rows = done["rows"]
-    times = [e.committed_at for e in committed]
-    rate = rows / (max(times) - min(e.started_at for e in committed)) if len(times) > 1 else 0.0
+    span = (pc.max(committed.table["committed_at"]).as_py() - pc.min(committed.table["started_at"]).as_py()
+            if len(committed) > 1 else 0.0)
+    rate = rows / span if span else 0.0
+    quarantined = entries.where(pc.equal(entries.table["state"], "quarantined"))
     status = {
         "output_dir": str(out.root),
         "running": lock is not None,
         "lock": lock,
         "shards_committed": len(committed),
-        "shards_quarantined": {e.shard_id: e.error for e in entries.values() if e.state == "quarantined"},
+        "shards_quarantined": dict(zip(quarantined.table["shard_id"].to_pylist(),
+                                       quarantined.table["error"].to_pylist())),
         "rows_committed": rows,
         "rows_total": total_rows,
         "rows_per_s": round(rate, 2),  # processing rate: first shard leased -> last commit (no start-up)

@@ -173,7 +173,7 @@ def resume_time(n: int, url: str) -> dict:
         compact_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         if complete != len(committed):
-            assert od.manifest.reconcile(committed, "resume") == []
+            assert od.manifest.reconcile(committed, "resume") == {}
         reconcile_s = time.perf_counter() - t1
         t1 = time.perf_counter()
         q = ShardQueue(od.root, shards, "resume", 4, 120.0, done=committed)  # as the runner starts it
@@ -182,6 +182,30 @@ def resume_time(n: int, url: str) -> dict:
         out[case] = {"resume_s": round(time.perf_counter() - t0, 2), "merge_segments_s": round(compact_s, 2),
                      "list_parts_s": round(reconcile_s, 2), "queue_rebuild_s": round(queue_s, 2)}
         od.manifest.mark_complete(len(committed))
+    return out
+
+
+def footer_reads(n: int, url: str) -> dict:
+    """A crash that left n parts without manifest entries (their segment never written): the next start rebuilds
+    the entries from the parts' footers (Manifest.reconcile), reading them one at a time against FOOTER_READS at once
+    (the same calls, side by side)."""
+    import pyarrow as pa
+
+    import batchrun.store.manifest as manifest
+
+    od = OutputDir(url)
+    od.ensure()
+    for sid in range(n):
+        table = pa.table({"id": [sid], "generated_text": ["x"]})
+        od.parts.publish(table, ManifestEntry(sid, "committed", rows=1, worker="w", run_id="r0"), "zstd")
+    out = {"footers": n, "store": "local" if od.local else od.protocol}
+    for reads in (1, manifest.FOOTER_READS):
+        manifest.FOOTER_READS = reads
+        t0 = time.perf_counter()
+        rebuilt = od.manifest.reconcile(set(), f"bench{reads}")
+        out[f"{reads} at a time s"] = round(time.perf_counter() - t0, 2)
+        assert len(rebuilt) == n
+        od.remove(od.list(od.manifest_dir))
     return out
 
 
@@ -194,6 +218,7 @@ def main() -> None:
     ap.add_argument("--resume", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--s3", action="store_true", help="--resume also on a loopback S3 server (moto)")
+    ap.add_argument("--footers", type=int, default=0, help="with --s3: reconcile this many parts without entries")
     ap.add_argument("--rates", default="0", help="commits/s the workers aim at together, per run; 0: as fast as the "
                     "queue answers (capacity); e.g. 0,500")
     args = ap.parse_args()
@@ -217,6 +242,8 @@ def main() -> None:
             make_bucket("scale")
             resume.append(resume_time(args.resume, "s3://scale/resume"))
             print(json.dumps(resume[-1]), flush=True)
+            if args.footers:
+                print(json.dumps(footer_reads(args.footers, "s3://scale/footers")), flush=True)
         finally:
             server.terminate()
     print("\n| shards | workers | target commits/s | leases/s | commits/s | lease p50 / p99 ms | commit p50 / p99 ms | "

@@ -23,5 +23,5 @@ test_drain.py, test_engine_death.py):
    footer (manifest.reconcile). Readers never see a difference: they list parts.
 5. At the end the driver compacts the manifest and leaves the complete mark. Crash before: the next start reconciles.
 `run --retry-errors` replaces a part whole with its next revision (one os.replace or one PUT); the newest revision's
-entry wins in every merge (manifest.merge_entries).
+entry wins in every merge (manifest.merge).
 """

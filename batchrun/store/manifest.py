@@ -10,19 +10,21 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchrun.records import ManifestEntry, committed_only
+from batchrun.records import ManifestEntry
 from batchrun.store.fs import Store, name_number
 from batchrun.store.parts import Parts
 
 FOOTER_READS = 32  # footers read at once by reconcile on an object store
 
-ENTRY_FIELDS = [f.name for f in fields(ManifestEntry)]
 SEGMENT_SCHEMA = pa.schema([
     ("shard_id", pa.int64()), ("state", pa.string()), ("rows", pa.int64()), ("ids_digest", pa.string()),
     ("attempt", pa.int64()), ("worker", pa.string()), ("node", pa.string()), ("run_id", pa.string()),
@@ -31,37 +33,158 @@ SEGMENT_SCHEMA = pa.schema([
     ("cached_prompt_tokens", pa.int64()), ("revision", pa.int64()), ("retried", pa.string()),
 ])
 JSON_FIELDS = ("score", "retried")  # dicts, stored as JSON text in segments
+KEY_COLUMNS = ("shard_id", "state", "revision", "committed_at")  # what decides which entry of a shard wins
+DEFAULTS = {f.name: f.default for f in fields(ManifestEntry) if f.name not in JSON_FIELDS and f.default is not MISSING}
 
-
-
-def merge_entries(entries, into: dict[int, ManifestEntry]) -> dict[int, ManifestEntry]:
-    """Union of manifest entries, whatever order the segments are read in: a committed entry wins over a quarantined
-    one; between two committed, the newer revision (`--retry-errors` replaced the part), else the one already there
-    (a part is created once per revision); between two quarantined, the later."""
-    for e in entries:
-        old = into.get(e.shard_id)
-        if old is None or (e.revision > old.revision if old.state == "committed" else
-                           e.state == "committed" or e.committed_at >= old.committed_at):
-            into[e.shard_id] = e
-    return into
 
 
 def segment_bytes(entries: list[ManifestEntry]) -> bytes:
-    rows = [{**asdict(e), **{k: json.dumps(getattr(e, k)) for k in JSON_FIELDS if getattr(e, k) is not None}}
-            for e in entries]
+    return table_bytes(pa.Table.from_pylist([entry_row(e) for e in entries], schema=SEGMENT_SCHEMA))
+
+
+def table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=SEGMENT_SCHEMA), buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
 
 
-def read_segment(data: bytes) -> list[ManifestEntry]:
-    table = pq.read_table(pa.BufferReader(data))
-    out = []
-    for row in table.to_pylist():
-        row = {k: v for k, v in row.items() if k in ENTRY_FIELDS and v is not None}  # older segments: defaults
-        row.update({k: json.loads(row[k]) for k in JSON_FIELDS if isinstance(row.get(k), str)})
-        out.append(ManifestEntry(**row))
-    return out
+def segment_table(data: bytes, columns: tuple[str, ...] | None = None) -> pa.Table:
+    """A segment (or the given columns of it) as SEGMENT_SCHEMA: columns an older segment lacks get their defaults."""
+    present = set(pq.read_schema(pa.BufferReader(data)).names)
+    wanted = [f for f in SEGMENT_SCHEMA if columns is None or f.name in columns]
+    table = pq.read_table(pa.BufferReader(data), columns=[f.name for f in wanted if f.name in present])
+    arrays = []
+    for f in wanted:
+        col = table[f.name].cast(f.type) if f.name in present else pa.nulls(len(table), f.type)
+        if DEFAULTS.get(f.name) is not None:
+            col = pc.fill_null(col, DEFAULTS[f.name])
+        arrays.append(col)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(wanted))
+
+
+def winners(keys: pa.Table, committed_only: bool = False) -> tuple[np.ndarray, int]:
+    """Row numbers of the entries that win, one per shard: a committed entry over a quarantined one; between two
+    committed, the newer revision (`--retry-errors` replaced the part; one revision's entries are the same whoever
+    recorded them: a part is created once per revision); between two quarantined, the later. Whatever order the
+    rows come in. committed_only: shards whose winner is quarantined are left out (returned: how many)."""
+    order = pc.sort_indices(keys.append_column("_committed", pc.equal(keys["state"], "committed")),
+                            [("shard_id", "ascending"), ("_committed", "descending"), ("revision", "descending"),
+                             ("committed_at", "descending")])
+    ids = keys["shard_id"].take(order).to_numpy()
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = ids[1:] != ids[:-1]
+    dropped = 0
+    if committed_only:
+        keep = first & (keys["state"].take(order).to_numpy(zero_copy_only=False) == "committed")
+        dropped, first = int(first.sum() - keep.sum()), keep
+    return np.sort(order.to_numpy()[first]).astype(np.int64), dropped
+
+
+def merge(tables: list[pa.Table]) -> pa.Table:
+    """The union of entries held in tables, one row per shard (see winners)."""
+    table = pa.concat_tables(tables) if tables else SEGMENT_SCHEMA.empty_table()
+    return table.take(winners(table)[0])
+
+
+def merge_segments(segments: list[bytes], committed_only: bool = False) -> tuple[pa.Table, int]:
+    """The union of manifest segments, one row per shard (see winners), in two passes so that the segments and the
+    merged table are never in memory together: the key columns of every segment, then each segment's winning rows,
+    one segment at a time (each segment's bytes are let go once read). Returns the table and how many shards
+    committed_only left out."""
+    keys = [segment_table(d, KEY_COLUMNS) for d in segments]
+    starts = np.cumsum([0] + [len(k) for k in keys])
+    won, dropped = winners(pa.concat_tables(keys), committed_only) if keys else (np.zeros(0, dtype=np.int64), 0)
+    del keys
+    parts = []
+    for i in range(len(segments)):
+        lo, hi = np.searchsorted(won, starts[i]), np.searchsorted(won, starts[i + 1])
+        if hi > lo:
+            table = segment_table(segments[i])
+            parts.append(table if hi - lo == len(table) else table.take(won[lo:hi] - starts[i]))  # all: no copy
+        segments[i] = None
+    return (pa.concat_tables(parts) if parts else SEGMENT_SCHEMA.empty_table()), dropped
+
+
+class Entries(Mapping):
+    """Merged manifest entries, one per shard id, held as one Arrow table (a million entries in ~100 MB, not a
+    million objects). Reads as a mapping shard id -> ManifestEntry (made when asked for); the driver's paths use
+    the columnar ones (ids, totals, where...)."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+        ids = table["shard_id"].to_numpy()
+        self._order = np.argsort(ids, kind="stable")  # row numbers in shard id order
+        self._ids = ids[self._order]
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self):
+        return iter(self._ids.tolist())
+
+    def _row(self, shard_id) -> int | None:
+        i = int(np.searchsorted(self._ids, shard_id))
+        return int(self._order[i]) if i < len(self._ids) and self._ids[i] == shard_id else None
+
+    def __contains__(self, shard_id) -> bool:
+        return self._row(shard_id) is not None
+
+    def __getitem__(self, shard_id: int) -> ManifestEntry:
+        if (row := self._row(shard_id)) is None:
+            raise KeyError(shard_id)
+        return self._entry(self.table.slice(row, 1).to_pylist()[0])
+
+    @staticmethod
+    def _entry(row: dict) -> ManifestEntry:
+        row = {k: v for k, v in row.items() if v is not None}
+        row.update({k: json.loads(row[k]) for k in JSON_FIELDS if k in row})
+        return ManifestEntry(**row)
+
+    def list(self) -> list[ManifestEntry]:
+        return [self._entry(r) for r in self.table.to_pylist()]
+
+    def ids(self) -> set[int]:
+        return set(self._ids.tolist())
+
+    def where(self, mask) -> Entries:
+        if pc.all(mask).as_py() is not False:  # every row (or none to test): no copy
+            return self
+        return Entries(self.table.filter(mask))
+
+    def committed(self) -> Entries:
+        return self.where(pc.equal(self.table["state"], "committed"))
+
+    def of_run(self, run_id: str, having: str | None = None) -> Entries:
+        """This run's entries; having: only those whose count `having` is above 0 (revision)."""
+        mask = pc.equal(self.table["run_id"], run_id)
+        return self.where(pc.and_(mask, pc.greater(self.table[having], 0)) if having else mask)
+
+    def having(self, column: str) -> Entries:
+        """The entries whose count `column` is above 0 (error_rows, revision)."""
+        return self.where(pc.greater(self.table[column], 0))
+
+    def columns(self, *names: str) -> Entries:
+        """Only these columns (shard_id always): what a computation over many entries needs, copied smaller."""
+        return Entries(self.table.select(list(dict.fromkeys(("shard_id", *names)))))
+
+    def sum(self, column: str) -> int:
+        return int(pc.sum(self.table[column]).as_py() or 0)
+
+    def json(self, column: str) -> list[dict]:
+        """The non-null dicts of a JSON column (score, retried)."""
+        return [json.loads(v) for v in self.table[column].drop_null().to_pylist()]
+
+    def replace(self, entries: dict[int, ManifestEntry]) -> Entries:
+        """These entries instead of the ones with their shard ids (added where there were none)."""
+        if not entries:
+            return self
+        keep = self.table.filter(pc.invert(pc.is_in(self.table["shard_id"], pa.array(list(entries), pa.int64()))))
+        new = pa.Table.from_pylist([entry_row(e) for e in entries.values()], schema=SEGMENT_SCHEMA)
+        return Entries(merge([keep, new]))
+
+
+def entry_row(e: ManifestEntry) -> dict:
+    return {**asdict(e), **{k: json.dumps(getattr(e, k)) for k in JSON_FIELDS if getattr(e, k) is not None}}
 
 
 class Manifest:
@@ -69,17 +192,14 @@ class Manifest:
         self.store = store
         self.parts = Parts(store)  # reconcile reads the footers of parts the manifest lacks
 
-    def entries(self) -> dict[int, ManifestEntry]:
+    def entries(self) -> Entries:
         return self._merged(self.store.list(self.store.manifest_dir, suffix=".parquet"))
 
-    def _merged(self, segments: list[str]) -> dict[int, ManifestEntry]:
-        out: dict[int, ManifestEntry] = {}
-        for data in self.store.read_all(segments).values():
-            merge_entries(read_segment(data), out)
-        return out
+    def _merged(self, segments: list[str]) -> Entries:
+        return Entries(merge_segments(list(self.store.read_all(segments).values()))[0])
 
-    def committed(self) -> dict[int, ManifestEntry]:
-        return {e.shard_id: e for e in committed_only(self.entries().values())}
+    def committed(self) -> Entries:
+        return self.entries().committed()
 
     def append(self, entries: list[ManifestEntry], run_id: str, seq: int) -> None:
         """One segment of entries (the queue's batch of commits and quarantines)."""
@@ -88,20 +208,19 @@ class Manifest:
                              segment_bytes(entries))
 
     def compact(self, run_id: str, keep_quarantined: bool = True, only_run: bool = False,
-                override: dict[int, ManifestEntry] | None = None) -> dict[int, ManifestEntry]:
+                override: dict[int, ManifestEntry] | None = None) -> Entries:
         """Merge every segment into one (under the run lock; only_run: just this run's own segments, which the queue
         does while the run goes on, so that readers never face thousands of them). A segment written meanwhile is
         not deleted: only the ones read are, after the merged one is in place. keep_quarantined=False drops
         quarantined entries: a re-run retries those shards. override: entries that replace the merged ones (the
         footers of replaced parts, read after the last writer is gone). Returns the merged entries."""
         paths = self.store.list(self.store.manifest_dir, prefix=f"{run_id}-" if only_run else "", suffix=".parquet")
-        merged = self._merged(paths)
-        entries = merged if keep_quarantined else {s: e for s, e in merged.items() if e.state == "committed"}
-        if override:
-            entries = {**entries, **override}
-        if len(paths) > 1 or len(entries) != len(merged) or override:
+        segments = list(self.store.read_all(paths).values())
+        table, dropped = merge_segments(segments, committed_only=not keep_quarantined)
+        entries = Entries(table).replace(override or {})
+        if len(paths) > 1 or dropped or override:
             name = self.store.join("_batchrun", "manifest", f"{run_id}-c{time.time_ns()}.parquet")
-            self.store.write_bytes(name, segment_bytes(sorted(entries.values(), key=lambda e: e.shard_id)))
+            self.store.write_bytes(name, table_bytes(entries.table))
             self.store.remove([p for p in paths if p != name])
         return entries
 
