@@ -116,7 +116,7 @@ def main() -> None:
     print("| --- | ---: | ---: | --- | --- | --- |")
     for name, runs in results.items():
         print(f"| {name} | {args.entries:,} | {runs[0]['committed']:,} | {[r['merge_s'] for r in runs]} "
-              f"(median {statistics.median(r['merge_s'] for r in runs)}) | {[r['end_s'] for r in runs]} | "
+              f"(median {statistics.median(r['merge_s'] for r in runs):.2f}) | {[r['end_s'] for r in runs]} | "
               f"{[r['peak_rss_mb'] for r in runs]} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
