@@ -62,10 +62,11 @@ def cmd_plan(args) -> int:
 
     def planned(spec) -> dict:
         plan = JobRunner(spec, show_progress=False).prepare()
-        rows = [s.num_rows for s in plan.shards]
+        rows = plan.shards.num_rows(range(len(plan.shards)))  # computed from the ranges, not shard by shard
         return {"input": plan.summary(),
                 "shards": {"count": len(plan.shards), "rows_per_shard": spec.rows_per_shard,
-                           "smallest": min(rows), "largest": max(rows)},
+                           "smallest": int(rows.min()) if len(rows) else 0,
+                           "largest": int(rows.max()) if len(rows) else 0},
                 "resources": spec.resources.model_dump(), "spec": spec.model_dump()}
 
     if spec.tasks is not None:  # a suite: each task's plan, every one checked as `run` checks them

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from batchrun.shards import Fragment, Shard
+from batchrun.shards import ShardTable
 from batchrun.sources import open_source
 from batchrun.spec import JobSpec
 
@@ -17,7 +17,7 @@ from batchrun.spec import JobSpec
 class Plan:
     units: tuple[str, ...]  # files (parquet, jsonl) or one dataset; read by the source
     unit_rows: tuple[int, ...]
-    shards: tuple[Shard, ...]
+    shards: ShardTable  # made when asked for, one at a time
     columns: tuple[str, ...]  # the input's columns, for checks and messages
 
     @property
@@ -33,29 +33,11 @@ class Plan:
         }
 
 
-def cut_shards(unit_rows: tuple[int, ...], rows_per_shard: int, per_unit: bool = False) -> tuple[Shard, ...]:
-    """Cut the concatenated units into shards of rows_per_shard rows (the last may be short).
+def cut_shards(unit_rows: tuple[int, ...], rows_per_shard: int, per_unit: bool = False) -> ShardTable:
+    """Cut the concatenated units into shards of rows_per_shard rows (the last may be short), as ranges.
 
     per_unit: a shard never spans two units (streamed datasets: each shard reads from one file's stream)."""
-    shards, frags, shard_start, filled = [], [], 0, 0
-    global_row = 0
-    for unit, n in enumerate(unit_rows):
-        if per_unit and filled:
-            shards.append(Shard(len(shards), shard_start, filled, tuple(frags)))
-            frags, shard_start, filled = [], global_row, 0
-        pos = 0
-        while pos < n:
-            take = min(n - pos, rows_per_shard - filled)
-            frags.append(Fragment(unit, pos, pos + take))
-            pos += take
-            filled += take
-            global_row += take
-            if filled == rows_per_shard:
-                shards.append(Shard(len(shards), shard_start, filled, tuple(frags)))
-                frags, shard_start, filled = [], global_row, 0
-    if filled:
-        shards.append(Shard(len(shards), shard_start, filled, tuple(frags)))
-    return tuple(shards)
+    return ShardTable(tuple(unit_rows), rows_per_shard, per_unit)
 
 
 def make_plan(spec: JobSpec) -> Plan:

@@ -143,7 +143,7 @@ class JobRunner:
         # The queue needs no CPU of its own: it only moves small descriptors. It dies with the driver (not detached),
         # and so do the workers: leftovers of a killed driver cannot keep committing (see README, failure model).
         queue = ray.remote(ShardQueue).options(num_cpus=0, max_concurrency=1).remote(
-            str(self.out.root), list(plan.shards), self.run_id, faults.max_attempts, faults.lease_timeout_s,
+            str(self.out.root), plan.shards, self.run_id, faults.max_attempts, faults.lease_timeout_s,
             spec.output.compression, spec.resources.niceness, committed, revise,
         )
         pool = self.pool or WorkerPool(spec, plan, queue, self.run_id)
@@ -153,8 +153,7 @@ class JobRunner:
         try:
             # Workers start loading their engines now, while the queue actor builds its state (from what the driver
             # read of the manifest): model load overlaps the queue's start.
-            self._start_workers(pool, plan, sum(s.shard_id not in committed or s.shard_id in revise
-                                                for s in plan.shards))
+            self._start_workers(pool, plan, len(plan.shards) - len(committed - revise))
             snap, report = self._watch(queue, pool, progress)
         except BaseException:
             self._record_run(pool, self._workers_seen, finished=False)

@@ -18,10 +18,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from batchrun.metrics import record as record_metric
 from batchrun.process import set_niceness
 from batchrun.records import ManifestEntry, Snapshot, WorkerStats
-from batchrun.shards import Shard
+from batchrun.shards import Shard, ShardTable
 from batchrun.store.fs import Store, store_retries
 from batchrun.store.manifest import Manifest
 
@@ -35,6 +37,47 @@ class Lease:
     attempt: int
     started_at: float
     expires_at: float
+
+
+class IdSet:
+    """A set of shard ids 0..n-1 as a bitmap: one byte a shard, where a Python set of a million ints takes ~60."""
+
+    def __init__(self, n: int, ids: np.ndarray):
+        self._bits = np.zeros(n, dtype=bool)
+        self._bits[ids] = True
+        self._count = int(self._bits.sum())
+
+    def __contains__(self, sid) -> bool:
+        return 0 <= sid < len(self._bits) and bool(self._bits[sid])
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self):
+        return iter(np.flatnonzero(self._bits).tolist())
+
+    def add(self, sid: int) -> None:
+        if not self._bits[sid]:
+            self._bits[sid] = True
+            self._count += 1
+
+    def discard(self, sid: int) -> None:
+        if sid in self:
+            self._bits[sid] = False
+            self._count -= 1
+
+    def remove_all(self, ids: np.ndarray) -> None:
+        self._bits[ids] = False
+        self._count = int(self._bits.sum())
+
+    def next_from(self, start: int) -> int:
+        """The first id >= start in the set (the caller knows one is there)."""
+        step = 1 << 16  # scanned a block at a time: committed runs of shards are skipped in bulk
+        while True:
+            hit = np.flatnonzero(self._bits[start:start + step])
+            if len(hit):
+                return start + int(hit[0])
+            start += step
 
 
 @dataclass(slots=True)
@@ -60,23 +103,34 @@ class ShardQueue:
         self.run_id = run_id
         self.max_attempts = max_attempts
         self.lease_timeout_s = lease_timeout_s
-        self.shards = {s.shard_id: s for s in shards}
-        self._init_plan(shards, self.manifest.committed().ids() if done is None else done, revise)
+        # the plan as ranges (a ShardTable: a shard is made when it is leased); a list of shards works too (tests)
+        self.shards = shards if isinstance(shards, ShardTable) else tuple(shards)
+        if not isinstance(shards, ShardTable) and any(s.shard_id != i for i, s in enumerate(self.shards)):
+            raise ValueError("shard ids must be 0..n-1 in order")
+        self._init_plan(self.manifest.committed().ids() if done is None else done, revise)
         self._init_bookkeeping()
         self._init_segments()
 
-    def _init_plan(self, shards: list[Shard], done: set[int], revise) -> None:
+    def _init_plan(self, done: set[int], revise) -> None:
+        """Bookkeeping of about two bytes a shard: which are done, which are still to hand out (bitmaps), and the
+        hand-out order: plan order (a cursor), with shards handed back or requeued first (a short deque)."""
+        n = len(self.shards)
         self.revise = set(revise)
-        done = set(done) - self.revise
-        # pending: the order shards are handed out in; pending_ids: which of them are still to do (a commit from a
-        # stale worker removes a shard from pending_ids in O(1); _hand_out skips what is no longer in it)
-        self.pending = collections.deque(s.shard_id for s in shards if s.shard_id not in done)
-        self.pending_ids: set[int] = set(self.pending)
-        self.done: set[int] = done & set(self.shards)
+        done_ids = np.fromiter((s for s in set(done) - self.revise if 0 <= s < n), dtype=np.int64)
+        self.done = IdSet(n, done_ids)
+        self.pending_ids = IdSet(n, np.arange(n, dtype=np.int64))
+        self.pending_ids.remove_all(done_ids)
+        self._cursor = 0  # the next shard in plan order to consider
+        self._requeued: collections.deque[int] = collections.deque()  # handed out before the cursor's next
         self.skipped = len(self.done)  # committed by earlier runs: never sent to an engine again
-        self.skipped_rows = sum(self.shards[s].num_rows for s in self.done)
-        self.rows_total = sum(s.num_rows for s in shards)
+        self.skipped_rows = self._rows(done_ids)
+        self.rows_total = self._rows(np.arange(n, dtype=np.int64))
         self.rows_done = self.skipped_rows
+
+    def _rows(self, ids: np.ndarray) -> int:
+        if isinstance(self.shards, ShardTable):
+            return int(self.shards.num_rows(ids).sum())
+        return sum(self.shards[int(i)].num_rows for i in ids)
 
     def _init_bookkeeping(self) -> None:
         self.leases: dict[int, Lease] = {}
@@ -131,10 +185,17 @@ class ShardQueue:
             return WAIT
         return self._hand_out(worker)
 
+    def _next_pending(self) -> int:
+        """The next shard to hand out: a requeued one, else the next in plan order; shards committed meanwhile (by a
+        stale worker) are no longer pending and are skipped."""
+        while self._requeued:
+            if (sid := self._requeued.popleft()) in self.pending_ids:
+                return sid
+        self._cursor = self.pending_ids.next_from(self._cursor)
+        return self._cursor
+
     def _hand_out(self, worker: str) -> Shard:
-        sid = self.pending.popleft()
-        while sid not in self.pending_ids:  # committed meanwhile by a stale worker: skip it
-            sid = self.pending.popleft()
+        sid = self._next_pending()
         self.pending_ids.discard(sid)
         self.attempts[sid] += 1
         now = time.time()
@@ -179,7 +240,7 @@ class ShardQueue:
             self.unflushed.append(entry)
         self.flush(force=False)
         self.done.add(sid)
-        self.rows_done += self.shards[sid].num_rows
+        self.rows_done += self.shards[sid].num_rows  # one shard made from its range
         self._end_lease(sid)
         self.quarantined.pop(sid, None)
         self.pending_ids.discard(sid)  # a stale worker finished a shard that had been handed back: no need to redo it
@@ -270,7 +331,7 @@ class ShardQueue:
         self.flush(force=False)
 
     def _requeue(self, shard_id: int) -> None:
-        self.pending.appendleft(shard_id)  # leased again at once (and one bad shard surfaces early)
+        self._requeued.appendleft(shard_id)  # leased again at once (and one bad shard surfaces early)
         self.pending_ids.add(shard_id)
 
     def hand_back(self, worker: str, shard_ids: list[int] | None, reason: str, engine_death: bool = False) -> list[int]:

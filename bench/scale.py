@@ -120,7 +120,7 @@ def simulate(n_shards: int, workers: int, seconds: float, clients: int, rate: fl
     driver_rss = peak_rss_mb()
     t0 = time.perf_counter()
     queue = ray.remote(ShardQueue).options(num_cpus=0, max_concurrency=1).remote(
-        str(out), list(shards), "sim", 4, 120.0, "zstd", 0)  # at batchrun's default niceness, as a job runs it
+        str(out), shards, "sim", 4, 120.0, "zstd", 0)  # at batchrun's default niceness, as a job runs it
     ray.get(queue.set_worker_count.remote(workers))
     start_s = time.perf_counter() - t0
     actors = [SimClients.remote() for _ in range(clients)]
@@ -178,7 +178,7 @@ def resume_time(n: int, url: str) -> dict:
         t1 = time.perf_counter()
         q = ShardQueue(od.root, shards, "resume", 4, 120.0, done=committed)  # as the runner starts it
         queue_s = time.perf_counter() - t1
-        assert len(committed) == n and not q.pending
+        assert len(committed) == n and not q.pending_ids
         out[case] = {"resume_s": round(time.perf_counter() - t0, 2), "merge_segments_s": round(compact_s, 2),
                      "list_parts_s": round(reconcile_s, 2), "queue_rebuild_s": round(queue_s, 2)}
         od.manifest.mark_complete(len(committed))

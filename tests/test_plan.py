@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pyarrow as pa
 import pytest
 
 from batchrun.plan import cut_shards, make_plan
+from batchrun.shards import Fragment, Shard
 from batchrun.sources import open_source
 from batchrun.spec import validate_spec
 from tests.conftest import write_parquet
@@ -230,3 +233,39 @@ def test_jsonl_shard_reads_continue_instead_of_rescanning(tmp_path, monkeypatch,
         assert t.column("id").to_pylist() == list(range(shard.row_start, shard.row_start + shard.num_rows))
     # forward: one pass over the file; backward: a new pass per shard, as any stream read backwards needs
     assert len(opened) == {"forward": 1, "backward": len(shards), "two workers": 2}[order]
+
+
+def reference_cut(unit_rows, rows_per_shard, per_unit=False):
+    """The plan cut one shard object at a time (the rule ShardTable computes as ranges)."""
+    shards, frags, shard_start, filled, global_row = [], [], 0, 0, 0
+    for unit, n in enumerate(unit_rows):
+        if per_unit and filled:
+            shards.append(Shard(len(shards), shard_start, filled, tuple(frags)))
+            frags, shard_start, filled = [], global_row, 0
+        pos = 0
+        while pos < n:
+            take = min(n - pos, rows_per_shard - filled)
+            frags.append(Fragment(unit, pos, pos + take))
+            pos, filled, global_row = pos + take, filled + take, global_row + take
+            if filled == rows_per_shard:
+                shards.append(Shard(len(shards), shard_start, filled, tuple(frags)))
+                frags, shard_start, filled = [], global_row, 0
+    if filled:
+        shards.append(Shard(len(shards), shard_start, filled, tuple(frags)))
+    return tuple(shards)
+
+
+def test_shards_as_ranges_are_the_shards_cut_one_by_one():
+    """The plan holds its shards as ranges (O(units), whatever the shard count); each is made when asked for and
+    is the shard the one-by-one cut makes, empty units, short units and per-unit cuts included."""
+    import random
+
+    rng = random.Random(1)
+    for _ in range(2000):
+        units = tuple(rng.choice([0, 0, 1, 2, 3, 5, 7, 10, 13, 31]) for _ in range(rng.randint(1, 6)))
+        per, per_unit = rng.randint(1, 12), rng.random() < 0.5
+        table, want = cut_shards(units, per, per_unit), reference_cut(units, per, per_unit)
+        assert len(table) == len(want) and tuple(table) == want and table[::-1] == want[::-1]
+        assert table.num_rows(range(len(table))).tolist() == [s.num_rows for s in want]
+    big = cut_shards((10**9,), 1000)
+    assert len(big) == 10**6 and big[999_999].row_start == 999_999_000 and len(pickle.dumps(big)) < 1000

@@ -97,7 +97,7 @@ def test_release_worker_returns_all_its_shards(tmp_path):
     q, _ = make_queue(tmp_path, max_attempts=5)
     q.lease("w1"), q.lease("w1"), q.lease("w2")
     assert sorted(q.release_worker("w1", "killed")) == [0, 1]
-    assert sorted(q.pending) == [0, 1] and list(q.leases) == [2]
+    assert sorted(q.pending_ids) == [0, 1] and list(q.leases) == [2]
 
 
 class Clock:
