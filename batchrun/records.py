@@ -110,3 +110,4 @@ class Snapshot:
     duplicates: int  # commits refused because the shard was committed already (a stale attempt's copy)
     workers: dict[str, WorkerStats]
     leases: dict[int, str]  # shard id -> worker
+    queue_restarted: bool = False  # Ray restarted the queue actor during the run (its counters start again)

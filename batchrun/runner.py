@@ -35,6 +35,7 @@ from batchrun.store.manifest import Entries
 from batchrun.store.output import OutputDir
 
 log = logging.getLogger("batchrun")
+QUEUE_RESTARTS = 3  # the queue actor's restarts in a run (each rebuilds from the durable state)
 
 
 def check_input(spec: JobSpec, plan: Plan) -> None:
@@ -142,7 +143,11 @@ class JobRunner:
         spec, faults = self.spec, self.spec.faults
         # The queue needs no CPU of its own: it only moves small descriptors. It dies with the driver (not detached),
         # and so do the workers: leftovers of a killed driver cannot keep committing (see README, failure model).
-        queue = ray.remote(ShardQueue).options(num_cpus=0, max_concurrency=1).remote(
+        # Ray restarts it where it dies (its process or its node): it rebuilds what is done from the manifest and the
+        # parts' footers, workers re-adopt their leases with their next heartbeat, and every call is retried on the
+        # new one; no engine is reloaded (tests/test_faults.py).
+        queue = ray.remote(ShardQueue).options(num_cpus=0, max_concurrency=1, max_restarts=QUEUE_RESTARTS,
+                                               max_task_retries=-1).remote(
             str(self.out.root), plan.shards, self.run_id, faults.max_attempts, faults.lease_timeout_s,
             spec.output.compression, spec.resources.niceness, committed, revise,
         )

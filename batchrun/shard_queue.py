@@ -39,6 +39,16 @@ class Lease:
     expires_at: float
 
 
+def _reconstructed() -> bool:
+    """Whether this process is a Ray actor that Ray restarted (False outside an actor: tests, benchmarks)."""
+    try:
+        import ray
+
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - not an actor, or no Ray
+        return False
+
+
 class IdSet:
     """A set of shard ids 0..n-1 as a bitmap: one byte a shard, where a Python set of a million ints takes ~60."""
 
@@ -107,9 +117,24 @@ class ShardQueue:
         self.shards = shards if isinstance(shards, ShardTable) else tuple(shards)
         if not isinstance(shards, ShardTable) and any(s.shard_id != i for i, s in enumerate(self.shards)):
             raise ValueError("shard ids must be 0..n-1 in order")
+        self.restarted = _reconstructed()
+        # segment names: a restarted actor's must not reuse its predecessor's (their numbers start again)
+        self.segment_prefix = f"{run_id}-r{time.time_ns()}" if self.restarted else run_id
+        if self.restarted:  # Ray restarted this actor (its process or node died): the durable state says what is done
+            done = self._rebuild_done()
         self._init_plan(self.manifest.committed().ids() if done is None else done, revise)
         self._init_bookkeeping()
         self._init_segments()
+
+    def _rebuild_done(self) -> set[int]:
+        """After a restart: the shards committed are the manifest's and those whose parts carry entries the lost
+        actor had not written yet (their footers: the same repair as a driver's start after a crash). Leases are
+        gone: workers re-adopt the shards they hold with their next heartbeat (see heartbeat)."""
+        committed = self.manifest.committed()
+        rebuilt = self.manifest.reconcile(committed, self.segment_prefix)
+        log.warning("shard queue restarted: %d shards committed (%d recovered from part footers); leases are "
+                    "re-adopted from the workers' heartbeats", len(committed) + len(rebuilt), len(rebuilt))
+        return committed.ids() | set(rebuilt)
 
     def _init_plan(self, done: set[int], revise) -> None:
         """Bookkeeping of about two bytes a shard: which are done, which are still to hand out (bitmaps), and the
@@ -213,11 +238,21 @@ class ShardQueue:
         """A leased shard's hand-out number (1 = first) and whether its committed part is being revised."""
         return self.attempts[shard_id], shard_id in self.revise
 
-    def heartbeat(self, worker: str, node: str, pid: int, stats: WorkerStats) -> bool:
+    def heartbeat(self, worker: str, node: str, pid: int, stats: WorkerStats, held: tuple[int, ...] = ()) -> bool:
         """O(1): a worker's heartbeat renews all its leases at once (a lease expires when its worker's last
-        heartbeat is older than the lease timeout; see _expire). Returns whether the job is draining."""
+        heartbeat is older than the lease timeout; see _expire). Returns whether the job is draining.
+        held: the shards the worker has in hand; after a restart of this actor, those it does not know as leased
+        (and not done) become this worker's leases again instead of being handed to another."""
         info = self.workers.setdefault(worker, WorkerInfo(worker))
         info.node, info.pid, info.stats, info.last_heartbeat = node, pid, stats, time.time()
+        if self.restarted:
+            for sid in held:
+                if sid in self.pending_ids:
+                    self.pending_ids.discard(sid)
+                    self.attempts[sid] += 1
+                    now = time.time()
+                    self.leases[sid] = Lease(worker, self.attempts[sid], now, now + self.lease_timeout_s)
+                    self.held[worker] += 1
         return self.draining
 
     def commit(self, entry: ManifestEntry, published: bool, beat: tuple | None = None) -> bool:
@@ -289,7 +324,7 @@ class ShardQueue:
                 return None
             entries, self.unflushed = self.unflushed, []
             self.segments += 1
-            return entries, self.run_id, self.segments - 1
+            return entries, self.segment_prefix, self.segments - 1
 
     def _put_back(self, entries: list[ManifestEntry]) -> None:
         with self._flush_lock:
@@ -396,6 +431,7 @@ class ShardQueue:
             engine_deaths_charged=sum(len(v) for v in self.engine_deaths.values()),
             shards_handed_back=self.handed_back,
             segment_write_failures=self.segment_failures,
+            queue_restarted=self.restarted,
             store_retries=store_retries(),
             rows_total=self.rows_total,
             rows_done=self.rows_done,

@@ -73,6 +73,9 @@ def faults(snap: Snapshot, report: dict, pool, driver_retries: int, revised: lis
                                "still_failing": sum(r["still_failing"] for r in revised)},
         "shards_quarantined": report["quarantined"],
         "shard_failures": snap.shard_failures,
+        # Ray restarted the queue actor (its process or node died): it rebuilt from the manifest and the footers;
+        # the queue's counters here (failures, refused commits, hand-backs) are the restarted one's
+        "queue_restarted": snap.queue_restarted,
         # commits the queue refused because the shard was already committed (a stale worker's late copy)
         "duplicate_commits_refused": snap.duplicates,
         "worker_restarts": pool.restarts,

@@ -115,6 +115,7 @@ class Worker:
                                  worker=self.worker_id, node=self.node)
         self._last_progress = time.monotonic()  # before the engine loop runs (its own clock after that)
         self.loop: EngineLoop | None = None
+        self._held: set[int] = set()  # shards leased and not yet committed or failed (a restarted queue re-adopts them)
         self._last_beat = 0.0  # when the queue last heard this worker's stats (a heartbeat or a commit)
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -210,7 +211,10 @@ class Worker:
     def _hand_back(self, shard_ids, why: str, engine_death: bool = False) -> list[int]:
         import ray
 
-        return ray.get(self.queue.hand_back.remote(self.worker_id, shard_ids, why, engine_death))
+        handed = ray.get(self.queue.hand_back.remote(self.worker_id, shard_ids, why, engine_death))
+        for sid in handed:
+            self._release(sid)
+        return handed
 
     def _hand_back_after_death(self, dead: EngineDead, running: set[int]) -> None:
         """The dying engine's shards go back now (not when the driver notices): the ones it was running charged to
@@ -260,12 +264,17 @@ class Worker:
             if shard == WAIT:  # other workers hold the rest; one may die and hand its shards back
                 time.sleep(0.5)
                 continue
+            with self._stats_lock:
+                if shard.shard_id in self._held:  # a restarted queue handed out a shard this worker is running
+                    continue
+                self._held.add(shard.shard_id)
             attempt, revise = ray.get(self.queue.lease_of.remote(shard.shard_id))
             try:
                 task = self._prepare(shard, attempt, revise)
             except Exception as e:  # unreadable shard: this attempt fails, the queue retries or quarantines it
                 log.exception("shard %s: cannot prepare", shard.shard_id)
                 ray.get(self.queue.fail.remote(shard.shard_id, self.worker_id, f"{type(e).__name__}: {e}"))
+                self._release(shard.shard_id)
                 continue
             self._put(ready, task)
 
@@ -332,6 +341,7 @@ class Worker:
             if not published and self.parts.entry(entry.shard_id) == entry:
                 published = True  # a retried PUT whose first try landed: this attempt's own part
             ray.get(self.queue.commit.remote(entry, published, self._beat_payload()))
+            self._release(entry.shard_id)
             record("rows", table.num_rows, **self.tags)
             record("shard_seconds", time.time() - task.started_at, **self.tags)
             self._add(rows=table.num_rows, shards=1)
@@ -383,9 +393,14 @@ class Worker:
             idle = time.monotonic() - (self.loop.last_progress if self.loop else self._last_progress)
             self.stats.since_progress_s = idle if self.stats.in_flight else 0.0
             stats = dataclasses.replace(self.stats)
+            held = tuple(self._held)
         record("in_flight", stats.in_flight, **self.tags)
         self._last_beat = time.monotonic()
-        return self.node, os.getpid(), stats
+        return self.node, os.getpid(), stats, held
+
+    def _release(self, shard_id: int) -> None:
+        with self._stats_lock:
+            self._held.discard(shard_id)
 
     def _beat(self):
         """Send the worker's stats; the returned ref resolves to whether the job is draining."""

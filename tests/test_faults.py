@@ -344,3 +344,36 @@ def test_the_restart_budget_is_per_hour_and_fits_the_fleet(tmp_path, ray_cluster
     finally:
         pool.shutdown()
         ray.kill(queue)
+
+
+def test_the_queue_actor_killed_mid_run_is_restarted_and_no_engine_reloads(tmp_path, ray_cluster):
+    """SIGKILL to the shard queue's process while shards are in flight: Ray restarts it, it rebuilds what is done
+    from the manifest and the parts' footers (entries it had not written yet included), the workers re-adopt the
+    shards they hold with their next heartbeat and retry their calls; the job ends with every row once, with the
+    same engines (no worker replaced, no engine loaded again)."""
+    rows = 300
+    write_parquet(tmp_path / "in.parquet",
+                  pa.table({"id": list(range(rows)), "prompt": [f"r{i} x" for i in range(rows)]}))
+    spec = validate_spec(job(tmp_path, {"path": str(tmp_path / "in.parquet")},
+                             {"name": "tests.engines:SlowEcho", "max_in_flight": 4,
+                              "options": {"log_path": str(tmp_path / "calls"), "per_poll": 2, "delay_s": 0.02}},
+                             faults={"heartbeat_s": 0.3}))
+    runner = JobRunner(spec, show_progress=False)
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("summary", runner.run().summary))
+    t.start()
+    deadline = time.time() + 120
+    while len(list((tmp_path / "out").glob("part-*.parquet"))) < 5:
+        assert time.time() < deadline and t.is_alive(), "the job committed too little"
+        time.sleep(0.05)
+    (queue,) = actor_pids(("ray::ShardQueue",))
+    os.kill(queue, signal.SIGKILL)
+    t.join(timeout=300)
+    summary = box["summary"]
+    assert summary["status"] == "succeeded" and summary["queue_restarted"] is True
+    assert summary["worker_restarts"] == 0 and summary["engine_deaths"] == 0
+    counts = collections.Counter(read_output(tmp_path / "out").column("id").to_pylist())
+    assert sorted(counts) == list(range(rows)) and set(counts.values()) == {1}  # every row once
+    assert len(list((tmp_path / "calls").glob("*.log"))) == 2  # the same two engine processes, none loaded again
+    assert sorted(OutputDir(tmp_path / "out").manifest.committed()) == list(range(rows // 10))
+    assert actor_pids(("ray::ShardQueue",)) == []  # the restarted queue is gone with the job
