@@ -131,7 +131,7 @@ class ShardQueue:
         actor had not written yet (their footers: the same repair as a driver's start after a crash). Leases are
         gone: workers re-adopt the shards they hold with their next heartbeat (see heartbeat)."""
         committed = self.manifest.committed()
-        rebuilt = self.manifest.reconcile(committed, self.segment_prefix)
+        rebuilt = self.manifest.reconcile(committed, self.segment_prefix, len(self.shards))
         log.warning("shard queue restarted: %d shards committed (%d recovered from part footers); leases are "
                     "re-adopted from the workers' heartbeats", len(committed) + len(rebuilt), len(rebuilt))
         return committed.ids() | set(rebuilt)

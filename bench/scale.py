@@ -164,8 +164,18 @@ def resume_time(n: int, url: str) -> dict:
     else:
         od.fs.pipe(parts)  # concurrent PUTs
     setup_s = time.perf_counter() - t0
-    shards = list(cut_shards((n,), 1))
+    shards = cut_shards((n,), 1)
     out = {"resume_shards": n, "store": "local" if od.local else od.protocol, "setup_s": round(setup_s, 1)}
+    if not od.local:  # listing the parts: one paginated listing, against key prefixes one at a time and 32 at once
+        import batchrun.store.fs as fs
+
+        t0 = time.perf_counter()
+        assert len(od.parts.names()) == n
+        out["list one listing s"] = round(time.perf_counter() - t0, 2)
+        for lists in (1, fs.LISTS):
+            fs.LISTS, t0 = lists, time.perf_counter()
+            assert len(od.parts.names(n)) == n
+            out[f"list by prefix, {lists} at once s"] = round(time.perf_counter() - t0, 2)
     for case in ("after a crash", "after a clean end"):  # the start of runner.run: the same calls
         t0 = time.perf_counter()
         complete = od.manifest.take_complete_mark()
@@ -173,7 +183,7 @@ def resume_time(n: int, url: str) -> dict:
         compact_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         if complete != len(committed):
-            assert od.manifest.reconcile(committed, "resume") == {}
+            assert od.manifest.reconcile(committed, "resume", n) == {}
         reconcile_s = time.perf_counter() - t1
         t1 = time.perf_counter()
         q = ShardQueue(od.root, shards, "resume", 4, 120.0, done=committed)  # as the runner starts it

@@ -273,3 +273,18 @@ def test_a_throttled_store_under_a_real_job_with_worker_kills(s3_bucket, s3_faul
         "driver", "queue", "workers", "segment_write_failures"}
     calls = collections.Counter(line for f in (tmp_path / "calls").glob("*.log") for line in f.read_text().split())
     assert set(calls) == {f"{sid}:{i}" for sid in range(60) for i in range(10)}  # rows a kill cut short: redone
+
+
+def test_parts_are_listed_by_key_prefix_many_at_once(s3_bucket, tmp_path):
+    """A crash resume on a store lists the parts by shard-id key prefix (a thousand ids each), many listings at once:
+    the same names as one listing of the whole prefix, across prefix boundaries and 7-digit ids."""
+    out = OutputDir(url(s3_bucket, tmp_path))
+    out.ensure()
+    ids = [0, 999, 1000, 1999, 2000, 2499, 1_000_000, 1_000_999]
+    for sid in ids:
+        out.create(out.parts.path(sid), b"PAR1")
+    out.create(out.join("part-notes.txt"), b"x")  # not a part
+    plain = out.parts.names()
+    assert [name_number(p) for p in plain] == ids
+    assert out.parts.names(shards=1_001_000) == plain  # 1,001 prefixes, listed 32 at a time
+    assert out.parts.names(shards=2500) == [p for p in plain if name_number(p) < 2500]  # the plan's prefixes only

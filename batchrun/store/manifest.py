@@ -237,10 +237,10 @@ class Manifest:
             self.store.remove([self.store.join("_batchrun", "complete.json")])
         return (mark or {}).get("committed")
 
-    def reconcile(self, known: dict | set, run_id: str) -> dict[int, ManifestEntry]:
+    def reconcile(self, known: dict | set, run_id: str, shards: int | None = None) -> dict[int, ManifestEntry]:
         """Add manifest entries for parts committed just before a crash (their segment was never written), from the
         parts' own footers. `known`: the shard ids the manifest has."""
-        missing = [p for p in self.parts.names() if name_number(p) not in known]
+        missing = [p for p in self.parts.names(shards) if name_number(p) not in known]
         if self.store.local or len(missing) < 2:
             footers = list(map(self.parts.footer_entry, missing))
         else:  # one small ranged read each, many at once: a crash can leave thousands on a store

@@ -39,8 +39,13 @@ class Parts:
     def __init__(self, store: Store):
         self.store = store
 
-    def names(self) -> list[str]:
-        return self.store.list(self.store.path, prefix="part-", suffix=".parquet")
+    def names(self, shards: int | None = None) -> list[str]:
+        """Every part's path. shards: how many the plan has, where known: on an object store the parts are then
+        listed by key prefix, a thousand shard ids each, many at once."""
+        if self.store.local or not shards or shards <= 1000:
+            return self.store.list(self.store.path, prefix="part-", suffix=".parquet")
+        prefixes = sorted({f"part-{first:06d}"[:-3] for first in range(0, shards, 1000)})
+        return self.store.list_prefixes(self.store.path, prefixes, suffix=".parquet")
 
     def path(self, shard_id: int) -> str:
         return self.store.join(f"part-{shard_id:06d}.parquet")
