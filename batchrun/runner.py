@@ -274,7 +274,7 @@ class JobRunner:
     def revised_entries(self, entries: Entries) -> dict:
         """The parts this run replaced (`--retry-errors`), as their footers say now that no worker is left: when two
         attempts of a revision both wrote, the last write stands, and its entry is the one to keep."""
-        mine = entries.of_run(self.run_id, having="revision")
+        mine = entries.of_run(self.run_id).having("revision")
         footers = {sid: self.out.parts.entry(sid) for sid in mine}
         return {sid: f for sid, f in footers.items() if f is not None and f != entries[sid]}
 

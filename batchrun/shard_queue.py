@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import gc
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,11 +42,11 @@ class Lease:
 
 def _reconstructed() -> bool:
     """Whether this process is a Ray actor that Ray restarted (False outside an actor: tests, benchmarks)."""
+    ray = sys.modules.get("ray")  # an actor's process has imported Ray; elsewhere it is not imported for this
     try:
-        import ray
-
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
-    except Exception:  # noqa: BLE001 - not an actor, or no Ray
+        context = ray.get_runtime_context() if ray is not None and ray.is_initialized() else None
+        return bool(context and context.get_actor_id() and context.was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - not an actor
         return False
 
 
@@ -83,11 +84,12 @@ class IdSet:
     def next_from(self, start: int) -> int:
         """The first id >= start in the set (the caller knows one is there)."""
         step = 1 << 16  # scanned a block at a time: committed runs of shards are skipped in bulk
-        while True:
+        while start < len(self._bits):
             hit = np.flatnonzero(self._bits[start:start + step])
             if len(hit):
                 return start + int(hit[0])
             start += step
+        raise RuntimeError(f"no pending shard at or after {start} (the queue's hand-out order is broken)")
 
 
 @dataclass(slots=True)

@@ -356,7 +356,7 @@ def test_the_queue_actor_killed_mid_run_is_restarted_and_no_engine_reloads(tmp_p
                   pa.table({"id": list(range(rows)), "prompt": [f"r{i} x" for i in range(rows)]}))
     spec = validate_spec(job(tmp_path, {"path": str(tmp_path / "in.parquet")},
                              {"name": "tests.engines:SlowEcho", "max_in_flight": 4,
-                              "options": {"log_path": str(tmp_path / "calls"), "per_poll": 2, "delay_s": 0.02}},
+                              "options": {"log_path": str(tmp_path / "calls"), "per_poll": 1, "delay_s": 0.05}},
                              faults={"heartbeat_s": 0.3}))
     runner = JobRunner(spec, show_progress=False)
     box: dict = {}

@@ -677,3 +677,21 @@ def test_a_multiple_choice_job_on_trtllm_writes_the_hf_engines_numbers(tmp_path,
         assert (other["error"], other["prediction"], other["choice_tokens"]) == \
             (row["error"], row["prediction"], row["choice_tokens"])
         assert all(abs(a - b) < 1e-4 for a, b in zip(other["choice_logprobs"] or [], row["choice_logprobs"] or []))
+
+
+def test_a_scoring_engine_whose_executor_dies_raises_engine_dead_and_never_error_rows(tllm, demo_model, tmp_path):
+    """The executor dies while pairs are being scored (E1-E3): poll raises EngineDead; no row comes back as an error
+    (a row is either scored whole or not at all: its shard goes back to the queue)."""
+    from batchrun.engines.trtllm import TRTScoreEngine
+
+    engine = TRTScoreEngine(str(model_with_knobs(tmp_path, demo_model, die_after=5)), Sampling(max_tokens=1),
+                            dtype="float32")
+    rows = [(f"r{i}", [((1, 5, 6 + i), (7,)), ((1, 5, 6 + i), (8, 9))]) for i in range(8)]
+    for key, pairs in rows:
+        engine.submit(Request(key, "", None, Sampling(max_tokens=1), pairs=tuple(pairs)))
+    got, deadline = [], time.time() + 30
+    with pytest.raises(EngineDead, match="executor died"):
+        while time.time() < deadline:
+            got += engine.poll(0.1)
+    assert all(c.error is None and len(c.pair_logprobs) == 2 for c in got) and len(got) < len(rows)
+    engine.close()

@@ -154,10 +154,8 @@ class Entries(Mapping):
     def committed(self) -> Entries:
         return self.where(pc.equal(self.table["state"], "committed"))
 
-    def of_run(self, run_id: str, having: str | None = None) -> Entries:
-        """This run's entries; having: only those whose count `having` is above 0 (revision)."""
-        mask = pc.equal(self.table["run_id"], run_id)
-        return self.where(pc.and_(mask, pc.greater(self.table[having], 0)) if having else mask)
+    def of_run(self, run_id: str) -> Entries:
+        return self.where(pc.equal(self.table["run_id"], run_id))
 
     def having(self, column: str) -> Entries:
         """The entries whose count `column` is above 0 (error_rows, revision)."""
