@@ -5,12 +5,14 @@ that load).
 
     python bench/scale.py --shards 10000,100000,1000000 --workers 1000 --seconds 20 --rates 0,500 --resume 100000 --s3
 
-Simulated workers run as asyncio tasks in a few client actors (processes). Each task: lease -> create its part
-exclusively (the worker's commit) -> report the commit to the queue; and a heartbeat every 2 s, as a worker's
-heartbeat thread does. Reported per plan size: leases/s and
-commits/s sustained, p50/p99 lease and commit latency seen by the workers, the queue actor's RSS, and the driver's
-RSS after building the plan. --resume: a driver's start on an output dir of that many committed shards (merge the
-manifest segments, list the parts, rebuild the queue), on local disk and with --s3 on a loopback S3 server (moto).
+Simulated workers run as asyncio tasks in a few client actors (processes). Each task makes a real worker's calls
+(worker.py): per shard a lease, then the commit (the exclusive create of its part, then the report to the queue,
+carrying its heartbeat), and a heartbeat of its own when it has said nothing for the interval batchrun gives that
+many workers; the bench's process makes the driver's calls (a progress snapshot, then up to 0.5 s of waiting).
+Reported per plan size: leases/s and commits/s sustained, p50/p99 lease, commit and snapshot latency, the queue
+actor's RSS, and the driver's RSS after building the plan. --resume: a driver's start on an output dir of that many
+committed shards (merge the manifest segments, list the parts, rebuild the queue), on local disk and with --s3 on a
+loopback S3 server (moto).
 """
 
 from __future__ import annotations
@@ -57,8 +59,12 @@ class SimClients:
             while time.time() < stop:
                 if time.time() - last_beat.get(wid, 0.0) >= every:
                     last_beat[wid] = time.time()
-                    await queue.heartbeat.remote(wid, "sim", os.getpid(), WorkerStats(in_flight=1))
+                    await queue.heartbeat.remote(wid, "sim", os.getpid(), stats)
                 await asyncio.sleep(max(0.05, every - (time.time() - last_beat[wid])))
+
+        stats = WorkerStats(in_flight=64, rows=1000, shards=1, generated_tokens=200_000, max_in_flight=64,
+                            max_in_flight_why="the engine's KV cache", engine_start_s=41.0, kv_cache_tokens=1 << 20,
+                            engine_startup={"import": 4.5, "load": 1.8}, rss_after_load_mb={"anon": 900, "file": 2})
 
         async def worker(k: int):
             wid = f"sim{first + k:04d}"
@@ -68,6 +74,7 @@ class SimClients:
                 if period:
                     await asyncio.sleep(max(0.0, due - time.time()))
                     due += period
+                # a real worker's calls per shard (worker.py): lease, lease_of, commit with its heartbeat
                 t0 = time.perf_counter()
                 shard = await queue.lease.remote(wid)
                 lease_lat.append(time.perf_counter() - t0)
@@ -77,13 +84,14 @@ class SimClients:
                     waits[0] += 1
                     await asyncio.sleep(0.05)
                     continue
+                await queue.lease_of.remote(shard.shard_id)
                 entry = ManifestEntry(shard.shard_id, "committed", rows=1, worker=wid, node="sim",
                                       started_at=time.time(), committed_at=time.time())
                 t1 = time.perf_counter()
                 # the worker's own commit (exclusive create of the part), then the queue's bookkeeping
                 published = od.create(od.parts.path(shard.shard_id), b"PAR1")
                 last_beat[wid] = time.time()
-                await queue.commit.remote(entry, published, ("sim", os.getpid(), WorkerStats(in_flight=1)))
+                await queue.commit.remote(entry, published, ("sim", os.getpid(), stats, (shard.shard_id,)))
                 commit_lat.append(time.perf_counter() - t1)
                 commits[0] += 1
             hb.cancel()
@@ -110,6 +118,18 @@ def queue_cpu_s() -> float:
     return sum(sum(p.cpu_times()[:2]) for p in queue_procs())
 
 
+def driver_ticks(queue, refs: list) -> list[float]:
+    """The driver's loop while the workers run (runner._watch): one progress snapshot, then up to 0.5 s waiting on
+    the workers (pool.watch); returns each snapshot's latency."""
+    latencies = []
+    while True:
+        t0 = time.perf_counter()
+        ray.get(queue.progress.remote())
+        latencies.append(time.perf_counter() - t0)
+        if ray.wait(refs, num_returns=len(refs), timeout=0.5)[0] == refs:
+            return latencies
+
+
 def simulate(n_shards: int, workers: int, seconds: float, clients: int, rate: float = 0.0) -> dict:
     out = Path(tempfile.mkdtemp(prefix="scale-"))
     od = OutputDir(out)
@@ -129,8 +149,9 @@ def simulate(n_shards: int, workers: int, seconds: float, clients: int, rate: fl
     t0 = time.perf_counter()
     period = workers / rate if rate else 0.0
     every = max(2.0, workers / HEARTBEATS_PER_S)  # the interval batchrun gives this many workers (pool.heartbeat_for)
-    results = ray.get([a.run.remote(queue, i * per, per, seconds, od.root, period, every)
-                       for i, a in enumerate(actors)])
+    refs = [a.run.remote(queue, i * per, per, seconds, od.root, period, every) for i, a in enumerate(actors)]
+    snapshots = driver_ticks(queue, refs)
+    results = ray.get(refs)
     wall = time.perf_counter() - t0
     cpu = queue_cpu_s() - cpu0
     lease = [x for r in results for x in r["lease"]]
@@ -145,6 +166,7 @@ def simulate(n_shards: int, workers: int, seconds: float, clients: int, rate: fl
             "lease_p50_ms": round(pct(lease, 0.5), 1), "lease_p99_ms": round(pct(lease, 0.99), 1),
             "commit_p50_ms": round(pct(commit, 0.5), 1), "commit_p99_ms": round(pct(commit, 0.99), 1),
             "waits": sum(r["waits"] for r in results),
+            "snapshot_p50_ms": round(pct(snapshots, 0.5), 1), "snapshot_p99_ms": round(pct(snapshots, 0.99), 1),
             "queue_cpu_busy": round(cpu / wall, 3), "queue_rss_mb": rss, "driver_peak_rss_mb": driver_rss}
 
 
@@ -257,13 +279,13 @@ def main() -> None:
         finally:
             server.terminate()
     print("\n| shards | workers | target commits/s | leases/s | commits/s | lease p50 / p99 ms | commit p50 / p99 ms | "
-          "queue thread busy | queue RSS MB | "
+          "snapshot p50 / p99 ms | queue thread busy | queue RSS MB | "
           "driver RSS MB | plan + queue start s |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['shards']:,} | {r['workers']} | {r['rate']} | {r['leases_per_s']:,} | {r['commits_per_s']:,} | "
               f"{r['lease_p50_ms']} / {r['lease_p99_ms']} | {r['commit_p50_ms']} / {r['commit_p99_ms']} | "
-              f"{r['queue_cpu_busy']:.0%} | "
+              f"{r['snapshot_p50_ms']} / {r['snapshot_p99_ms']} | {r['queue_cpu_busy']:.0%} | "
               f"{r['queue_rss_mb']} | {r['driver_peak_rss_mb']} | {r['plan_s']} + {r['queue_start_s']} |")
     if resume:
         print("\n| store | shards | start | resume s | merge segments s | list parts s | queue rebuild s |")
