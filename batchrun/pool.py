@@ -66,18 +66,26 @@ def load_state(start_ref) -> tuple[bool, str | None]:
     return True, None
 
 
-HEARTBEATS_PER_S = 250  # what the one queue actor takes from all workers together, beside leases and commits
+HEARTBEATS_PER_S = 250  # what the one queue actor takes from all nodes together, beside leases and commits
 
 
-def heartbeat_for(spec: JobSpec, workers: int) -> JobSpec:
-    """The spec the workers run with: faults.heartbeat_s, or longer where many workers would flood the queue actor
-    (its one thread serves every call: bench/RESULTS.md, scale), at most a third of
-    the lease timeout so that a live worker never loses its leases."""
+def heartbeat_for(spec: JobSpec, workers: int, nodes: int | None = None) -> JobSpec:
+    """The spec the workers run with: faults.heartbeat_s, or longer where so many nodes heartbeat (one call a node:
+    beats.py) that they would flood the queue actor (its one thread serves every call: bench/RESULTS.md, scale), at
+    most a third of the lease timeout so that a live worker never loses its leases. nodes: the cluster's (None:
+    as many as workers)."""
     f = spec.faults
-    every = min(max(f.heartbeat_s, workers / HEARTBEATS_PER_S), f.lease_timeout_s / 3)
+    senders = min(workers, nodes or workers)
+    every = min(max(f.heartbeat_s, senders / HEARTBEATS_PER_S), f.lease_timeout_s / 3)
     if every <= f.heartbeat_s:
         return spec
     return spec.model_copy(update={"faults": f.model_copy(update={"heartbeat_s": every})})
+
+
+def _cluster_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
 class WorkerPool:
@@ -121,7 +129,7 @@ class WorkerPool:
     def retask(self, n: int) -> None:
         """Start the assigned task on up to n of the workers the last task left idle (their engines are kept where
         the task needs the same one: Worker.retask), spawning more if n is larger and retiring the rest."""
-        self.spec_json = heartbeat_for(self.spec, n).model_dump_json()
+        self.spec_json = heartbeat_for(self.spec, n, _cluster_nodes()).model_dump_json()
         for wid in list(self.idle)[n:]:
             self.live[wid] = self.idle.pop(wid)
             self._retire(wid)
@@ -138,7 +146,7 @@ class WorkerPool:
     # ------------------------------------------------------------ start
 
     def start(self, n: int) -> None:
-        self.spec_json = heartbeat_for(self.spec, n).model_dump_json()
+        self.spec_json = heartbeat_for(self.spec, n, _cluster_nodes()).model_dump_json()
         for _ in range(n):
             self._spawn()
         self.initial = set(self.spans)  # the job's first workers: their start-up counts from the command's start
@@ -221,14 +229,15 @@ class WorkerPool:
         """The dead worker's shards go back to the queue. Returns whether any work is left for a replacement."""
         import ray
 
-        ray.get(self.queue.release_worker.remote(wid, error))
+        held = ray.get(self.queue.release_worker.remote(wid, error))
+        if held:
+            log.warning("worker %s: its shards %s go back to the queue", wid, held)
         return self._work_left()
 
     def _work_left(self) -> bool:
         import ray
 
-        progress = ray.get(self.queue.progress.remote())
-        return bool(progress.shards_pending or progress.shards_running)
+        return not ray.get(self.queue.finished.remote())
 
     def restart_budget(self) -> dict:
         """Replacements allowed in any hour: max_worker_restarts, or restarts_per_worker_hour per worker of the job

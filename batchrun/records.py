@@ -80,7 +80,8 @@ class WorkerStats:
     worker: str = ""
     node: str = ""
     pid: int = 0
-    heartbeat_age_s: float = 0.0
+    heartbeat_at: float = 0.0  # the worker's last heartbeat, on the queue's clock
+    heartbeat_age_s: float = 0.0  # set by the driver from the snapshot's time (Snapshot.merge_workers)
     dead: bool = False  # released by the driver (its process or engine died, or it stalled)
 
     @property
@@ -108,6 +109,22 @@ class Snapshot:
     rows_total: int
     rows_done: int
     duplicates: int  # commits refused because the shard was committed already (a stale attempt's copy)
-    workers: dict[str, WorkerStats]
-    leases: dict[int, str]  # shard id -> worker
+    workers: dict[str, WorkerStats]  # from the queue: the workers changed since the driver's last snapshot
     queue_restarted: bool = False  # Ray restarted the queue actor during the run (its counters start again)
+    stats_version: tuple[str, int] = ("", 0)  # (the queue actor's id, its change counter): the next call's `known`
+    at: float = 0.0  # the queue's clock when taken
+    heartbeat_calls: int = 0  # calls that carried heartbeats: one a node per interval, a worker's own otherwise
+    worker_beats: int = 0  # the workers' heartbeats those carried (commits' included)
+    commit_leases: int = 0  # leases a commit took for its worker's next shard (one call instead of two)
+
+    def merge_workers(self, seen: dict[str, WorkerStats], known: tuple[str, int] | None) -> dict[str, WorkerStats]:
+        """The driver's side of progress(): `seen` (every worker's latest) updated with this snapshot's changes
+        (all afresh when the queue actor is a new one), each worker's heartbeat age set, and `workers` made the
+        full view. Returns it."""
+        if known is None or known[0] != self.stats_version[0]:
+            seen = {}
+        seen.update(self.workers)
+        for w in seen.values():
+            w.heartbeat_age_s = max(0.0, self.at - w.heartbeat_at)
+        self.workers = seen
+        return seen

@@ -85,7 +85,8 @@ class JobRunner:
         self.invoked_at = time.time()
         self.timings: dict = {}  # the driver's start-up phases
         self.n_workers = 0  # the workers this run started with (cost.py: GPUs held over the wall time)
-        self._workers_seen: dict = {}  # the last progress snapshot's worker stats
+        self._workers_seen: dict = {}  # every worker's latest stats, from the progress snapshots
+        self._stats_version: tuple[str, int] | None = None  # the last snapshot's: the queue sends what changed since
         self.stop_signal: str | None = None  # set from a signal handler: drain and stop (README, failure model)
 
     def stop(self, signal_name: str) -> None:
@@ -193,12 +194,11 @@ class JobRunner:
         import ray
 
         recorded, drain_deadline = time.time(), None
-        while not (snap := ray.get(queue.progress.remote())).finished:
+        while not (snap := self._snapshot(queue)).finished:
             if self.stop_signal and drain_deadline is None:
                 drain_deadline = self._start_drain(queue, pool)
             if drain_deadline is not None and (not pool.live or time.monotonic() > drain_deadline):
                 self._end_drain(queue, pool)
-            self._workers_seen = snap.workers  # for the cost record of a run that ends early
             progress.update(snap)
             if time.time() - recorded > 30:  # the run's GPU time so far: a killed run still counts
                 self._record_run(pool, self._workers_seen, finished=False)
@@ -209,9 +209,18 @@ class JobRunner:
                 raise JobFailed(f"output dir {self.out.root}: {self.out.lock.lost}; stopping this run (what it "
                                 "committed is kept)")
         pool.finish()  # let workers see DONE, close their engines and hand back their final counters
-        snap = ray.get(queue.progress.remote())
+        snap = self._snapshot(queue)
         progress.update(snap)
         return snap, ray.get(queue.report.remote())
+
+    def _snapshot(self, queue) -> Snapshot:
+        """The queue's progress, with every worker's latest stats (it sends the ones changed since the last)."""
+        import ray
+
+        snap = ray.get(queue.progress.remote(self._stats_version))
+        self._workers_seen = snap.merge_workers(self._workers_seen, self._stats_version)
+        self._stats_version = snap.stats_version
+        return snap
 
     def _on_stop_signal(self, name: str) -> None:
         """SIGTERM (`ray job stop`, a preempted VM, Kubernetes) and a first Ctrl-C drain the job: workers commit what
@@ -232,10 +241,9 @@ class JobRunner:
         return time.monotonic() + self.spec.faults.drain_s + 2 * self.spec.faults.heartbeat_s + 15
 
     def _end_drain(self, queue, pool: WorkerPool) -> None:
-        import ray
 
         pool.reap_closed(timeout=10)  # drained workers close their engines (and ranks) before the driver ends
-        snap = ray.get(queue.progress.remote())  # (the manifest is flushed on the way out, as on every path)
+        snap = self._snapshot(queue)  # (the manifest is flushed on the way out, as on every path)
         raise JobInterrupted(
             f"stopped by {self.stop_signal}: drained; {snap.shards_done} of {snap.shards_total} shards are "
             f"committed, {snap.shards_pending + snap.shards_running} are not. Re-run the same command to "
@@ -248,11 +256,10 @@ class JobRunner:
                 continue
             if w.in_flight and w.since_progress_s > faults.stall_timeout_s:
                 # one stalled engine fails its worker, not the job: replaced, its shards handed back
-                held = [sid for sid, owner in snap.leases.items() if owner == wid]
                 pool.engine_deaths += 1
                 pool.replace(wid, f"stalled: worker {wid} on {w.node} has had {w.in_flight} requests in flight "
                                   f"and no completion for {w.since_progress_s:.0f}s (faults.stall_timeout_s="
-                                  f"{faults.stall_timeout_s:g}); its shards {held} go back to the queue")
+                                  f"{faults.stall_timeout_s:g}); its shards go back to the queue")
                 continue
             if w.heartbeat_age_s > max(faults.stall_timeout_s, faults.lease_timeout_s):
                 pool.replace(wid, f"no heartbeat for {w.heartbeat_age_s:.0f}s")
@@ -300,6 +307,10 @@ class JobRunner:
             **summary.faults(snap, report, pool, store_retries(), revised),
             # rows whose prompt and sampling repeated another row's in their shard: generated once, written to each
             "duplicate_rows": sum(i.duplicate_rows for i in seen.values()),
+            # the queue actor's calls beside leases and commits: one heartbeat call a node carries its workers'
+            # (beats.py); a commit takes its worker's next lease (one call a shard in a steady run)
+            "queue_calls": {"heartbeat_calls": snap.heartbeat_calls, "worker_heartbeats": snap.worker_beats,
+                            "leases_taken_by_commits": snap.commit_leases},
             "close_wait_s": pool.close_wait_s,  # the end of the job waiting for engines to close, all in parallel
             # a suite's task run on engines an earlier task had loaded (SuiteRunner)
             "engine_reused": any(i.engine_reused for i in pool.results.values()),

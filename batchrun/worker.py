@@ -29,6 +29,7 @@ import time
 
 import pyarrow.compute as pc
 
+from batchrun.beats import NodeBeats
 from batchrun.datapath import (
     ROW_INDEX,
     PromptLimits,
@@ -53,7 +54,7 @@ from batchrun.postprocess import Parser, Scorer, merge_totals, totals
 from batchrun.process import node_name, on_stop_signals, set_niceness
 from batchrun.prompts import PromptBuilder
 from batchrun.records import ManifestEntry, WorkerStats
-from batchrun.shard_queue import DONE, DRAIN, WAIT
+from batchrun.shard_queue import DONE, DRAIN, WAIT, Grant
 from batchrun.shards import Shard
 from batchrun.sources import open_source
 from batchrun.spec import LOGLIKELIHOOD_METHODS, JobSpec
@@ -117,6 +118,10 @@ class Worker:
         self.loop: EngineLoop | None = None
         self._held: set[int] = set()  # shards leased and not yet committed or failed (a restarted queue re-adopts them)
         self._last_beat = 0.0  # when the queue last heard this worker's stats (a heartbeat or a commit)
+        # the next lease, taken by the writer's last commit (commit_and_lease) for the prefetcher: one call a shard
+        self._bank: queue.Queue = queue.Queue(maxsize=1)
+        self._prefetching = False  # the prefetcher is running: a commit may take a lease for it
+        self._bank_lock = threading.Lock()  # _prefetching's end against a commit banking a lease
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._drain = threading.Event()  # stop admitting shards; finish what can finish by _drain_deadline
@@ -254,29 +259,69 @@ class Worker:
     def _prefetch(self, ready: queue.Queue) -> None:
         import ray
 
-        while not self._stop.is_set() and not self._drain.is_set():
-            shard = ray.get(self.queue.lease.remote(self.worker_id))
-            if shard == DRAIN:
-                self.drain("the driver is draining the job")
-            if shard in (DONE, DRAIN):
-                self._put(ready, None)
-                return
-            if shard == WAIT:  # other workers hold the rest; one may die and hand its shards back
-                time.sleep(0.5)
-                continue
-            with self._stats_lock:
-                if shard.shard_id in self._held:  # a restarted queue handed out a shard this worker is running
+        self._prefetching = True
+        try:
+            while not self._stop.is_set() and not self._drain.is_set():
+                banked = self._banked()  # held already (the writer took it)
+                grant = banked or ray.get(self.queue.lease.remote(self.worker_id))
+                if grant == DRAIN:
+                    self.drain("the driver is draining the job")
+                if grant in (DONE, DRAIN):
+                    self._put(ready, None)
+                    return
+                if grant == WAIT:  # other workers hold the rest; one may die and hand its shards back
+                    time.sleep(0.5)
                     continue
-                self._held.add(shard.shard_id)
-            attempt, revise = ray.get(self.queue.lease_of.remote(shard.shard_id))
-            try:
-                task = self._prepare(shard, attempt, revise)
-            except Exception as e:  # unreadable shard: this attempt fails, the queue retries or quarantines it
-                log.exception("shard %s: cannot prepare", shard.shard_id)
-                ray.get(self.queue.fail.remote(shard.shard_id, self.worker_id, f"{type(e).__name__}: {e}"))
-                self._release(shard.shard_id)
-                continue
-            self._put(ready, task)
+                if banked is None and not self._hold(grant.shard_id):
+                    continue  # a restarted queue handed out a shard this worker is running
+                try:
+                    task = self._prepare(grant.shard, grant.attempt, grant.revise)
+                except Exception as e:  # unreadable shard: this attempt fails, the queue retries or quarantines it
+                    log.exception("shard %s: cannot prepare", grant.shard_id)
+                    ray.get(self.queue.fail.remote(grant.shard_id, self.worker_id, f"{type(e).__name__}: {e}"))
+                    self._release(grant.shard_id)
+                    continue
+                self._put(ready, task)
+        finally:
+            with self._bank_lock:
+                self._prefetching = False
+                left = self._banked()
+            if isinstance(left, Grant):
+                self._hand_back([left.shard_id], "the worker stopped taking shards")
+
+    def _banked(self):
+        """The lease the last commit took for the prefetcher, if any."""
+        try:
+            return self._bank.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _hold(self, shard_id: int) -> bool:
+        with self._stats_lock:
+            if shard_id in self._held:
+                return False
+            self._held.add(shard_id)
+            return True
+
+    def _commit(self, entry: ManifestEntry, published: bool) -> None:
+        """Tell the queue about the commit; when the prefetcher has no lease banked, the same call takes its next
+        one (a steady worker makes one queue call a shard). A banked lease is held like any other: handed back on a
+        drain or a death, re-adopted by a restarted queue."""
+        import ray
+
+        if not self._prefetching or not self._bank.empty() or self._drain.is_set():
+            ray.get(self.queue.commit.remote(entry, published, self._beat_payload()))
+            return
+        _, grant = ray.get(self.queue.commit_and_lease.remote(entry, published, self._beat_payload()))
+        if grant == WAIT:
+            return
+        with self._bank_lock:
+            if self._prefetching:
+                if not isinstance(grant, Grant) or self._hold(grant.shard_id):
+                    self._bank.put_nowait(grant)  # only this thread puts, and only into an empty bank
+                return
+        if isinstance(grant, Grant):  # the prefetcher ended meanwhile (a drain, a stop): nobody will run it
+            self._hand_back([grant.shard_id], "the worker stopped taking shards")
 
     def _prepare(self, shard: Shard, attempt: int, revise: bool = False) -> ShardTask:
         """A leased shard -> its requests and error rows (datapath.py's steps; this runs on the prefetch thread).
@@ -328,8 +373,6 @@ class Worker:
     # ------------------------------------------------------------ writer: Parquet part, atomic commit
 
     def _write(self, finished: queue.Queue) -> None:
-        import ray
-
         while (task := finished.get()) is not None:
             table = task.table(self.parser, self.scorer)
             entry = self._entry(task, table)
@@ -340,7 +383,7 @@ class Worker:
             published = self.parts.publish(table, entry, self.spec.output.compression)
             if not published and self.parts.entry(entry.shard_id) == entry:
                 published = True  # a retried PUT whose first try landed: this attempt's own part
-            ray.get(self.queue.commit.remote(entry, published, self._beat_payload()))
+            self._commit(entry, published)
             self._release(entry.shard_id)
             record("rows", table.num_rows, **self.tags)
             record("shard_seconds", time.time() - task.started_at, **self.tags)
@@ -374,17 +417,28 @@ class Worker:
     # ------------------------------------------------------------ heartbeat
 
     def _heartbeat(self) -> None:
-        """A heartbeat when the worker has said nothing for heartbeat_s: a commit carries one (the queue's single
-        thread then takes one call per shard instead of two; at 1,000 workers, heartbeats alone were 500 calls/s)."""
+        """Every heartbeat_s this worker writes its stats for its node, and the node's sender (whichever worker
+        holds the node's lock: beats.py) sends every fresh one to the queue in one call; a commit carries one too.
+        The queue's answer (the job is draining) reaches the node's other workers through the same directory."""
         import ray
 
         every, answer = self.spec.faults.heartbeat_s, None
-        while not self._stop.wait(max(0.05, every - (time.monotonic() - self._last_beat))):
-            # the previous heartbeat's answer, without waiting for it (a busy queue must not fail the worker)
-            if answer is not None and ray.wait([answer], timeout=0)[0] and ray.get(answer):
-                self.drain("the driver is draining the job")
-            if time.monotonic() - self._last_beat >= every:
-                answer = self._beat()
+        beats = NodeBeats(self.tags["run_id"], self.worker_id)
+        try:
+            while True:
+                beats.post(self._beat_payload())
+                # the last call's answer, without waiting for it (a busy queue must not fail the worker)
+                answered = answer is None or bool(ray.wait([answer], timeout=0)[0])
+                if answer is not None and answered and ray.get(answer):
+                    beats.set_draining()
+                if beats.draining():
+                    self.drain("the driver is draining the job")
+                if answered and beats.lead():
+                    answer = self.queue.heartbeats.remote(beats.collect(fresh_s=2 * every))
+                if self._stop.wait(every):
+                    return
+        finally:
+            beats.close()
 
     def _beat_payload(self) -> tuple:
         with self._stats_lock:

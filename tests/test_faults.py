@@ -377,3 +377,51 @@ def test_the_queue_actor_killed_mid_run_is_restarted_and_no_engine_reloads(tmp_p
     assert len(list((tmp_path / "calls").glob("*.log"))) == 2  # the same two engine processes, none loaded again
     assert sorted(OutputDir(tmp_path / "out").manifest.committed()) == list(range(rows // 10))
     assert actor_pids(("ray::ShardQueue",)) == []  # the restarted queue is gone with the job
+
+
+def beat_sender_pid(run_root: Path) -> int | None:
+    """The process holding a node's heartbeat lock (beats.py), from the kernel's lock table."""
+    for lock in run_root.glob("batchrun-beats-*/*/sender.lock"):
+        inode = os.stat(lock).st_ino
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and fields[-3].split(":")[-1] == str(inode):
+                return int(fields[fields.index("FLOCK") + 3])
+    return None
+
+
+def test_one_heartbeat_a_node_and_its_sender_killed_costs_no_other_workers_lease(tmp_path, ray_cluster):
+    """Three workers on this node: one of them sends the node's heartbeats (theirs, in one call), and commits take
+    the next lease. SIGKILL to the sender mid-run: another worker takes the node's lock and no other worker's lease
+    lapses (lease timeout 1.5 s, a shard's 10 rows take >= 2 s, so commits alone would not keep them: a gap shows
+    as expired leases); every row once."""
+    import tempfile
+
+    rows = 150
+    write_parquet(tmp_path / "in.parquet",
+                  pa.table({"id": list(range(rows)), "prompt": [f"r{i} x" for i in range(rows)]}))
+    spec = validate_spec(job(tmp_path, {"path": str(tmp_path / "in.parquet")},
+                             {"name": "tests.engines:SlowEcho", "max_in_flight": 4,
+                              "options": {"log_path": str(tmp_path / "calls"), "per_poll": 1, "delay_s": 0.2}},
+                             resources={"num_workers": 3},
+                             faults={"heartbeat_s": 0.2, "lease_timeout_s": 1.5, "max_attempts": 10}))
+    runner = JobRunner(spec, show_progress=False)
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("summary", runner.run().summary))
+    t.start()
+    deadline = time.time() + 120
+    while len(list((tmp_path / "out").glob("part-*.parquet"))) < 4:
+        assert time.time() < deadline and t.is_alive(), "the job committed too little"
+        time.sleep(0.05)
+    sender = beat_sender_pid(Path(tempfile.gettempdir()))
+    assert sender in worker_pids()
+    os.kill(sender, signal.SIGKILL)
+    t.join(timeout=300)
+    summary = box["summary"]
+    assert summary["status"] == "succeeded" and summary["worker_restarts"] == 1
+    assert summary["shard_failures"] == 0  # no lease expired: the killed one's shards went back as its death's
+    calls = summary["queue_calls"]
+    assert calls["heartbeat_calls"] < calls["worker_heartbeats"]  # a call carried more than one worker's
+    assert calls["leases_taken_by_commits"] > 0
+    counts = collections.Counter(read_output(tmp_path / "out").column("id").to_pylist())
+    assert sorted(counts) == list(range(rows)) and set(counts.values()) == {1}  # every row once

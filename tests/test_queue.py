@@ -227,6 +227,9 @@ def test_heartbeat_interval_grows_with_the_worker_count():
     assert heartbeat_for(spec, 1000).faults.heartbeat_s == 4.0  # 1,000 workers: 250 heartbeats/s in all
     assert heartbeat_for(spec, 10_000).faults.heartbeat_s == 40.0  # a third of the 120 s lease timeout
     assert heartbeat_for(spec, 100_000).faults.heartbeat_s == 40.0
+    # one heartbeat a node (beats.py): 10,000 workers on 1,250 nodes of 8 send 250 calls/s at 5 s
+    assert heartbeat_for(spec, 10_000, nodes=1250).faults.heartbeat_s == 5.0
+    assert heartbeat_for(spec, 1000, nodes=125) is spec
 
 
 def test_a_revision_replaces_the_part_and_readers_see_every_row_once_at_every_instant(tmp_path):
@@ -264,3 +267,66 @@ def test_a_revision_replaces_the_part_and_readers_see_every_row_once_at_every_in
     for k, order in enumerate([entries, entries[::-1]]):
         out.manifest.append([*order[:20], quarantined, *order[20:]], f"r{k}", 0)
         assert out.manifest.entries()[0].revision == 39 and out.manifest.entries()[0].retried["rows"] == 1
+
+
+def test_a_lease_says_its_attempt_and_a_commit_can_take_the_next_lease(tmp_path):
+    q, out = make_queue(tmp_path, n_shards=3)
+    grant = q.lease("w")
+    assert (grant.shard_id, grant.attempt, grant.revise) == (0, 1, False)
+    q.fail(0, "w", "unreadable")
+    again = q.lease("w")
+    assert (again.shard_id, again.attempt) == (0, 2)  # the second hand-out of shard 0
+    table = pa.table({"id": list(range(10)), "generated_text": ["w"] * 10})
+    entry = ManifestEntry(0, "committed", rows=10, ids_digest=ids_digest(table.column("id")), attempt=2, worker="w")
+    published, following = q.commit_and_lease(entry, out.parts.publish(table, entry, "zstd"))
+    assert published is True and following.shard_id == 1 and 1 in q.leases and q.leases[1].worker == "w"
+    assert 0 in q.done and q.progress().commit_leases == 1
+    q.lease("w")
+    entry1 = ManifestEntry(1, "committed", rows=10, worker="w")
+    assert q.commit_and_lease(entry1, True) == (True, WAIT)  # shard 2 is still running: nothing left to hand out
+    assert q.progress().commit_leases == 1
+
+
+def test_a_nodes_heartbeat_renews_each_worker_from_when_it_wrote(tmp_path, monkeypatch):
+    """One call carries a node's workers (beats.py); each is dated by its age, so a worker that stopped writing
+    loses its leases on time even though its node's sender forwarded its last heartbeat later."""
+    clock = Clock()
+    monkeypatch.setattr("batchrun.shard_queue.time", clock)
+    q, out = make_queue(tmp_path, lease_timeout_s=1.0)
+    t0 = clock.now
+    q.set_worker_count(2)
+    q.lease("a"), q.lease("b")
+    clock.now = t0 + 0.8
+    payload = ("node-1", 7, WorkerStats(in_flight=3), ())
+    assert q.heartbeats([("a", payload, 0.0), ("b", payload, 0.7)]) is False  # b wrote at t0 + 0.1
+    expire_at(q, clock, t0 + 1.3)
+    assert 0 in q.leases and 1 not in q.leases  # b's lease lapsed 1 s after it wrote, a's is renewed
+    snap = q.progress()
+    assert (snap.heartbeat_calls, snap.worker_beats) == (1, 2)
+    assert snap.workers["a"].heartbeat_at == t0 + 0.8 and snap.workers["b"].in_flight == 3
+    q.heartbeats([("a", ("node-1", 7, WorkerStats(in_flight=1), ()), 0.6)])  # older than a's last: ignored
+    assert q.progress().workers["a"].in_flight == 3
+    q.drain()
+    assert q.heartbeats([]) is True
+
+
+def test_progress_sends_the_workers_changed_since_the_drivers_last_snapshot(tmp_path):
+    q, out = make_queue(tmp_path)
+    for w in ("a", "b", "c"):
+        q.heartbeat(w, "n", 1, WorkerStats(rows=1))
+    first = q.progress()
+    seen = first.merge_workers({}, None)
+    assert sorted(seen) == ["a", "b", "c"]
+    q.heartbeat("b", "n", 1, WorkerStats(rows=2))
+    second = q.progress(first.stats_version)
+    assert list(second.workers) == ["b"]  # only b changed
+    seen = second.merge_workers(seen, first.stats_version)
+    assert sorted(seen) == ["a", "b", "c"] and seen["b"].rows == 2 and second.workers is seen
+    assert list(q.progress(second.stats_version).workers) == []
+    q.release_worker("c", "died")
+    assert list(q.progress(second.stats_version).workers) == ["c"]
+    other, _ = make_queue(tmp_path / "restarted")  # a restarted queue actor: another id, every worker again
+    other.heartbeat("a", "n", 1, WorkerStats(rows=5))
+    snap = other.progress(second.stats_version)
+    assert list(snap.workers) == ["a"]
+    assert list(snap.merge_workers(seen, second.stats_version)) == ["a"]  # the old actor's view is dropped
