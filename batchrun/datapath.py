@@ -23,6 +23,7 @@ from batchrun.shards import Shard
 from batchrun.spec import per_row_value
 
 ROW_INDEX = "row_index"  # the generated id column when the input names none
+INPUT_ROW = "__batchrun_row"  # a grouped copy's column: each row's position in the input (group.py)
 
 
 OUTPUT_SCHEMA = [
@@ -143,9 +144,10 @@ def read_shard(source, units: tuple[str, ...], shard: Shard, columns: list[str])
 def key_columns(table: pa.Table, shard: Shard, id_column: str | None, keep: list[str]) -> pa.Table:
     """The columns each output row carries from its input row: the id (or a generated row_index) and passthrough."""
     out = table.select(keep)
-    if not id_column:
-        out = out.add_column(0, ROW_INDEX, pa.array(range(shard.row_start, shard.row_start + shard.num_rows),
-                                                    pa.int64()))
+    if not id_column:  # its position in the input: the plan's, or the one a grouped copy carries
+        index = (table.column(INPUT_ROW) if INPUT_ROW in table.column_names
+                 else pa.array(range(shard.row_start, shard.row_start + shard.num_rows), pa.int64()))
+        out = out.add_column(0, ROW_INDEX, index)
     return out
 
 

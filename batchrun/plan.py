@@ -19,6 +19,7 @@ class Plan:
     unit_rows: tuple[int, ...]
     shards: ShardTable  # made when asked for, one at a time
     columns: tuple[str, ...]  # the input's columns, for checks and messages
+    reader: str | None = None  # the units are Parquet files at this URL, not the input's format (group.py's copy)
 
     @property
     def total_rows(self) -> int:

@@ -134,7 +134,7 @@ class WorkerPool:
             self.live[wid] = self.idle.pop(wid)
             self._retire(wid)
         for wid, w in list(self.idle.items()):
-            ref = w.actor.retask.remote(self.spec_json, self.plan.units, self.queue, self.run_id)
+            ref = w.actor.retask.remote(self.spec_json, self.plan.units, self.queue, self.run_id, self.plan.reader)
             self.live[wid] = LiveWorker(w.actor, ref, w.actor.run.remote(), placement_group=w.placement_group)
             self.spans[wid] = [self.live[wid].started_at, None]  # this task's cost counts from here
             del self.idle[wid]
@@ -156,7 +156,7 @@ class WorkerPool:
         wid = f"w{self.generation:03d}"
         placement, pg = scheduling_options(self.spec.resources, self.spec.engine.tensor_parallel_size)
         actor = self.actor_cls.options(**self.actor_options, **placement).remote(
-            wid, self.spec_json, self.plan.units, self.queue, self.run_id)
+            wid, self.spec_json, self.plan.units, self.queue, self.run_id, self.plan.reader)
         start_ref = actor.start.remote()
         self.live[wid] = LiveWorker(actor, start_ref, actor.run.remote(), placement_group=pg)
         self.spans[wid] = [self.live[wid].started_at, None]

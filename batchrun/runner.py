@@ -18,6 +18,7 @@ from batchrun.cost import account, run_record
 from batchrun.engines import check_engine
 from batchrun.errors import JobFailed, JobInterrupted, SpecError
 from batchrun.fingerprint import model_files
+from batchrun.group import grouped_plan
 from batchrun.hooks import load_hook
 from batchrun.memory import peak_rss_mb, steady_arrow_pool
 from batchrun.plan import Plan, make_plan
@@ -84,6 +85,7 @@ class JobRunner:
         self.out = OutputDir(spec.output.dir)
         self.invoked_at = time.time()
         self.timings: dict = {}  # the driver's start-up phases
+        self.grouped: dict | None = None  # shards.group_prefixes: the grouped copy (built now or reused), its cost
         self.n_workers = 0  # the workers this run started with (cost.py: GPUs held over the wall time)
         self._workers_seen: dict = {}  # every worker's latest stats, from the progress snapshots
         self._stats_version: tuple[str, int] | None = None  # the last snapshot's: the queue sends what changed since
@@ -121,6 +123,8 @@ class JobRunner:
         try:
             self.out.check_fingerprint(self.components(plan), self.overwrite,
                                        may_change=retry_may_change if self.retry_errors else None)
+            if self.spec.shards.group_prefixes:  # the plan over a copy sorted by prompt prefix (built once)
+                plan, self.grouped = grouped_plan(self.spec, plan, self.out)
             # One manifest read: the segments merged into one (a re-run retries quarantined shards, so their
             # entries go); after a run that did not end cleanly, parts committed just before it died get their
             # entries back from their footers.
@@ -311,6 +315,7 @@ class JobRunner:
             # (beats.py); a commit takes its worker's next lease (one call a shard in a steady run)
             "queue_calls": {"heartbeat_calls": snap.heartbeat_calls, "worker_heartbeats": snap.worker_beats,
                             "leases_taken_by_commits": snap.commit_leases},
+            "grouped_input": self.grouped,  # shards.group_prefixes: the copy built (or reused) and its seconds
             "close_wait_s": pool.close_wait_s,  # the end of the job waiting for engines to close, all in parallel
             # a suite's task run on engines an earlier task had loaded (SuiteRunner)
             "engine_reused": any(i.engine_reused for i in pool.results.values()),

@@ -236,6 +236,11 @@ class ResourcesSpec(_Section):
 
 class ShardsSpec(_Section):
     rows_per_shard: int = Field(1000, ge=1)
+    # rows whose prompts share a prefix put next to each other across the whole input, before the plan is cut (a
+    # sorted copy under the output dir; group.py): for prefix reuse when siblings are far apart in the input
+    group_prefixes: bool = False
+    group_key_chars: int = Field(4096, ge=1)  # rows are sorted by this many leading characters of their prompt
+    group_window_rows: int = Field(262_144, ge=1)  # ... within windows of this many rows (the driver holds one)
 
 
 class FaultsSpec(_Section):
@@ -401,6 +406,7 @@ class JobSpec(_Section):
             "input": self.input.model_dump(**dump),
             "sampling": self.sampling.model_dump(**dump),
             "rows_per_shard": self.rows_per_shard,
+            **({"grouped": self.shards.model_dump(exclude={"rows_per_shard"})} if self.shards.group_prefixes else {}),
             "output": self.output.model_dump(exclude={"dir"}, **dump),
             "score": self.score.model_dump(**dump) if self.score else None,
         }

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from batchrun.beats import NodeBeats
 from batchrun.datapath import (
+    INPUT_ROW,
     ROW_INDEX,
     PromptLimits,
     ShardTask,
@@ -57,6 +58,7 @@ from batchrun.records import ManifestEntry, WorkerStats
 from batchrun.shard_queue import DONE, DRAIN, WAIT, Grant
 from batchrun.shards import Shard
 from batchrun.sources import open_source
+from batchrun.sources.parquet import ParquetSource
 from batchrun.spec import LOGLIKELIHOOD_METHODS, JobSpec
 from batchrun.store.fs import Store, store_retries
 from batchrun.store.parts import Parts, entry_in, ids_digest
@@ -73,7 +75,8 @@ def engine_key(spec: JobSpec) -> str:
 class Worker:
     """Wrapped by ray.remote in the driver (so this module imports without starting Ray)."""
 
-    def __init__(self, worker_id: str, spec_json: str, units: tuple[str, ...], shard_queue, run_id: str = ""):
+    def __init__(self, worker_id: str, spec_json: str, units: tuple[str, ...], shard_queue, run_id: str = "",
+                 reader: str | None = None):
         self.worker_id = worker_id
         spec = JobSpec.model_validate_json(spec_json)
         self.niceness = set_niceness(spec.resources.niceness)  # before any engine thread or rank exists
@@ -81,17 +84,19 @@ class Worker:
         self.node = node_name()
         self.engine = None
         self.created_at = time.time()
-        self._configure(spec_json, units, shard_queue, run_id)
+        self._configure(spec_json, units, shard_queue, run_id, reader)
         on_stop_signals(self.drain)  # a stop signal drains the worker instead of killing it
 
-    def _configure(self, spec_json: str, units: tuple[str, ...], shard_queue, run_id: str) -> None:
+    def _configure(self, spec_json: str, units: tuple[str, ...], shard_queue, run_id: str,
+                   reader: str | None = None) -> None:
         """Everything the worker derives from its job: the input, prompts, sampling, output, parse and score, and
-        fresh counters. At creation, and for each next task of a suite (retask), whose engine it may keep."""
+        fresh counters. At creation, and for each next task of a suite (retask), whose engine it may keep.
+        reader: the units are the grouped copy's Parquet files there (group.py), not the input's own."""
         self.tags = {"run_id": run_id, "worker": self.worker_id}  # metric tags
         self.spec = JobSpec.model_validate_json(spec_json)
         self.units = units
         self.queue = shard_queue
-        self.source = open_source(self.spec.input)
+        self.source = ParquetSource(reader) if reader else open_source(self.spec.input)
         self.prompts = PromptBuilder(self.spec.input)
         self.parts = Parts(Store(self.spec.output.dir))  # a worker writes parts, nothing else
         self.sampling = sampling_from_spec(self.spec.sampling)
@@ -109,7 +114,8 @@ class Worker:
         self.scorer = Scorer(score) if score and score.method not in LOGLIKELIHOOD_METHODS else None
         self.score_columns = self._score_columns(score)
         choices = [score.choices_column] if self.scoring == "loglikelihood" else []
-        self.read_columns = list(dict.fromkeys(self.read_columns + self.score_columns + choices))
+        self.read_columns = list(dict.fromkeys(self.read_columns + self.score_columns + choices
+                                               + ([INPUT_ROW] if reader and not self.id_column else [])))
         # counters written by the main loop and the writer, read by the heartbeat: every access holds _stats_lock
         self._stats_lock = threading.Lock()
         self.stats = WorkerStats(created_at=self.created_at, niceness=self.niceness, arrow_pool=self.arrow_pool,
@@ -144,11 +150,12 @@ class Worker:
 
     # ------------------------------------------------------------ lifecycle
 
-    def retask(self, spec_json: str, units: tuple[str, ...], shard_queue, run_id: str) -> dict:
+    def retask(self, spec_json: str, units: tuple[str, ...], shard_queue, run_id: str,
+               reader: str | None = None) -> dict:
         """The next task of a suite, on the engine already loaded where the task needs the same one (engine_key);
         else the engine is closed and the task's own loaded. Like start(), a failure is this call's error."""
         before = engine_key(self.spec)
-        self._configure(spec_json, units, shard_queue, run_id)
+        self._configure(spec_json, units, shard_queue, run_id, reader)
         if self.engine is not None and engine_key(self.spec) == before:
             self.parts.store.probe_write()
             self._set(engine_start_s=0.0, engine_ready_at=time.time(), engine_reused=True,

@@ -6,7 +6,7 @@
 #   bash bench/gpu.sh compile [timeout] [configs]  # bare engine without and with torch.compile levels 1-3 (1 GPU)
 #   bash bench/gpu.sh overhead  # batchrun vs bare (repeated), the old measurement, py-spy GIL profiles of both (1 GPU)
 #   bash bench/gpu.sh tpclose   # HF engine start and close at TP=2 and TP=1, rank stacks if close stalls (2 GPUs)
-#   bash bench/gpu.sh prefix [workloads] [runs]  # shared-prefix jobs: reuse and prefix scheduling (1 GPU)
+#   bash bench/gpu.sh prefix [workloads] [runs] [prefix.py args]  # shared-prefix jobs: reuse, scheduling, grouping
 # Needs .devwheels/ray-py312.tar.xz (bash ../shared/device/pack-ray.sh 2.60.0 transformers==5.24.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5; the image's huggingface_hub 1.33 is kept).
 set -euo pipefail
 mkdir -p /tmp/site && tar -xJf .devwheels/ray-py312.tar.xz -C /tmp/site
@@ -33,7 +33,7 @@ case "${1:-engines}" in
            python3 -m batchrun.cli bench --engines hf,trtllm --model /tmp/batchrun-llama-1b --dtype bfloat16 --n 256 \
              --max-tokens 256 --max-in-flight 256 --json "$OUT/engines-cli.json" 2>&1 | grep -v -E "$QUIET" | tail -12 ;;
   prefix)  python3 bench/prefix.py --workloads "${2:-rubrics,prefixes}" --runs "${3:-bare-off,bare-on,defaults,input-order,reuse-off}" \
-             --json "$OUT/prefix.json" 2>&1 | grep --line-buffered -v -E "$QUIET" | tee "$OUT/prefix.log" ;;
+             --json "$OUT/prefix.json" "${@:4}" 2>&1 | grep --line-buffered -v -E "$QUIET" | tee "$OUT/prefix.log" ;;
   tpclose) for tp in 2 1; do timeout 280 python3 bench/tp_close.py --tp "$tp" --model llama-1b --spy .devwheels/py-spy \
              --out "$OUT" 2>&1 | grep -E "^result|^==|signal" || true; done ;;
   compile) timeout "${2:-540}" python3 bench/hf_engine.py "${COMMON[@]}" --runs bare --repeat 2 \

@@ -5,12 +5,16 @@
 Workloads (random-init 1.1B Llama in bf16, character tokenizer: k characters = k tokens; no EOS, so every row runs
 its budget of 8-64 tokens):
 - rubrics: 4 rubrics of 1,500 tokens + a 30-80-token item, interleaved row by row;
-- prefixes: 256 distinct 1,000-token prefixes x 4 rows each, shuffled.
+- prefixes: 256 distinct 1,000-token prefixes x 4 rows each, shuffled;
+- documents: n/8 documents of --doc-tokens tokens x 8 questions of 30-80 tokens, shuffled (issue 24: siblings far
+  further apart than any window; the engine's KV cache is capped with --kv-tokens so that, as at 20,000 documents,
+  the documents do not all stay cached).
 Runs, side by side in one process on one GPU:
 - engine alone (transformers' CB manager, batchrun's GPU defaults: varlen attention, CUDA graphs, 32k batch tokens),
   every prompt submitted at once in input order, block sharing off and on;
 - `batchrun run` as a user runs it (a job file with nothing tuned: reuse on, engine.prefix_schedule auto), and the
-  same job with prefix_schedule off (input order), and with reuse off (allow_block_sharing false, schedule off).
+  same job with prefix_schedule off (input order), with reuse off (allow_block_sharing false, schedule off), and with
+  shards.group_prefixes on (run "grouped": the input sorted by prompt prefix before the plan is cut).
 Time: the engine window (first submit to last completion); prompt tokens computed vs served from shared blocks.
 Targets: rubrics, batchrun defaults >= 1.8x its own reuse-off run; prefixes, defaults >= 1.5x input order.
 """
@@ -38,9 +42,13 @@ def text(rng: random.Random, n: int) -> str:
     return "".join(rng.choice(ALPHABET) for _ in range(n))
 
 
-def make_workload(kind: str, n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+def make_workload(kind: str, n: int, seed: int = 0, doc_tokens: int = 1000) -> tuple[list[str], list[int]]:
     rng = random.Random(seed)
-    if kind == "rubrics":
+    if kind == "documents":
+        docs = [text(rng, doc_tokens) for _ in range(n // 8)]
+        prompts = [d + text(rng, rng.randint(30, 80)) for d in docs for _ in range(8)]
+        rng.shuffle(prompts)
+    elif kind == "rubrics":
         rubrics = [text(rng, 1500) for _ in range(4)]
         prompts = [rubrics[i % 4] + text(rng, rng.randint(30, 80)) for i in range(n)]
     else:
@@ -63,7 +71,7 @@ def bare(model_path: Path, prompts: list[str], budgets: list[int], sharing: bool
             **{k: r[k] for k in keep if k in r}}
 
 
-def batchrun_job(model_path: Path, prompts, budgets, variant: str) -> dict:
+def batchrun_job(model_path: Path, prompts, budgets, variant: str, kv_tokens: int = 0) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from defaults import run
@@ -72,18 +80,21 @@ def batchrun_job(model_path: Path, prompts, budgets, variant: str) -> dict:
     pq.write_table(pa.table({"id": list(range(len(prompts))), "prompt": prompts, "budget": budgets}),
                    work / "in.parquet")
     engine = {"name": "hf", "model": str(model_path), "dtype": "bfloat16"}  # nothing tuned
+    if kv_tokens:  # the KV cache capped (pages of 256 tokens), as a job much larger than the cache sees it
+        engine["options"] = {"num_blocks": kv_tokens // 256, "page_size": 256}
+    shards = {"group_prefixes": True} if variant == "grouped" else {}
     if variant == "input-order":
         engine["prefix_schedule"] = "off"
     elif variant == "reuse-off":
-        engine.update(prefix_schedule="off", options={"allow_block_sharing": False})
+        engine.update(prefix_schedule="off", options={**engine.get("options", {}), "allow_block_sharing": False})
     job = {"engine": engine, "input": {"path": str(work / "in.parquet"), "id_column": "id"},
            "sampling": {"max_tokens": 64, "per_row": {"max_tokens": "budget"}}, "output": {"dir": str(work / "out")},
-           "resources": {"num_workers": 1, "gpus_per_worker": 1}}
+           "resources": {"num_workers": 1, "gpus_per_worker": 1}, "shards": shards}
     r = run(job, work)
     if "error" not in r:
         s = json.loads((work / "out" / "_summary.json").read_text())
         r.update(seconds=r["engine_window_s"], prefix_reuse=s["prefix_reuse"], prompt_tokens=s["prompt_tokens"],
-                 cost=s["cost"]["this_run"])
+                 cost=s["cost"]["this_run"], grouped_input=s.get("grouped_input"))
     return r
 
 
@@ -94,36 +105,39 @@ def main() -> None:
     ap.add_argument("--runs", default="bare-off,bare-on,defaults,input-order,reuse-off")
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--doc-tokens", type=int, default=1000)
+    ap.add_argument("--kv-tokens", type=int, default=0, help="documents: cap the engine's KV cache (tokens)")
     args = ap.parse_args()
     from hf_engine import make_model
 
     model = make_model(args.model, Path(f"/tmp/batchrun-{args.model}"), "bfloat16")
     results: dict = {}
     for kind in args.workloads.split(","):
-        prompts, budgets = make_workload(kind, args.n)
+        prompts, budgets = make_workload(kind, args.n, doc_tokens=args.doc_tokens)
         for run in args.runs.split(","):
             t0 = time.perf_counter()
             if run.startswith("bare"):  # bare-off, bare-on, bare-on-profile (torch.profiler: where GPU time goes)
                 r = bare(model, prompts, budgets, sharing=run.startswith("bare-on"), profile=run.endswith("profile"))
             else:
-                r = batchrun_job(model, prompts, budgets, run)
+                r = batchrun_job(model, prompts, budgets, run, args.kv_tokens if kind == "documents" else 0)
             r["call_s"] = round(time.perf_counter() - t0, 1)
             results[(kind, run)] = r
             print(kind, run, json.dumps(r, default=str), flush=True)
-    print("\n| workload | run | engine window s | prompt tokens computed / cached | vs reuse-off | vs input order |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("\n| workload | run | engine window s | whole command s | prompt tokens computed / cached | vs reuse-off | "
+          "vs input order | vs defaults |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (kind, run), r in results.items():
         if "error" in r:
-            print(f"| {kind} | {run} | failed: {r['error'][-120:]!r} | | | |")
+            print(f"| {kind} | {run} | failed: {r['error'][-120:]!r} | | | | | |")
             continue
         pr = r.get("prefix_reuse")
         tokens = f"{pr['prompt_tokens_computed']:,} / {pr['prompt_tokens_cached']:,}" if pr else "(engine alone)"
         ratios = []
-        for base in ("reuse-off", "input-order"):
+        for base in ("reuse-off", "input-order", "defaults"):
             b = results.get((kind, base))
             ratios.append(f"{b['seconds'] / r['seconds']:.2f}x" if b and "error" not in b and not
                           run.startswith("bare") else "")
-        print(f"| {kind} | {run} | {r['seconds']} | {tokens} | {ratios[0]} | {ratios[1]} |")
+        print(f"| {kind} | {run} | {r['seconds']} | {r.get('wall_s', '')} | {tokens} | {' | '.join(ratios)} |")
     for kind in args.workloads.split(","):
         off, on = results.get((kind, "bare-off")), results.get((kind, "bare-on"))
         if off and on:
