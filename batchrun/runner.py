@@ -131,7 +131,8 @@ class JobRunner:
             complete = self.out.manifest.take_complete_mark()
             committed = self.out.manifest.compact(self.run_id, keep_quarantined=False)
             if complete != len(committed):  # the last run did not end cleanly: list the parts (a LIST per 1,000)
-                committed = committed.replace(self.out.manifest.reconcile(committed, self.run_id, len(plan.shards)))
+                committed = committed.replace(self.out.manifest.reconcile(
+                    committed, self.run_id, len(plan.shards), below=self.out.manifest.lease_mark()))
             self.out.clean_tmp()
             revise = committed.having("error_rows").ids() if self.retry_errors else set()
             return self._run(plan, committed.ids(), revise)

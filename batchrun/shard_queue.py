@@ -30,6 +30,7 @@ from batchrun.store.fs import Store, store_retries
 from batchrun.store.manifest import Manifest
 
 log = logging.getLogger("batchrun.queue")
+MARK_STEP = 1000  # the lease mark is kept this far ahead of the hand-out order: one small write per ~500 leases
 WAIT, DONE, DRAIN = "wait", "done", "drain"
 
 
@@ -149,7 +150,8 @@ class ShardQueue:
         actor had not written yet (their footers: the same repair as a driver's start after a crash). Leases are
         gone: workers re-adopt the shards they hold with their next heartbeat (see heartbeat)."""
         committed = self.manifest.committed()
-        rebuilt = self.manifest.reconcile(committed, self.segment_prefix, len(self.shards))
+        rebuilt = self.manifest.reconcile(committed, self.segment_prefix, len(self.shards),
+                                          below=self.manifest.lease_mark())
         log.warning("shard queue restarted: %d shards committed (%d recovered from part footers); leases are "
                     "re-adopted from the workers' heartbeats", len(committed) + len(rebuilt), len(rebuilt))
         return committed.ids() | set(rebuilt)
@@ -196,6 +198,10 @@ class ShardQueue:
         self.worker_beats = 0  # the workers' heartbeats they carried
         self.commit_leases = 0  # leases taken by a commit (commit_and_lease)
         self._next_expiry = 0.0  # leases are checked for expiry at most once a second
+        # Every shard leased has an id below the durable lease mark (Manifest.mark_leases): a crash resume lists only
+        # what lies below it. A restarted actor continues its predecessor's mark, never lowers it.
+        self.lease_mark = (self.manifest.lease_mark() or 0) if self.restarted else 0
+        self._mark_writer: threading.Thread | None = None
 
     def _init_segments(self) -> None:
         # Manifest entries of this run's commits and quarantines, appended as one segment per batch: off the commit's
@@ -242,8 +248,10 @@ class ShardQueue:
         self._cursor = self.pending_ids.next_from(self._cursor)
         return self._cursor
 
-    def _hand_out(self, worker: str) -> Grant:
+    def _hand_out(self, worker: str) -> Grant | str:
         sid = self._next_pending()
+        if not self._below_mark(sid):
+            return WAIT  # the lease mark could not be written (the store): no lease past it; the worker asks again
         self._lease_to(worker, sid)
         return Grant(self.shards[sid], self.attempts[sid], sid in self.revise)
 
@@ -253,6 +261,28 @@ class ShardQueue:
         now = time.time()
         self.leases[sid] = Lease(worker, self.attempts[sid], now, now + self.lease_timeout_s)
         self.held[worker] += 1
+
+    def _below_mark(self, sid: int) -> bool:
+        """Whether shard `sid` lies below the durable lease mark (so it may be leased), keeping the mark MARK_STEP
+        ahead of the hand-out order on a thread of its own: a lease waits for the store only when the mark is behind
+        (a run's first lease), and then at most 5 s."""
+        writing = self._mark_writer is not None and self._mark_writer.is_alive()
+        if sid + MARK_STEP // 2 >= self.lease_mark and not writing:
+            target = max(self.lease_mark, sid) + MARK_STEP
+            self._mark_writer = threading.Thread(target=self._write_mark, args=(target,), daemon=True,
+                                                 name="lease-mark")
+            self._mark_writer.start()
+        if sid >= self.lease_mark:
+            self._mark_writer.join(timeout=5.0)
+        return sid < self.lease_mark
+
+    def _write_mark(self, below: int) -> None:
+        try:
+            self.manifest.mark_leases(below)
+        except Exception as e:  # noqa: BLE001 - retried with the next lease that needs it
+            log.warning("lease mark not written (%s: %s); leases past it wait", type(e).__name__, e)
+            return
+        self.lease_mark = max(self.lease_mark, below)
 
     def _end_lease(self, sid: int) -> Lease | None:
         lease = self.leases.pop(sid, None)

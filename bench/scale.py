@@ -184,44 +184,50 @@ def simulate(n_shards: int, workers: int, seconds: float, clients: int, rate: fl
 
 
 def resume_time(n: int, url: str) -> dict:
-    """A driver's start on an output dir of n committed shards, as a run leaves it (one manifest segment per 1,000
-    commits, n parts): merge the segments, list the parts to reconcile, rebuild the queue's state."""
+    """A driver's start on an output dir of n committed shards, as a crashed run leaves it: one manifest segment per
+    1,000 commits except the last 1,000 (their segment never written: their parts carry the entries in their
+    footers), and the run's lease mark 500 past its last shard. Merge the segments, find the parts without entries
+    (by a listing of every part, as before the lease mark, and below the mark), rebuild the queue's state."""
+    import pyarrow as pa
+
     od = OutputDir(url)
     od.ensure()
     t0 = time.perf_counter()
-    for first in range(0, n, 1000):
+    unflushed = min(1000, n)
+    for first in range(0, n - unflushed, 1000):
         od.manifest.append([ManifestEntry(sid, "committed", rows=1, worker="w", node="n", run_id="r0")
-                           for sid in range(first, min(n, first + 1000))], "r0", first // 1000)
-    parts = {od.parts.path(sid): b"PAR1" for sid in range(n)}
+                           for sid in range(first, min(n - unflushed, first + 1000))], "r0", first // 1000)
+    parts = {od.parts.path(sid): b"PAR1" for sid in range(n - unflushed)}  # never read: in the manifest
     if od.local:
         for path, data in parts.items():
             od.create(path, data)
     else:
         od.fs.pipe(parts)  # concurrent PUTs
+    for sid in range(n - unflushed, n):  # real parts: their footers are read
+        od.parts.publish(pa.table({"id": [sid]}), ManifestEntry(sid, "committed", rows=1, run_id="r0"), "zstd")
+    od.manifest.mark_leases(n + 500)
     setup_s = time.perf_counter() - t0
     shards = cut_shards((n,), 1)
     out = {"resume_shards": n, "store": "local" if od.local else od.protocol, "setup_s": round(setup_s, 1)}
-    if not od.local:  # listing the parts: one paginated listing, against key prefixes one at a time and 32 at once
-        import batchrun.store.fs as fs
-
+    committed = od.manifest.committed()
+    append, od.manifest.append = od.manifest.append, lambda *a, **k: None  # the same state for both
+    for case, below in (("full listing", None), ("below the lease mark", n + 500)):
         t0 = time.perf_counter()
-        assert len(od.parts.names()) == n
-        out["list one listing s"] = round(time.perf_counter() - t0, 2)
-        for lists in (1, fs.LISTS):
-            fs.LISTS, t0 = lists, time.perf_counter()
-            assert len(od.parts.names(n)) == n
-            out[f"list by prefix, {lists} at once s"] = round(time.perf_counter() - t0, 2)
+        assert len(od.manifest.reconcile(committed, "bench", n, below=below)) == unflushed
+        out[f"find parts without entries, {case} s"] = round(time.perf_counter() - t0, 2)
+    od.manifest.append = append
     for case in ("after a crash", "after a clean end"):  # the start of runner.run: the same calls
         t0 = time.perf_counter()
         complete = od.manifest.take_complete_mark()
-        committed = set(od.manifest.compact("resume", keep_quarantined=False))
+        committed = od.manifest.compact("resume", keep_quarantined=False)
         compact_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         if complete != len(committed):
-            assert od.manifest.reconcile(committed, "resume", n) == {}
+            committed = committed.replace(od.manifest.reconcile(committed, "resume", n,
+                                                                below=od.manifest.lease_mark()))
         reconcile_s = time.perf_counter() - t1
         t1 = time.perf_counter()
-        q = ShardQueue(od.root, shards, "resume", 4, 120.0, done=committed)  # as the runner starts it
+        q = ShardQueue(od.root, shards, "resume", 4, 120.0, done=committed.ids())  # as the runner starts it
         queue_s = time.perf_counter() - t1
         assert len(committed) == n and not q.pending_ids
         out[case] = {"resume_s": round(time.perf_counter() - t0, 2), "merge_segments_s": round(compact_s, 2),

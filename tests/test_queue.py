@@ -330,3 +330,17 @@ def test_progress_sends_the_workers_changed_since_the_drivers_last_snapshot(tmp_
     snap = other.progress(second.stats_version)
     assert list(snap.workers) == ["a"]
     assert list(snap.merge_workers(seen, second.stats_version)) == ["a"]  # the old actor's view is dropped
+
+
+def test_the_lease_mark_is_written_ahead_of_every_lease(tmp_path):
+    """Every shard handed out lies below the durable lease mark (a crash resume lists only below it)."""
+    from batchrun.shard_queue import MARK_STEP
+
+    q, out = make_queue(tmp_path, n_shards=3 * MARK_STEP)
+    assert out.manifest.lease_mark() is None  # nothing leased, nothing promised
+    for _ in range(int(1.7 * MARK_STEP)):
+        grant = q.lease("w")
+        assert grant.shard_id < out.manifest.lease_mark()
+    assert out.manifest.lease_mark() <= grant.shard_id + 2 * MARK_STEP  # ahead, not far ahead
+    rerun, _ = make_queue(tmp_path, n_shards=3 * MARK_STEP)  # the next run's queue promises anew from its own leases
+    assert rerun.lease("w").shard_id == 0 and out.manifest.lease_mark() == MARK_STEP

@@ -288,3 +288,29 @@ def test_parts_are_listed_by_key_prefix_many_at_once(s3_bucket, tmp_path):
     assert [name_number(p) for p in plain] == ids
     assert out.parts.names(shards=1_001_000) == plain  # 1,001 prefixes, listed 32 at a time
     assert out.parts.names(shards=2500) == [p for p in plain if name_number(p) < 2500]  # the plan's prefixes only
+
+
+def test_a_crash_resume_lists_only_what_lies_below_the_lease_mark(s3_bucket, tmp_path, monkeypatch):
+    """A run's queue writes a lease mark before it leases past it; after a crash, only shards below it that the
+    manifest lacks can have parts without entries, so only their key prefixes are listed, and those parts are
+    found (from their footers) as a full listing finds them."""
+    import pyarrow as pa
+
+    from batchrun.records import ManifestEntry
+    from batchrun.store.fs import Store
+
+    out = OutputDir(url(s3_bucket, tmp_path))
+    out.ensure()
+    n = 5000
+    out.manifest.append([ManifestEntry(sid, "committed", rows=1, run_id="r0") for sid in range(2990)], "r0", 0)
+    for sid in (0, 1500, 2990, 2995):  # 0, 1500: in the manifest; 2990, 2995: committed, their segment never written
+        out.parts.publish(pa.table({"id": [sid]}), ManifestEntry(sid, "committed", rows=1, run_id="r0"), "zstd")
+    out.manifest.mark_leases(3500)  # the crashed run leased nothing at or past 3,500
+    listed = []
+    real = Store.list_prefixes
+    monkeypatch.setattr(Store, "list_prefixes", lambda self, path, prefixes, suffix="": listed.extend(prefixes)
+                        or real(self, path, prefixes, suffix))
+    committed = out.manifest.committed()
+    rebuilt = out.manifest.reconcile(committed, "r1", n, below=out.manifest.lease_mark())
+    assert sorted(rebuilt) == [2990, 2995] and listed == ["part-002", "part-003"]  # not the other 3 prefixes
+    assert sorted(out.manifest.committed()) == list(range(2990)) + [2990, 2995]

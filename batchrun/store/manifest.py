@@ -235,10 +235,27 @@ class Manifest:
             self.store.remove([self.store.join("_batchrun", "complete.json")])
         return (mark or {}).get("committed")
 
-    def reconcile(self, known: dict | set, run_id: str, shards: int | None = None) -> dict[int, ManifestEntry]:
+    def mark_leases(self, below: int) -> None:
+        """The queue's promise, written before it hands out a shard at or past the last one: every shard this run
+        leases has an id below `below`. A crash can then leave parts without entries only there (lease_mark)."""
+        self.store.write_bytes(self.store.join("_batchrun", "leased.json"), json.dumps({"below": below}).encode())
+
+    def lease_mark(self) -> int | None:
+        """The last run's lease mark (None: no run wrote one, e.g. an output dir of an earlier batchrun)."""
+        return (self.store.read_json(self.store.join("_batchrun", "leased.json")) or {}).get("below")
+
+    def reconcile(self, known: dict | set, run_id: str, shards: int | None = None,
+                  below: int | None = None) -> dict[int, ManifestEntry]:
         """Add manifest entries for parts committed just before a crash (their segment was never written), from the
-        parts' own footers. `known`: the shard ids the manifest has."""
-        missing = [p for p in self.parts.names(shards) if name_number(p) not in known]
+        parts' own footers. `known`: the shard ids the manifest has. below: the crashed run's lease mark: only ids
+        below it that the manifest lacks can have such parts, and only their key prefixes are listed (a full listing
+        was 100 LISTs at 100k shards; this is one or two)."""
+        only = None
+        if below is not None:
+            ids = known.ids() if isinstance(known, Entries) else set(known)
+            end = below if shards is None else min(below, shards)
+            only = np.setdiff1d(np.arange(end), np.fromiter(ids, dtype=np.int64, count=len(ids)))
+        missing = [p for p in self.parts.names(shards, only) if name_number(p) not in known]
         if self.store.local or len(missing) < 2:
             footers = list(map(self.parts.footer_entry, missing))
         else:  # one small ranged read each, many at once: a crash can leave thousands on a store

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrun.records import ManifestEntry
-from batchrun.store.fs import Store, retried
+from batchrun.store.fs import Store, name_number, retried
 
 META_KEY = b"batchrun"  # the footer key (schema metadata) that holds the part's manifest entry
 
@@ -39,13 +39,22 @@ class Parts:
     def __init__(self, store: Store):
         self.store = store
 
-    def names(self, shards: int | None = None) -> list[str]:
+    def names(self, shards: int | None = None, only=None) -> list[str]:
         """Every part's path. shards: how many the plan has, where known: on an object store the parts are then
-        listed by key prefix, a thousand shard ids each, many at once."""
-        if self.store.local or not shards or shards <= 1000:
-            return self.store.list(self.store.path, prefix="part-", suffix=".parquet")
-        prefixes = sorted({f"part-{first:06d}"[:-3] for first in range(0, shards, 1000)})
-        return self.store.list_prefixes(self.store.path, prefixes, suffix=".parquet")
+        listed by key prefix, a thousand shard ids each, many at once. only: these shard ids' parts alone (on a
+        store, only the prefixes that hold them are listed)."""
+        if only is not None and not self.store.local:
+            prefixes = sorted({f"part-{sid:06d}"[:-3] for sid in only})
+            names = self.store.list_prefixes(self.store.path, prefixes, suffix=".parquet") if prefixes else []
+        elif self.store.local or not shards or shards <= 1000:
+            names = self.store.list(self.store.path, prefix="part-", suffix=".parquet")
+        else:
+            prefixes = sorted({f"part-{first:06d}"[:-3] for first in range(0, shards, 1000)})
+            names = self.store.list_prefixes(self.store.path, prefixes, suffix=".parquet")
+        if only is None:
+            return names
+        wanted = set(map(int, only))
+        return [p for p in names if name_number(p) in wanted]
 
     def path(self, shard_id: int) -> str:
         return self.store.join(f"part-{shard_id:06d}.parquet")
