@@ -21,6 +21,7 @@ from pathlib import Path
 from batchrun.records import WorkerStats
 
 DRAINING = "draining"  # the file the sender touches when the queue answers that the job is draining
+KEEP_S = 86400.0  # other runs' directories untouched for this long are removed (a long-lived node runs many jobs)
 
 
 class NodeBeats:
@@ -31,6 +32,7 @@ class NodeBeats:
         base.mkdir(mode=0o700, exist_ok=True)
         self.dir = base / (run_id or "run")
         self.dir.mkdir(mode=0o700, exist_ok=True)
+        _prune(base, keep=self.dir)
         self.worker = worker
         self._lock_fd: int | None = None
 
@@ -83,3 +85,16 @@ class NodeBeats:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _prune(base: Path, keep: Path) -> None:
+    """Best effort: remove the directories of runs long over (each leaves its lock file and a flag)."""
+    old = time.time() - KEEP_S
+    for run in base.iterdir():
+        try:
+            if run != keep and run.stat().st_mtime < old:
+                for f in run.iterdir():
+                    f.unlink()
+                run.rmdir()
+        except OSError:  # another worker pruned it first, or it is in use again
+            continue

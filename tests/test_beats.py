@@ -48,3 +48,15 @@ def test_the_draining_answer_reaches_every_worker_of_the_node(tmp_path):
     assert not b.draining()
     a.set_draining()
     assert b.draining()
+
+
+def test_directories_of_runs_long_over_are_removed(tmp_path):
+    old = NodeBeats("old-run", "w000", str(tmp_path))
+    old.set_draining()
+    old.close()
+    day_ago = time.time() - 2 * 86400
+    os.utime(old.dir, (day_ago, day_ago))
+    recent = NodeBeats("recent-run", "w000", str(tmp_path))
+    recent.close()
+    NodeBeats("new-run", "w000", str(tmp_path))
+    assert not old.dir.exists() and recent.dir.exists()
