@@ -5,13 +5,14 @@ worker's window (the in-window schedule, engine_loop.py), or soon enough that th
 cached. Rows that share a long prefix but lie far apart in the input (questions about documents, shuffled) get none
 of it. Grouping puts them next to each other before the plan is cut: the input is read a window of rows at a time,
 each window's rows sorted by their prompt's first `group_key_chars` characters (stable: ties keep input order), and
-written as one Parquet file under the output dir (`_batchrun/grouped/<key>/`). The plan's shards are then ranges of
+written as one Parquet file under the output dir (`_batchrun/grouped/<key>/`), each window a Ray task of its own
+(many at once across the cluster; in the calling process when Ray is not running). The plan's shards are then ranges of
 those files, so siblings land in the same shard, on the same worker, one after another.
 
 What the job produces is unchanged: every input row once, with its own id (a job without `input.id_column` keeps
 each row's position in the input as its `row_index`), and its own seed (row_seed: derived from the id). Only which
 shard holds which rows changes, so the key is part of the job's fingerprint. The copy is built once, before any
-work, in the driver (memory: about one window's rows), and reused by every rerun of the same job.
+shard is leased (memory: about one window's rows a task), and reused by every rerun of the same job.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -65,25 +67,35 @@ def _key(spec: JobSpec, plan: Plan, window: int) -> str:
 
 
 def _build(spec: JobSpec, plan: Plan, store: Store, root: str, window: int) -> dict:
-    source, builder = open_source(spec.input), PromptBuilder(spec.input)
     if store.local:
         os.makedirs(root, exist_ok=True)
-    files, rows = [], []
-    for i, part in enumerate(cut_shards(plan.unit_rows, window)):
-        table = read_shard(source, plan.units, part, list(plan.columns))
-        table = table.append_column(ROW, pa.array(np.arange(part.row_start, part.row_start + part.num_rows)))
-        keys = prompt_keys(builder, table, spec.shards.group_key_chars)
-        order = pc.sort_indices(pa.table({"key": keys, "row": table.column(ROW)}),
-                                sort_keys=[("key", "ascending"), ("row", "ascending")])
-        buf = io.BytesIO()
-        pq.write_table(table.take(order), buf, row_group_size=spec.rows_per_shard * 16, compression="zstd")
-        name = f"window-{i:06d}.parquet"
-        store.write_bytes(f"{root}/{name}", buf.getvalue())
-        files.append(name)
-        rows.append(part.num_rows)
-    done = {"files": files, "rows": rows}
+    windows = list(cut_shards(plan.unit_rows, window))
+    args = [(spec.model_dump_json(), plan.units, plan.columns, part, f"{root}/window-{part.shard_id:06d}.parquet")
+            for part in windows]
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and len(windows) > 1:
+        task = ray.remote(num_cpus=1, max_retries=3)(group_window)
+        ray.get([task.remote(*a) for a in args])
+    else:
+        for a in args:
+            group_window(*a)
+    done = {"files": [a[-1].rsplit("/", 1)[1] for a in args], "rows": [part.num_rows for part in windows]}
     store.write_bytes(f"{root}/{DONE}", json.dumps(done).encode())
     return done
+
+
+def group_window(spec_json: str, units: tuple[str, ...], columns: tuple[str, ...], part, path: str) -> None:
+    """One window of the input, its rows sorted by prompt prefix, written whole to `path` (a rerun of the task
+    writes the same bytes)."""
+    spec = JobSpec.model_validate_json(spec_json)
+    table = read_shard(open_source(spec.input), units, part, list(columns))
+    table = table.append_column(ROW, pa.array(np.arange(part.row_start, part.row_start + part.num_rows)))
+    keys = prompt_keys(PromptBuilder(spec.input), table, spec.shards.group_key_chars)
+    order = pc.sort_indices(pa.table({"key": keys, "row": table.column(ROW)}),
+                            sort_keys=[("key", "ascending"), ("row", "ascending")])
+    buf = io.BytesIO()
+    pq.write_table(table.take(order), buf, row_group_size=spec.rows_per_shard * 16, compression="zstd")
+    Store(spec.output.dir).write_bytes(path, buf.getvalue())
 
 
 def prompt_keys(builder: PromptBuilder, table: pa.Table, chars: int) -> pa.Array:

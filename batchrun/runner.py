@@ -123,8 +123,6 @@ class JobRunner:
         try:
             self.out.check_fingerprint(self.components(plan), self.overwrite,
                                        may_change=retry_may_change if self.retry_errors else None)
-            if self.spec.shards.group_prefixes:  # the plan over a copy sorted by prompt prefix (built once)
-                plan, self.grouped = grouped_plan(self.spec, plan, self.out)
             # One manifest read: the segments merged into one (a re-run retries quarantined shards, so their
             # entries go); after a run that did not end cleanly, parts committed just before it died get their
             # entries back from their footers.
@@ -146,6 +144,8 @@ class JobRunner:
         init_ray()
         on_stop_signals(self._on_stop_signal)  # after ray.init, which installs its own SIGTERM handler
         self.timings["ray_start_s"] = round(time.time() - ray_started, 3)  # joining (or starting) the cluster
+        if self.spec.shards.group_prefixes:  # the plan over a copy sorted by prompt prefix (built once, in Ray tasks)
+            plan, self.grouped = grouped_plan(self.spec, plan, self.out)  # the same shard ids, other rows in each
         spec, faults = self.spec, self.spec.faults
         # The queue needs no CPU of its own: it only moves small descriptors. It dies with the driver (not detached),
         # and so do the workers: leftovers of a killed driver cannot keep committing (see README, failure model).

@@ -109,3 +109,9 @@ def test_a_grouped_job_writes_the_same_rows_as_input_order_with_siblings_in_the_
     assert again["grouped_input"]["built"] is False
     with pytest.raises(Refused):
         JobRunner(validate_spec({**plain, "output": raw["output"]}), show_progress=False).run()
+    # windows of 64 rows: each window grouped by a Ray task of its own; the same rows and outputs again
+    windows = {**raw, "output": {"dir": str(tmp_path / "windows")},
+               "shards": {**raw["shards"], "group_window_rows": 64}}
+    summary = JobRunner(validate_spec(windows), show_progress=False).run().summary
+    assert summary["grouped_input"]["windows"] == 4
+    assert read_output(tmp_path / "windows").select(cols).sort_by("row_index").equals(want)
