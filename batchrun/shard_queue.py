@@ -251,6 +251,7 @@ class ShardQueue:
     def _hand_out(self, worker: str) -> Grant | str:
         sid = self._next_pending()
         if not self._below_mark(sid):
+            self._requeued.appendleft(sid)  # handed out first next time (a requeued one never lies past the mark)
             return WAIT  # the lease mark could not be written (the store): no lease past it; the worker asks again
         self._lease_to(worker, sid)
         return Grant(self.shards[sid], self.attempts[sid], sid in self.revise)

@@ -346,26 +346,33 @@ def test_the_restart_budget_is_per_hour_and_fits_the_fleet(tmp_path, ray_cluster
         ray.kill(queue)
 
 
+def slow_echo_job_started(tmp_path, rows: int, delay_s: float, parts: int, **extra) -> tuple[threading.Thread, dict]:
+    """A SlowEcho job of `rows` rows (10 a shard, 2 workers unless `extra` says) run in a thread; returns once `parts`
+    parts are committed: the thread, and the dict its summary lands in."""
+    write_parquet(tmp_path / "in.parquet",
+                  pa.table({"id": list(range(rows)), "prompt": [f"r{i} x" for i in range(rows)]}))
+    spec = validate_spec(job(tmp_path, {"path": str(tmp_path / "in.parquet")},
+                             {"name": "tests.engines:SlowEcho", "max_in_flight": 4,
+                              "options": {"log_path": str(tmp_path / "calls"), "per_poll": 1, "delay_s": delay_s}},
+                             **extra))
+    runner = JobRunner(spec, show_progress=False)
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("summary", runner.run().summary))
+    t.start()
+    deadline = time.time() + 120
+    while len(list((tmp_path / "out").glob("part-*.parquet"))) < parts:
+        assert time.time() < deadline and t.is_alive(), "the job committed too little"
+        time.sleep(0.05)
+    return t, box
+
+
 def test_the_queue_actor_killed_mid_run_is_restarted_and_no_engine_reloads(tmp_path, ray_cluster):
     """SIGKILL to the shard queue's process while shards are in flight: Ray restarts it, it rebuilds what is done
     from the manifest and the parts' footers (entries it had not written yet included), the workers re-adopt the
     shards they hold with their next heartbeat and retry their calls; the job ends with every row once, with the
     same engines (no worker replaced, no engine loaded again)."""
     rows = 300
-    write_parquet(tmp_path / "in.parquet",
-                  pa.table({"id": list(range(rows)), "prompt": [f"r{i} x" for i in range(rows)]}))
-    spec = validate_spec(job(tmp_path, {"path": str(tmp_path / "in.parquet")},
-                             {"name": "tests.engines:SlowEcho", "max_in_flight": 4,
-                              "options": {"log_path": str(tmp_path / "calls"), "per_poll": 1, "delay_s": 0.05}},
-                             faults={"heartbeat_s": 0.3}))
-    runner = JobRunner(spec, show_progress=False)
-    box: dict = {}
-    t = threading.Thread(target=lambda: box.setdefault("summary", runner.run().summary))
-    t.start()
-    deadline = time.time() + 120
-    while len(list((tmp_path / "out").glob("part-*.parquet"))) < 5:
-        assert time.time() < deadline and t.is_alive(), "the job committed too little"
-        time.sleep(0.05)
+    t, box = slow_echo_job_started(tmp_path, rows, 0.05, 5, faults={"heartbeat_s": 0.3})
     (queue,) = actor_pids(("ray::ShardQueue",))
     os.kill(queue, signal.SIGKILL)
     t.join(timeout=300)
@@ -398,21 +405,8 @@ def test_one_heartbeat_a_node_and_its_sender_killed_costs_no_other_workers_lease
     import tempfile
 
     rows = 150
-    write_parquet(tmp_path / "in.parquet",
-                  pa.table({"id": list(range(rows)), "prompt": [f"r{i} x" for i in range(rows)]}))
-    spec = validate_spec(job(tmp_path, {"path": str(tmp_path / "in.parquet")},
-                             {"name": "tests.engines:SlowEcho", "max_in_flight": 4,
-                              "options": {"log_path": str(tmp_path / "calls"), "per_poll": 1, "delay_s": 0.2}},
-                             resources={"num_workers": 3},
-                             faults={"heartbeat_s": 0.2, "lease_timeout_s": 1.5, "max_attempts": 10}))
-    runner = JobRunner(spec, show_progress=False)
-    box: dict = {}
-    t = threading.Thread(target=lambda: box.setdefault("summary", runner.run().summary))
-    t.start()
-    deadline = time.time() + 120
-    while len(list((tmp_path / "out").glob("part-*.parquet"))) < 4:
-        assert time.time() < deadline and t.is_alive(), "the job committed too little"
-        time.sleep(0.05)
+    t, box = slow_echo_job_started(tmp_path, rows, 0.2, 4, resources={"num_workers": 3},
+                                   faults={"heartbeat_s": 0.2, "lease_timeout_s": 1.5, "max_attempts": 10})
     sender = beat_sender_pid(Path(tempfile.gettempdir()))
     assert sender in worker_pids()
     os.kill(sender, signal.SIGKILL)

@@ -344,3 +344,11 @@ def test_the_lease_mark_is_written_ahead_of_every_lease(tmp_path):
     assert out.manifest.lease_mark() <= grant.shard_id + 2 * MARK_STEP  # ahead, not far ahead
     rerun, _ = make_queue(tmp_path, n_shards=3 * MARK_STEP)  # the next run's queue promises anew from its own leases
     assert rerun.lease("w").shard_id == 0 and out.manifest.lease_mark() == MARK_STEP
+
+
+def test_no_lease_past_a_lease_mark_the_store_would_not_take(tmp_path, monkeypatch):
+    q, out = make_queue(tmp_path, n_shards=5)
+    monkeypatch.setattr(q.manifest, "mark_leases", lambda below: (_ for _ in ()).throw(OSError("503 SlowDown")))
+    assert q.lease("w") == WAIT and 0 in q.pending_ids and not q.leases  # the worker asks again later
+    monkeypatch.undo()
+    assert q.lease("w").shard_id == 0 and out.manifest.lease_mark() > 0
