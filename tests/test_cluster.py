@@ -77,10 +77,20 @@ class Cluster:
                          f"--dashboard-agent-listen-port={a1}", f"--temp-dir={self.ray_tmp}",
                          '--resources={"node_head": 1}', *common], tmp / "head.log"))
         wait_for(self._api_up, 120, "the head's job API")
-        self.procs.append(self._start([f"--address={self.gcs}", f"--metrics-export-port={m2}",
-                                       f"--dashboard-agent-listen-port={a2}", '--resources={"node_b": 1}', *common],
-                                      tmp / "node_b.log"))
-        wait_for(lambda: self.alive_nodes() == 2, 120, "2 alive nodes")
+        for attempt in range(2):  # a port picked free may be taken by the time Ray binds it: once more, fresh ones
+            log = tmp / f"node_b{attempt}.log"
+            self.procs.append(self._start([f"--address={self.gcs}", f"--metrics-export-port={m2}",
+                                           f"--dashboard-agent-listen-port={a2}", '--resources={"node_b": 1}',
+                                           *common], log))
+            try:
+                wait_for(lambda: self.alive_nodes() == 2, 90, "2 alive nodes")
+                break
+            except TimeoutError as e:
+                os.killpg(self.procs.pop().pid, signal.SIGKILL)
+                if attempt:
+                    raise TimeoutError(f"{e}; the second node's last output: {log.read_text()[-1500:]}") from None
+                m2, a2 = free_ports(2)
+                self.metrics_ports = (m1, m2)
 
     def _start(self, args, log: Path):
         return subprocess.Popen([str(BIN / "ray"), "start", *args], env=self.env, stdout=open(log, "w"),
