@@ -8,7 +8,8 @@
     runs.py      _batchrun/job.json, _batchrun/runs/*    the driver
 Also: `_summary.json` (the driver), `_batchrun/complete.json` (manifest.py: a clean end), `_batchrun/leased.json`
 (manifest.py: the queue's lease mark), `_batchrun/grouped/` (group.py: the input sorted by prompt prefix, with
-`shards.group_prefixes`), `_batchrun/tmp/` (local parts being written). Everything internal starts with "_" so that pyarrow.dataset and datasets' loader skip it.
+`shards.group_prefixes`), `_batchrun/tmp/` (local parts being written). Everything internal starts with "_" so
+that pyarrow.dataset and datasets' loader skip it.
 
 A shard's life, and what a crash at each point leaves (every case is a test in tests/test_faults.py, test_s3.py,
 test_drain.py, test_engine_death.py):
