@@ -276,10 +276,15 @@ def print_status(status: dict) -> None:
 def entry() -> None:
     """The `batchrun` command. After a job on a local cluster it started, the process stops that cluster without
     waiting for it and exits at once (runner.end_local_cluster): the shell prompt is back within a fraction of a
-    second of the summary. main() itself, which tests and programs call, never exits the process."""
+    second of the summary; so does a command that never used Ray. main() itself, which tests and programs call,
+    never exits the process."""
     code = main()
     runner = sys.modules.get("batchrun.runner")
-    if runner is not None and runner.end_local_cluster():
+    ray = sys.modules.get("ray")
+    # A command that never joined Ray (status, plan, export) exits without the interpreter's teardown too: Arrow's
+    # thread pools can abort the process there after all the output is written ("terminate called without an active
+    # exception", exit -6: apache/arrow#34314; seen here about once in 60 `status` calls under load)
+    if (runner is not None and runner.end_local_cluster()) or ray is None or not ray.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
