@@ -314,3 +314,28 @@ def test_a_crash_resume_lists_only_what_lies_below_the_lease_mark(s3_bucket, tmp
     rebuilt = out.manifest.reconcile(committed, "r1", n, below=out.manifest.lease_mark())
     assert sorted(rebuilt) == [2990, 2995] and listed == ["part-002", "part-003"]  # not the other 3 prefixes
     assert sorted(out.manifest.committed()) == list(range(2990)) + [2990, 2995]
+
+
+def test_the_grouped_copy_of_the_input_lives_in_the_output_dir_on_a_store(s3_bucket, tmp_path):
+    """shards.group_prefixes with the output on a store: the copy is written there, read back by the workers' reader
+    (the plan's URL), every row once, and found again by the next start."""
+    from batchrun.datapath import INPUT_ROW, read_shard
+    from batchrun.group import grouped_plan
+    from batchrun.plan import make_plan
+    from batchrun.sources.parquet import ParquetSource
+
+    rows = [(d, q) for q in range(3) for d in range(20)]  # documents interleaved
+    write_parquet(tmp_path / "in.parquet", pa.table({"id": list(range(60)), "doc": [f"doc {d} " * 8 for d, _ in rows],
+                                                     "q": [f"q{q}" for _, q in rows]}))
+    spec = validate_spec({"engine": {"name": "echo"}, "output": {"dir": url(s3_bucket, tmp_path)},
+                          "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id",
+                                    "prompt_template": "{{ doc }} {{ q }}"},
+                          "shards": {"rows_per_shard": 6, "group_prefixes": True, "group_window_rows": 30}})
+    out = OutputDir(spec.output.dir)
+    out.ensure()
+    plan, info = grouped_plan(spec, make_plan(spec), out)
+    assert info["built"] and plan.reader.startswith("s3://") and len(plan.shards) == 10
+    reader = ParquetSource(plan.reader)
+    got = pa.concat_tables(read_shard(reader, plan.units, shard, ["id", "doc", INPUT_ROW]) for shard in plan.shards)
+    assert sorted(got.column("id").to_pylist()) == list(range(60)) == sorted(got.column(INPUT_ROW).to_pylist())
+    assert grouped_plan(spec, make_plan(spec), out)[1]["built"] is False
