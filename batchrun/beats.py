@@ -29,27 +29,37 @@ class NodeBeats:
 
     def __init__(self, run_id: str, worker: str, root: str | None = None):
         base = Path(root or tempfile.gettempdir()) / f"batchrun-beats-{os.getuid()}"
-        base.mkdir(mode=0o700, exist_ok=True)
         self.dir = base / (run_id or "run")
-        self.dir.mkdir(mode=0o700, exist_ok=True)
-        _prune(base, keep=self.dir)
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _prune(base, keep=self.dir)
+        except OSError:  # a temp dir that cannot be written: post() says so, and the worker heartbeats alone
+            pass
         self.worker = worker
         self._lock_fd: int | None = None
 
-    def post(self, payload: tuple) -> None:
+    def post(self, payload: tuple) -> bool:
         """This worker's latest heartbeat (node, pid, stats, held), for the node's sender; written whole (a reader
-        never sees half of one)."""
+        never sees half of one). False if the directory cannot be written (a full or read-only temp dir): the worker
+        then heartbeats the queue itself."""
         node, pid, stats, held = payload
         data = {"at": time.time(), "node": node, "pid": pid, "stats": dataclasses.asdict(stats), "held": list(held)}
         tmp = self.dir / f".{self.worker}.tmp"
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.dir / f"{self.worker}.beat")
+        try:
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.dir / f"{self.worker}.beat")
+        except OSError:
+            return False
+        return True
 
     def lead(self) -> bool:
         """Whether this worker sends the node's heartbeats: it holds the lock, or takes it now (never waits)."""
         if self._lock_fd is not None:
             return True
-        fd = os.open(self.dir / "sender.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.dir / "sender.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -74,14 +84,20 @@ class NodeBeats:
         return beats
 
     def set_draining(self) -> None:
-        (self.dir / DRAINING).touch()
+        try:
+            (self.dir / DRAINING).touch()
+        except OSError:  # the sender itself drains anyway; the others learn it from their next lease
+            pass
 
     def draining(self) -> bool:
-        return (self.dir / DRAINING).exists()
+        return (self.dir / DRAINING).exists()  # False where the directory is unreadable
 
     def close(self) -> None:
         """This worker stops heartbeating: its file goes, and the lock if it held it (another worker takes over)."""
-        (self.dir / f"{self.worker}.beat").unlink(missing_ok=True)
+        try:
+            (self.dir / f"{self.worker}.beat").unlink(missing_ok=True)
+        except OSError:  # the directory was never there
+            pass
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

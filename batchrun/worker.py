@@ -433,14 +433,18 @@ class Worker:
         beats = NodeBeats(self.tags["run_id"], self.worker_id)
         try:
             while True:
-                beats.post(self._beat_payload())
+                payload = self._beat_payload()
+                posted = beats.post(payload)
                 # the last call's answer, without waiting for it (a busy queue must not fail the worker)
                 answered = answer is None or bool(ray.wait([answer], timeout=0)[0])
                 if answer is not None and answered and ray.get(answer):
+                    self.drain("the driver is draining the job")
                     beats.set_draining()
                 if beats.draining():
                     self.drain("the driver is draining the job")
-                if answered and beats.lead():
+                if answered and not posted:  # the node's directory cannot be written: this worker's own heartbeat
+                    answer = self.queue.heartbeat.remote(self.worker_id, *payload)
+                elif answered and beats.lead():
                     answer = self.queue.heartbeats.remote(beats.collect(fresh_s=2 * every))
                 if self._stop.wait(every):
                     return

@@ -60,3 +60,12 @@ def test_directories_of_runs_long_over_are_removed(tmp_path):
     recent.close()
     NodeBeats("new-run", "w000", str(tmp_path))
     assert not old.dir.exists() and recent.dir.exists()
+
+
+def test_a_temp_dir_that_cannot_be_written_leaves_the_worker_to_heartbeat_alone(tmp_path):
+    (tmp_path / f"batchrun-beats-{os.getuid()}").write_text("not a directory")  # as a full or broken temp dir
+    beats = NodeBeats("run1", "w000", str(tmp_path))
+    assert beats.post(("node-1", 1, WorkerStats(), ())) is False  # the worker then sends its own heartbeat
+    assert not beats.lead() and not beats.draining() and beats.collect(4.0) == []
+    beats.set_draining()
+    beats.close()

@@ -400,13 +400,13 @@ def beat_sender_pid(run_root: Path) -> int | None:
 def test_one_heartbeat_a_node_and_its_sender_killed_costs_no_other_workers_lease(tmp_path, ray_cluster):
     """Three workers on this node: one of them sends the node's heartbeats (theirs, in one call), and commits take
     the next lease. SIGKILL to the sender mid-run: another worker takes the node's lock and no other worker's lease
-    lapses (lease timeout 1.5 s, a shard's 10 rows take >= 2 s, so commits alone would not keep them: a gap shows
-    as expired leases); every row once."""
+    lapses (lease timeout 2.5 s, 12x the heartbeat interval; a shard's 10 rows take >= 3 s, so commits alone would
+    not keep them: a gap shows as expired leases); every row once."""
     import tempfile
 
-    rows = 150
-    t, box = slow_echo_job_started(tmp_path, rows, 0.2, 4, resources={"num_workers": 3},
-                                   faults={"heartbeat_s": 0.2, "lease_timeout_s": 1.5, "max_attempts": 10})
+    rows = 240  # 24 shards: more than 3 workers hold at once, so commits take leases
+    t, box = slow_echo_job_started(tmp_path, rows, 0.3, 3, resources={"num_workers": 3},
+                                   faults={"heartbeat_s": 0.2, "lease_timeout_s": 2.5, "max_attempts": 10})
     sender = beat_sender_pid(Path(tempfile.gettempdir()))
     assert sender in worker_pids()
     os.kill(sender, signal.SIGKILL)
