@@ -23,9 +23,16 @@ from tests.procs import pids_where, wait_gone
 DOUBLES = str(ROOT / "tests" / "doubles")
 
 
-@pytest.fixture
-def tllm(monkeypatch):
+def load_double(monkeypatch, tmp_path=None, version: str | None = None):
+    """The double on sys.path, playing `version` (default: the 1.2.1 of tests/doubles/tensorrt_llm-1.2.1.dist-info,
+    the Dockerfile's pin): a dist-info of that version goes first on sys.path, as a real install would read."""
     monkeypatch.syspath_prepend(DOUBLES)
+    if version is not None:
+        site = tmp_path / f"site-{version}"
+        (site / f"tensorrt_llm-{version}.dist-info").mkdir(parents=True, exist_ok=True)
+        (site / f"tensorrt_llm-{version}.dist-info" / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: tensorrt_llm\nVersion: {version}\n")
+        monkeypatch.syspath_prepend(str(site))
     for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
         monkeypatch.delitem(sys.modules, name)
     import tensorrt_llm
@@ -34,6 +41,11 @@ def tllm(monkeypatch):
     BaseLLM.instances.clear()
     BaseLLM.calibrations.clear()
     return tensorrt_llm
+
+
+@pytest.fixture
+def tllm(monkeypatch):
+    return load_double(monkeypatch)
 
 
 def make_engine(model, sampling=None, **options):
@@ -110,7 +122,9 @@ def test_sampling_mapping(tllm):
     sampled = sampling_params(tllm, Sampling(max_tokens=5, temperature=0.7, top_p=0.9, top_k=40, seed=3,
                                              stop=("\n", "###"), n=4), logprobs=2)
     assert (sampled.temperature, sampled.top_p, sampled.top_k, sampled.seed, sampled.n) == (0.7, 0.9, 40, 3, 4)
-    assert sampled.stop == ["\n", "###"] and sampled.logprobs == 2
+    assert sampled.stop is None and sampled.logprobs == 2  # R5: several samples: batchrun cuts at the stop strings
+    one = sampling_params(tllm, Sampling(max_tokens=5, temperature=0.7, stop=("\n", "###")))
+    assert one.stop == ["\n", "###"]
     assert not sampling_params(tllm, Sampling(max_tokens=5, temperature=1.0, n=3))._greedy_decoding
 
 
@@ -185,7 +199,8 @@ def plan(tmp_path, capsys, engine: dict, sampling: dict | None = None, cmd: str 
     ({"backend": "tensorrt", "quantization": {"algo": "W4A16_AWQ", "calib_dataset": "/no/such/data"}}, None,
      ["engine.options.quantization.calib_dataset", "/no/such/data", "does not exist"]),
     ({"max_batch_size": 4}, {"n": 8, "temperature": 1.0}, ["sampling.n", "engine.options.max_batch_size"]),
-    ({}, {"top_logprobs": 3}, ["sampling.top_logprobs", "backend: tensorrt"]),
+    ({}, {"top_logprobs": 3, "seed": 1, "temperature": 0.5},
+     ["sampling.top_logprobs", "sampling.seed", "TensorRT-LLM 1.2.1", "TRTLLMSampler", "backend: tensorrt"]),
 ])
 def test_plan_refuses_what_upstream_refuses(tllm, demo_model, tmp_path, capsys, options, sampling, words):
     code, err = plan(tmp_path, capsys, {"model": str(demo_model), "options": options}, sampling)
@@ -380,6 +395,8 @@ def test_output_mapping(tllm):
     assert c.finish_reason == "length"
     c = to_completions("x", output(tllm, [CompletionOutput(0, "a", [5], finish_reason="timeout")]), ())[0]
     assert c.finish_reason == "error" and "timeout" in c.error  # the request's own time ran out: an error row
+    c = to_completions("x", output(tllm, [CompletionOutput(0, "a", [5], finish_reason=None)]), ())[0]
+    assert c.finish_reason == "error" and "without a finish reason" in c.error  # R5: aborted with its request
     with pytest.raises(EngineDead, match="cancelled"):  # E3: only a shutting-down executor aborts batchrun's requests
         to_completions("x", output(tllm, [CompletionOutput(0, "a", [5], finish_reason="cancelled")]), ())
     c = to_completions("x", output(tllm, [CompletionOutput(0, "a", [5, 6], finish_reason="length",

@@ -150,9 +150,32 @@ def options_model():
                         **cb_fields)
 
 
+# The continuous-batching API this engine drives (hf_backend.py, hf_sampling.py, hf_attention.py). Not a core
+# requirement: TensorRT-LLM's images pin older transformers (4.53-4.57 in 1.0-1.2), which batchrun must not replace
+# (`pip install batchrun[hf]` brings it).
+TRANSFORMERS_NEEDED = "5.20"
+
+
+def require_transformers() -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        have = version("transformers")
+    except PackageNotFoundError:
+        have = None
+    if have is None or Version(have) < Version(TRANSFORMERS_NEEDED):
+        raise ValueError(f"key 'engine.name' (hf): the HF engine needs transformers >= {TRANSFORMERS_NEEDED} (its "
+                         f"continuous batching), this environment has {have or 'none'}; install batchrun[hf] in an "
+                         "environment of its own (TensorRT-LLM's images pin an older transformers: use engine trtllm "
+                         "there)")
+
+
 def check(spec) -> None:
     """What transformers' continuous batching cannot do is refused here, before any work, rather than ignored."""
     require_model_dir(spec)
+    require_transformers()
     s, parse = spec.sampling, spec.output.parse
     if s.top_logprobs:
         raise ValueError("key 'sampling.top_logprobs' needs engine trtllm: transformers' continuous batching returns "

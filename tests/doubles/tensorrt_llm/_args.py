@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tensorrt_llm._release import SAMPLER_FLAGS, SAMPLER_TYPE
+
 
 class StrictBaseModel(BaseModel):  # llmapi/utils.py: extra keys are an error
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -137,9 +139,10 @@ TRT_LLM_ARGS = BASE_LLM_ARGS | {
     "extended_runtime_perf_knob_config", "calib_config", "quant_config", "embedding_parallel_mode", "fast_build",
     "build_config", "enable_prompt_adapter", "max_prompt_adapter_token", "batching_type", "normalize_log_probs",
 }
-TORCH_LLM_ARGS = BASE_LLM_ARGS | {
+# TorchLlmArgs' own fields in the 1.x line (llm_args id 7019226376); the sampler's field is per release below
+_TORCH_1X = {
     "garbage_collection_gen0_threshold", "cuda_graph_config", "attention_dp_config", "disable_overlap_scheduler",
-    "moe_config", "nvfp4_gemm_config", "attn_backend", "sampler_type", "sampler_force_async_worker",
+    "moe_config", "nvfp4_gemm_config", "attn_backend", "sampler_force_async_worker",
     "enable_iter_perf_stats", "enable_iter_req_stats", "print_iter_log", "batch_wait_timeout_ms",
     "batch_wait_timeout_iters", "batch_wait_max_tokens_ratio", "torch_compile_config", "enable_autotuner",
     "enable_layerwise_nvtx_marker", "enable_min_latency", "stream_interval", "force_dynamic_quantization",
@@ -147,8 +150,20 @@ TORCH_LLM_ARGS = BASE_LLM_ARGS | {
     "ray_worker_extension_cls", "ray_placement_config", "enable_sleep", "use_cute_dsl_blockscaling_mm",
     "use_cute_dsl_blockscaling_bmm", "disable_flashinfer_sampling", "max_stats_len", "layer_wise_benchmarks_config",
 }
+# V1: TorchLlmArgs in 1.0 (llm_args id 1520735490, read 2026-12-07): the two sampler flags, no sampler_type
+_TORCH_10 = {
+    "garbage_collection_gen0_threshold", "cuda_graph_config", "disable_overlap_scheduler", "moe_config",
+    "attn_backend", "enable_mixed_sampler", "enable_trtllm_sampler", "enable_iter_perf_stats",
+    "enable_iter_req_stats", "print_iter_log", "torch_compile_config", "enable_autotuner",
+    "enable_layerwise_nvtx_marker", "load_format", "enable_min_latency", "stream_interval",
+    "force_dynamic_quantization", "allreduce_strategy", "checkpoint_loader", "checkpoint_format", "connector_config",
+}
+TORCH_LLM_ARGS = BASE_LLM_ARGS | (_TORCH_10 if SAMPLER_FLAGS else _TORCH_1X | ({"sampler_type"} if SAMPLER_TYPE
+                                                                              else set()))
 # A2: _TorchLLM refuses what only the TensorRT backend takes
-TRT_ONLY_ARGS = TRT_LLM_ARGS - TORCH_LLM_ARGS
+TRT_ONLY_ARGS = TRT_LLM_ARGS - BASE_LLM_ARGS - _TORCH_1X  # the 1.x reading (L3), stricter than 1.0's
 # A4: the KV cache dtypes the PyTorch backend's model loader accepts (_torch/pyexecutor: the 1.0-era list;
 # later releases add "nvfp4")
 VALID_TORCH_KV_CACHE_DTYPES = ("fp8", "auto")
+# V2: the values sampler_type takes where it exists (SamplerType: auto | TorchSampler | TRTLLMSampler)
+SAMPLER_TYPES = ("auto", "TorchSampler", "TRTLLMSampler")

@@ -30,6 +30,7 @@ import weakref
 from dataclasses import dataclass, field
 
 from tensorrt_llm._args import (
+    SAMPLER_TYPES,
     TORCH_LLM_ARGS,
     TRT_LLM_ARGS,
     TRT_ONLY_ARGS,
@@ -38,6 +39,19 @@ from tensorrt_llm._args import (
     CalibConfig,
     KvCacheConfig,
     QuantConfig,
+)
+from tensorrt_llm._release import (
+    CACHE_SALT,
+    CACHED_TOKENS,
+    ERROR_BUDGET,
+    GREEDY_BY_TEMPERATURE,
+    HEALTH_CHECK,
+    KV_CACHE_CAPACITY,
+    NEWEST,
+    REQUEST_ERROR_AT_SUBMIT,
+    SAMPLER_FLAGS,
+    SAMPLER_TYPE,
+    TORCH_TOP_LOGPROBS,
 )
 from tensorrt_llm.executor.utils import RequestError
 from tensorrt_llm.sampling_params import SamplingParams
@@ -70,7 +84,8 @@ class GenerationResult:  # R3: executor/result.py (the part the adapter reads)
         self.prompt_token_ids = prompt_token_ids
         self.outputs: list[CompletionOutput] = []
         self.finished = False
-        self.cached_tokens = 0  # R4: prompt tokens the runtime took from reused KV blocks (set per response)
+        if CACHED_TOKENS:
+            self.cached_tokens = 0  # R4: prompt tokens the runtime took from reused KV blocks (set per response)
         self._context_logits = None  # P3: set when SamplingParams.return_context_logits
         self._compute = compute
         self._streaming = False
@@ -210,9 +225,34 @@ class BaseLLM:
     def _config_json(self) -> dict:
         return _read_json(os.path.join(self.model, "config.json"))
 
-    def generate_async(self, inputs, sampling_params=None, lora_request=None, prompt_adapter_request=None,
-                       streaming=False, kv_cache_retention_config=None, disaggregated_params=None,
-                       _postproc_params=None, scheduling_params=None, cache_salt=None):  # L7: no **kwargs
+    # L7, V4: generate_async's fixed signature (no **kwargs), per release
+    if NEWEST:
+        def generate_async(self, inputs, sampling_params=None, lora_request=None, prompt_adapter_request=None,
+                           streaming=False, kv_cache_retention_config=None, disaggregated_params=None,
+                           trace_headers=None, _postproc_params=None, scheduling_params=None, cache_salt=None,
+                           conversation_params=None, priority=None):
+            return self._submit(inputs, sampling_params, cache_salt)
+    elif CACHE_SALT:
+        def generate_async(self, inputs, sampling_params=None, lora_request=None, prompt_adapter_request=None,
+                           streaming=False, kv_cache_retention_config=None, disaggregated_params=None,
+                           _postproc_params=None, scheduling_params=None, cache_salt=None):
+            return self._submit(inputs, sampling_params, cache_salt)
+    else:  # 1.0: no scheduling_params, no cache_salt (a TypeError)
+        def generate_async(self, inputs, sampling_params=None, lora_request=None, prompt_adapter_request=None,
+                           streaming=False, kv_cache_retention_config=None, disaggregated_params=None,
+                           _postproc_params=None):
+            return self._submit(inputs, sampling_params, None)
+
+    if HEALTH_CHECK:
+        def _check_health(self) -> bool:  # V8: the executor is running and healthy
+            return not self._dead and not self._shutdown
+
+    if KV_CACHE_CAPACITY:
+        def get_kv_cache_capacity(self) -> dict:  # V9: the primary (GPU) pool only
+            blocks = int(4096 * (self.kv_cache_config.free_gpu_memory_fraction or 0.9))
+            return {"maxNumBlocks": blocks, "tokensPerBlock": 32, "maxNumTokens": blocks * 32}
+
+    def _submit(self, inputs, sampling_params, cache_salt):
         if self._shutdown:
             raise RuntimeError("LLM is shutting down")
         asyncio.get_running_loop()  # R3: aresult() needs the loop the request was submitted from
@@ -226,6 +266,7 @@ class BaseLLM:
             raise TypeError(f"The inputs must be type str or list of int, but got {type(inputs)}")
         self._check_arguments(len(ids), sp)
         rid = next(self._ids)
+        self._step_submitted(rid)
         self.in_flight += 1
         self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
         out = RequestOutput._from_generation_result(
@@ -286,10 +327,9 @@ class BaseLLM:
         seen.update((salt, tuple(ids[:k])) for k in range(b, len(ids) + 1, b))
         return cached
 
-    def _context_logits(self, ids: list[int], cached: int):
-        """P3: the logits of the prompt positions the runtime computed, [len(ids) - cached, vocab]: with KV cache
-        reuse, the reused positions have none (handle_logits.py). The numbers are the checkpoint's own, computed
-        with transformers in float32 (a model directory without HF weights has none to give)."""
+    def _hf_logits(self, ids: list[int]):
+        """The checkpoint's own logits for the prompt's positions, [len(ids), vocab], in float32 (transformers; a
+        model directory without HF weights has none to give)."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -297,11 +337,90 @@ class BaseLLM:
         if model is None:
             model = self.__dict__["_hf"] = AutoModelForCausalLM.from_pretrained(self.model, dtype=torch.float32)
         with torch.inference_mode():
-            return model(input_ids=torch.tensor([ids])).logits[0, cached:]
+            return model(input_ids=torch.tensor([ids])).logits[0]
+
+    def _context_logits(self, ids: list[int], cached: int):
+        """P3, PyTorch backend: the logits of the prompt positions the runtime computed, [len(ids) - cached, vocab]:
+        with KV cache reuse, the reused positions have none (handle_logits.py)."""
+        return self._hf_logits(ids)[cached:]
+
+    # ------------------------------------------------------------ the sampler (V1-V3)
+
+    def _sampler(self) -> str:
+        """greedy | mixed (top-k/top-p, no temperature, no seed) | unseeded | seeded."""
+        raise NotImplementedError
+
+    def _greedy(self, sp: SamplingParams) -> bool:
+        """S3 (and S5 from 1.2: temperature 0 is greedy too), or a sampler that decodes everything greedily."""
+        sampler = self._sampler()
+        if sampler == "greedy" or sp._greedy_decoding or (GREEDY_BY_TEMPERATURE and sp.temperature == 0):
+            return True
+        return sampler == "mixed" and sp.top_k is None and sp.top_p is None
+
+    def _tokens(self, ids: list[int], sp: SamplingParams, sample: int) -> list[int]:
+        """Greedy: the prompt's tokens reversed. Sampled: random tokens, from the request's seed where the sampler
+        honours it, else from the process's own generator (so they change from run to run and with batching)."""
+        if self._greedy(sp):
+            return list(reversed(ids))[: sp.max_tokens]
+        seeded = self._sampler() == "seeded" and sp.seed is not None
+        rng = random.Random(f"{sp.seed}:{sample}") if seeded else self.__dict__.setdefault("_rng", random.Random())
+        vocab = len(self.tokenizer.tokenizer) if self.tokenizer else 100
+        return [rng.randrange(vocab) for _ in range(sp.max_tokens)]
+
+    def _logprobs(self, gen: list[int], k: int) -> list:
+        """R2 TokenLogprobs: per token, the k likeliest (here: ids t+1.. with falling logprobs) + the sampled one."""
+        return [{**{t + j + 1: Logprob(-1.0 - j, j + 2) for j in range(k)}, t: Logprob(-0.5, 1)} for t in gen]
+
+    def _outputs(self, ids: list[int], sp: SamplingParams) -> list[CompletionOutput]:
+        stops = [sp.stop] if isinstance(sp.stop, str) else (sp.stop or [])
+        outs = []
+        for i in range(sp.n):
+            gen = self._tokens(ids, sp, i)
+            text = self.tokenizer.decode(gen) if self.tokenizer else ""
+            reason = "length" if len(gen) == sp.max_tokens else "stop"
+            for s in stops:
+                if s in text:
+                    text, reason = text[: text.index(s)], "stop"
+            logprobs = self._logprobs(gen, self._logprobs_k(sp)) if sp.logprobs else []
+            outs.append(CompletionOutput(i, text, gen, None, logprobs, [], reason))
+        if len(outs) > 1 and any(o.finish_reason == "stop" and stops for o in outs):
+            # R5: a stop string found in one sample's detokenized text aborts the whole request; its other samples
+            # end with no finish reason
+            for o in outs:
+                if not any(s in self.tokenizer.decode(o.token_ids) for s in stops):
+                    o.finish_reason = None
+        return outs
+
+    def _logprobs_k(self, sp: SamplingParams) -> int:
+        return sp.logprobs
+
+    # ------------------------------------------------------------ a step that raises (E6, E7)
+
+    def _step_submitted(self, rid: int) -> None:
+        """The knob fail_step: [first, last]: the executor's step holding requests first..last raises; they are
+        held together until the last is submitted (one batch), then each gets the exception's text."""
+        first, last = self.knobs.get("fail_step", (None, None))
+        if rid == last:
+            self.__dict__.setdefault("_step", asyncio.Event()).set()
+
+    async def _in_failing_step(self, rid: int) -> str | None:
+        first, last = self.knobs.get("fail_step", (None, None))
+        if first is None or not first <= rid <= last:
+            return None
+        await self.__dict__.setdefault("_step", asyncio.Event()).wait()
+        text = self.knobs.get("step_error", "total_num_tokens (9000) should be less than or equal to "
+                                            "max_num_tokens (8192)")
+        if ERROR_BUDGET and self.knobs.get("fatal"):  # E7: over the error budget: fatal, broadcast to every result
+            self._dead = self._shutdown = True
+            return f"Event loop terminated with error: {text}"
+        return text  # E6: _handle_errors(str(e)) for every active request; the loop goes on
 
     def _compute(self, rid, prompt, ids, sp, salt=None):
         async def compute(out):
             try:
+                failed = await self._in_failing_step(rid)
+                if failed is not None:
+                    self._handle_background_error(failed)  # E2: each gets RequestError(str(e))
                 await asyncio.sleep(random.Random(rid * 7919).uniform(0, 0.02))  # finish out of order
                 if self._dead:  # E3: shutdown aborted this request
                     out.outputs = [CompletionOutput(i, "", [], None, [], [], "cancelled") for i in range(sp.n)]
@@ -309,19 +428,12 @@ class BaseLLM:
                 text_in = prompt if prompt is not None else (self.tokenizer.decode(ids) if self.tokenizer else "")
                 if POISON in text_in:  # E2: a response with an error message reaches the awaiter as RequestError
                     self._handle_background_error("the engine rejected this request")
-                gen = list(reversed(ids))[: sp.max_tokens]
-                text = self.tokenizer.decode(gen) if self.tokenizer else ""
-                reason = "length" if len(gen) == sp.max_tokens else "stop"
-                for s in ([sp.stop] if isinstance(sp.stop, str) else (sp.stop or [])):
-                    if s in text:
-                        text, reason = text[: text.index(s)], "stop"
-                # R2 TokenLogprobs: per token, the k likeliest (here: ids t+1.. with falling logprobs) + the sampled one
-                logprobs = [{**{t + j + 1: Logprob(-1.0 - j, j + 2) for j in range(sp.logprobs)}, t: Logprob(-0.5, 1)}
-                            for t in gen] if sp.logprobs else []
-                out.outputs = [CompletionOutput(i, text, gen, None, logprobs, [], reason) for i in range(sp.n)]
-                out.cached_tokens = self._reuse(ids, salt)
+                out.outputs = self._outputs(ids, sp)
+                cached = self._reuse(ids, salt)
+                if CACHED_TOKENS:
+                    out.cached_tokens = cached
                 if sp.return_context_logits:
-                    out._context_logits = self._context_logits(ids, out.cached_tokens)
+                    out._context_logits = self._context_logits(ids, cached)
                 self._maybe_die(rid)
                 self._handle_background_error()  # E2: after every response, the first background error surfaces
             finally:
@@ -364,6 +476,23 @@ class _TrtLLM(BaseLLM):
     def _max_seq_len(self) -> int:
         return self.build_config.max_seq_len
 
+    def _sampler(self) -> str:
+        return "seeded"  # the C++ decoder: each request's own SamplingConfig, its random seed included
+
+    def _context_logits(self, ids: list[int], cached: int):
+        """P5, TensorRT backend: the host tensor is [prompt_len, vocab_padded] whatever was reused; rows of reused
+        positions are never written (here: noise, as an unwritten buffer holds), and the padded columns are the
+        zero-padded lm_head's (pad_vocab_size: a multiple of the tensor-parallel size)."""
+        import torch
+
+        real = self._hf_logits(ids)
+        tp = self.args.get("tensor_parallel_size") or 1
+        padded = -(-real.shape[1] // tp) * tp
+        out = torch.zeros(len(ids), padded)
+        out[:, : real.shape[1]] = real
+        out[:cached] = torch.randn(cached, padded) * 30
+        return out
+
     def _check_arguments(self, prompt_len: int, sp: SamplingParams) -> None:  # L9 (TensorRT backend)
         if not self.args.get("enable_chunked_prefill") and prompt_len + (sp.max_tokens or 0) > self._max_seq_len():
             raise ValueError(f"The sum of prompt length ({prompt_len}) and query length (0) max_tokens "
@@ -401,7 +530,23 @@ class _TorchLLM(BaseLLM):
         if given:
             raise ValueError(f"The following arguments are specific to TensorRT backend and cannot be used with "
                              f"PyTorch backend: {given}.")
+        if SAMPLER_TYPE and kwargs.get("sampler_type", "auto") not in SAMPLER_TYPES:  # V2: an enum field
+            raise ValueError(f"sampler_type: {kwargs['sampler_type']!r} is not one of {SAMPLER_TYPES}")
         super().__init__(model, *args, **kwargs)
+
+    def _sampler(self) -> str:
+        if SAMPLER_FLAGS:  # V1: 1.0's TorchSampler is greedy unless told otherwise
+            if self.args.get("enable_trtllm_sampler"):
+                return "seeded"
+            return "mixed" if self.args.get("enable_mixed_sampler") else "greedy"
+        if SAMPLER_TYPE:  # V2: auto is TorchSampler, which samples but ignores per-request seeds
+            return "seeded" if self.args.get("sampler_type") == "TRTLLMSampler" else "unseeded"
+        return "seeded"  # V3: newest TorchSampler honours per-request seeds
+
+    def _logprobs_k(self, sp: SamplingParams) -> int:
+        # V3: TRTLLMSampler returns the sampled token's logprob only (rank 1), whatever k was asked
+        trtllm_sampler = self.args.get("enable_trtllm_sampler") or self.args.get("sampler_type") == "TRTLLMSampler"
+        return 0 if trtllm_sampler else sp.logprobs
 
     def _build_model(self):
         # A4: _torch/pyexecutor validate_and_set_kv_cache_quant, at model load
@@ -411,11 +556,12 @@ class _TorchLLM(BaseLLM):
                              f"{VALID_TORCH_KV_CACHE_DTYPES}.")
 
     def _check_arguments(self, prompt_len: int, sp: SamplingParams) -> None:  # L9 (PyTorch backend)
-        if sp.logprobs and sp.logprobs > 1:  # I1: the 1.0 PyTorch sampler returns the sampled token's logprob only
+        if sp.logprobs and sp.logprobs > 1 and not TORCH_TOP_LOGPROBS:  # I1, V5: 1.0 returns the sampled token's only
             raise ValueError(f"logprobs={sp.logprobs}: only the sampled token's logprob on the PyTorch backend")
         max_num_tokens = self.args.get("max_num_tokens") or 8192  # A1: BaseLlmArgs default
         if not self.args.get("enable_chunked_prefill") and prompt_len > max_num_tokens:
-            raise ValueError(f"The sum of prompt length ({prompt_len}), query length (0) should not exceed "
+            refused = RequestError if REQUEST_ERROR_AT_SUBMIT else ValueError
+            raise refused(f"The sum of prompt length ({prompt_len}), query length (0) should not exceed "
                              f"max_num_tokens ({max_num_tokens})")
 
 
