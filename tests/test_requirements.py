@@ -9,9 +9,9 @@ In the image itself the Dockerfile installs against a constraints file made from
 from __future__ import annotations
 
 import re
-import tomllib
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name

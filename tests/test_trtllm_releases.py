@@ -47,14 +47,14 @@ def generate(engine, texts, ids, sampling: Sampling, seed: int | None) -> dict[s
 # ---------------------------------------------------------------- V1-V3: sampled jobs sample, seeded jobs reproduce
 
 
-@pytest.mark.parametrize("backend", ["pytorch", "tensorrt"])
-def test_sampled_jobs_sample(release, demo_model, backend):
+PER_BACKEND = [(v, "pytorch") for v in RELEASES] + [(v, "tensorrt") for v in WITH_TENSORRT_BACKEND]
+
+
+@pytest.mark.parametrize("version,backend", PER_BACKEND)
+def test_sampled_jobs_sample(monkeypatch, tmp_path, demo_model, version, backend):
     """1.0's TorchSampler decoded every request greedily unless told otherwise (V1: temperature 0.8 gave 20/20
     greedy rows): the adapter picks the sampler per release, and no sampled row comes back greedy."""
-    from batchrun.engines.trtllm.releases import running
-
-    if backend == "tensorrt" and not running(release).tensorrt_backend:
-        pytest.skip("no TensorRT backend in this release (V6)")
+    load_double(monkeypatch, tmp_path, version)
     sampled = Sampling(max_tokens=6, temperature=0.8, top_p=0.95)
     engine = make_engine(demo_model, sampled, backend=backend)
     texts, ids = texts_and_ids(engine, 20)
@@ -152,8 +152,8 @@ def scoring_rows(trt):
             for i, (ctx, choices) in enumerate(cases)]
 
 
-@pytest.mark.parametrize("backend,tp", [("pytorch", 1), ("tensorrt", 3)])
-def test_scoring_equals_the_hf_scorer_on_every_release(release, demo_model, backend, tp):
+@pytest.mark.parametrize("version,backend", PER_BACKEND)
+def test_scoring_equals_the_hf_scorer_on_every_release(monkeypatch, tmp_path, demo_model, version, backend):
     """1.0 has no cache_salt (V4): scoring there runs with block reuse off instead of passing it. The TensorRT
     backend returns prompt_len rows whatever was reused, the reused ones never written, over the padded vocabulary
     (P5; the double pads to a multiple of TP, as pad_vocab_size): only written rows and the real vocabulary count."""
@@ -161,8 +161,8 @@ def test_scoring_equals_the_hf_scorer_on_every_release(release, demo_model, back
     from batchrun.engines.trtllm import TRTScoreEngine
     from batchrun.engines.trtllm.releases import running
 
-    if backend == "tensorrt" and not running(release).tensorrt_backend:
-        pytest.skip("no TensorRT backend in this release (V6)")
+    release = load_double(monkeypatch, tmp_path, version)
+    tp = 3 if backend == "tensorrt" else 1  # 3 does not divide the demo vocabulary (91): the TensorRT rows are padded
     trt = TRTScoreEngine(str(demo_model), Sampling(max_tokens=1), dtype="float32", backend=backend,
                          tensor_parallel_size=tp)
     hf = HFScoreEngine(str(demo_model), Sampling(max_tokens=1), dtype="float32", device="cpu")
