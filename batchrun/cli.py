@@ -37,6 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--format", choices=["openai-batch"], default="openai-batch")
     ex.add_argument("-o", "--output", default=None,
                     help="file to write (default: OUT_DIR/_batch_output.jsonl; '-' for stdout)")
+    ev = sub.add_parser("eval", help="lm-evaluation-harness tasks, run as batchrun jobs on the job file's engine")
+    ev.add_argument("job", help="job file (YAML): engine, resources, output.dir (input and score come from the tasks)")
+    ev.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (or groups)")
+    ev.add_argument("--num_fewshot", type=int, default=None)
+    ev.add_argument("--limit", type=float, default=None, help="documents per task (a fraction below 1)")
+    ev.add_argument("--apply_chat_template", action="store_true")
+    ev.add_argument("--include_path", default=None, help="a directory of local task configs (YAML)")
+    ev.add_argument("--output_path", default=None, help="results JSON (default: OUTPUT_DIR/_lm_eval/results.json)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--no-progress", action="store_true")
     from batchrun.bench import add_parser as add_bench
     from batchrun.bench import cmd_bench
 
@@ -45,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "build": cmd_build,
-                "export": cmd_export, "bench": cmd_bench}[args.cmd](args)
+                "export": cmd_export, "bench": cmd_bench, "eval": cmd_eval}[args.cmd](args)
     except BatchrunError as e:
         print(f"batchrun: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -95,6 +105,21 @@ def cmd_build(args) -> int:
     except ValueError as e:
         raise SpecError(str(e)) from None
     print(f"{'built' if built else 'already built (same fingerprint)'}: {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from batchrun.evals import require_lm_eval, run_eval
+
+    require_lm_eval()  # says what to install, before anything else
+    from lm_eval.utils import make_table
+
+    results = run_eval(args.job, args.overrides, [t for t in args.tasks.split(",") if t], args.num_fewshot,
+                       args.limit, args.apply_chat_template, args.include_path, args.output_path,
+                       show_progress=not args.no_progress)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
     return 0
 
 

@@ -417,6 +417,11 @@ class JobSpec(_Section):
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     """Read, override and validate a job file. Every mistake is one SpecError naming the key."""
+    return validate_spec(load_raw(path, overrides), source=str(path))
+
+
+def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A job file's sections, overridden, not yet validated (batchrun eval fills in the input)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -432,7 +437,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         raise SpecError(f"job file {path}: expected a mapping of sections at the top, got {type(raw).__name__}")
     for item in overrides or []:
         apply_override(raw, item)
-    return validate_spec(raw, source=str(path))
+    return raw
 
 
 def apply_override(raw: dict, item: str) -> None:

@@ -104,10 +104,11 @@ def test_the_hf_engine_names_the_transformers_it_needs(monkeypatch):
     import importlib.metadata
 
     from batchrun.engines import hf
+    from batchrun.errors import SpecError
 
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda n: "4.57.3" if n == "transformers" else real(n))
-    with pytest.raises(ValueError, match=r"transformers >= 5\.20.*has 4\.57\.3.*batchrun\[hf\]"):
-        hf.require_transformers()
+    with pytest.raises(SpecError, match=r"transformers >= 5\.20.*has 4\.57\.3.*batchrun\[hf\]"):
+        hf.options_model()  # what the registry asks first, before it imports transformers' batching API
     monkeypatch.setattr(importlib.metadata, "version", real)
     hf.require_transformers()  # this environment's (dev installs batchrun[hf])

@@ -19,6 +19,7 @@ from batchrun.engines.base import Completion, Engine, Request, Sampling, apply_s
 from batchrun.engines.common import model_args, render_chat_template, require_model_dir, sampling_from_spec
 from batchrun.engines.hf_backend import LaunchConfig, LocalBackend, RawResult
 from batchrun.engines.hf_tp import TPBackend
+from batchrun.errors import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class HFEngine(Engine):
                  device: str = "auto", trust_remote_code: bool = False,
                  tensor_parallel_size: int = 1, row_keys: tuple[str, ...] = (), choices: list[str] | None = None,
                  **options):
+        options = {k: v for k, v in options.items() if k not in SCORE_OPTIONS}  # scoring jobs' own (hf_score.py)
         # Tensor parallel: the ranks are spawned first, so that they import torch and transformers while this
         # process does the same for the tokenizer (start-up: bench/RESULTS.md, tensor parallelism).
         ranks = TPBackend(tensor_parallel_size) if tensor_parallel_size > 1 else None
@@ -142,18 +144,23 @@ def options_model():
     """engine.options for engine hf: `attn_implementation` (hf_attention.py) and the fields of transformers'
     ContinuousBatchingConfig, whose values transformers itself checks at load. A key that is neither fails at plan
     time, naming it, instead of in every worker's load."""
-    from pydantic import ConfigDict, create_model
+    from pydantic import ConfigDict, Field, create_model
+
+    require_transformers()  # before the import below, which an older transformers lacks
     from transformers.generation import ContinuousBatchingConfig
 
     cb_fields = {f.name: (Any, None) for f in dataclasses.fields(ContinuousBatchingConfig)}
+    score_fields = {k: (int | None, Field(None, ge=1)) for k in SCORE_OPTIONS}
     return create_model("HFOptions", __config__=ConfigDict(extra="forbid"), attn_implementation=(str, "auto"),
-                        **cb_fields)
+                        **cb_fields, **score_fields)
 
 
 # The continuous-batching API this engine drives (hf_backend.py, hf_sampling.py, hf_attention.py). Not a core
 # requirement: TensorRT-LLM's images pin older transformers (4.53-4.57 in 1.0-1.2), which batchrun must not replace
 # (`pip install batchrun[hf]` brings it).
 TRANSFORMERS_NEEDED = "5.20"
+# scoring jobs: padded prompt tokens and rows per forward pass (default: by device, hf_score.py)
+SCORE_OPTIONS = ("score_batch_tokens", "score_batch_rows")
 
 
 def require_transformers() -> None:
@@ -166,7 +173,7 @@ def require_transformers() -> None:
     except PackageNotFoundError:
         have = None
     if have is None or Version(have) < Version(TRANSFORMERS_NEEDED):
-        raise ValueError(f"key 'engine.name' (hf): the HF engine needs transformers >= {TRANSFORMERS_NEEDED} (its "
+        raise SpecError(f"key 'engine.name' (hf): the HF engine needs transformers >= {TRANSFORMERS_NEEDED} (its "
                          f"continuous batching), this environment has {have or 'none'}; install batchrun[hf] in an "
                          "environment of its own (TensorRT-LLM's images pin an older transformers: use engine trtllm "
                          "there)")
@@ -175,7 +182,6 @@ def require_transformers() -> None:
 def check(spec) -> None:
     """What transformers' continuous batching cannot do is refused here, before any work, rather than ignored."""
     require_model_dir(spec)
-    require_transformers()
     s, parse = spec.sampling, spec.output.parse
     if s.top_logprobs:
         raise ValueError("key 'sampling.top_logprobs' needs engine trtllm: transformers' continuous batching returns "

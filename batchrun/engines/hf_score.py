@@ -7,13 +7,17 @@ started: its paged KV cache would take the memory the forward passes need, and n
 A row's choices share its prompt: the prompt is computed once, and its KV cache is repeated for the choices, which go
 through the model as one batch (right-padded; a causal model's padding after a sequence changes nothing before it).
 Pairs that do not share a context (perplexity windows), or that do not fit the context together, go through whole,
-one padded batch each, as lm-eval runs them. Requests are computed in `poll`, on the worker's main loop: submit only
-queues them.
+in padded batches across requests, as lm-eval runs them. Requests are computed in `poll`, on the worker's main loop:
+submit only queues them.
+
+Batches are sized for the device and cut from the queue sorted by length, longest first (as lm-eval's Collator
+does): padding is what a batch wastes, and on a GPU a forward pass of a few thousand tokens is mostly launch and
+Python time (bench/RESULTS.md, scoring against lm-eval). `engine.options.score_batch_tokens` / `score_batch_rows`
+override the sizes.
 """
 
 from __future__ import annotations
 
-import collections
 import inspect
 import logging
 import time
@@ -25,17 +29,26 @@ from batchrun.loglikelihood import model_input, pair_problem, prefix_token, tok_
 
 log = logging.getLogger(__name__)
 SEQ_LEN_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")  # lm-eval resolve_max_length, in its order
-BATCH_TOKENS = 2048  # tokens per forward pass (the logits of whole pairs are tokens x vocabulary)
-BATCH_ROWS = 32  # rows whose choices share their prompt, scored in one batch
+# Per forward pass, padded: prompt tokens of rows sharing their prompts (their choices' KV copies are bounded by the
+# same budget times KV_PER_PROMPT_TOKEN), and rows. Whole pairs' passes return tokens x vocabulary logits: half.
+BATCH_TOKENS, BATCH_ROWS = 2048, 32  # a CPU
+CUDA_BATCH_TOKENS, CUDA_BATCH_ROWS = 32768, 256  # a GPU with room (cuda_batch below)
+KV_PER_PROMPT_TOKEN = 4  # a batch's choices may hold this many KV copies of its prompts
+
+
+def cuda_batch(free_bytes: int) -> tuple[int, int]:
+    """What a GPU's free memory (after the load) allows: the 32k-token batch from 24 GiB free, less below."""
+    gib = free_bytes / 2**30
+    tokens = CUDA_BATCH_TOKENS if gib >= 24 else 16384 if gib >= 8 else 4096
+    return tokens, CUDA_BATCH_ROWS
 
 
 class HFScoreEngine(Engine):
     scores = True
-    batch_limit = BATCH_ROWS  # rows scored in one batch: the worker keeps twice that queued (across shard ends)
 
     def __init__(self, model: str, sampling: Sampling, *, tokenizer: str | None = None, dtype: str = "auto",
-                 device: str = "auto", trust_remote_code: bool = False,
-                 tensor_parallel_size: int = 1, **options):
+                 device: str = "auto", trust_remote_code: bool = False, tensor_parallel_size: int = 1,
+                 score_batch_tokens: int | None = None, score_batch_rows: int | None = None, **options):
         started = time.monotonic()
         from transformers import AutoTokenizer
 
@@ -55,7 +68,19 @@ class HFScoreEngine(Engine):
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         # the prompt pass needs each row's last logits only (left-padded: the last position), not tokens x vocabulary
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self._queue: collections.deque[Request] = collections.deque()
+        tokens, rows = self._batch_size()
+        self.batch_tokens, self.batch_rows = score_batch_tokens or tokens, score_batch_rows or rows
+        self.batch_limit = self.batch_rows  # rows in one batch: the worker keeps twice that queued (across shards)
+        self._queue: list[Request] = []
+        self._longest_first = True  # False: input order (bench/score.py's "old" configuration)
+
+    def _batch_size(self) -> tuple[int, int]:
+        import torch
+
+        dev = self.model.device
+        if dev.type != "cuda":
+            return BATCH_TOKENS, BATCH_ROWS
+        return cuda_batch(torch.cuda.mem_get_info(dev)[0])
 
     def tok_encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
         return tok_encode(self.tokenizer, self._bos_text, text, add_special_tokens)
@@ -70,38 +95,55 @@ class HFScoreEngine(Engine):
         self._queue.append(request)
 
     def poll(self, timeout: float) -> list[Completion]:
-        """Score queued requests: rows whose choices share their prompt go through in batches (BATCH_ROWS, within
-        BATCH_TOKENS), the others one by one."""
+        """Score queued requests, longest first: rows whose choices share their prompt in batches of similar
+        lengths (batch_rows, within batch_tokens padded), the others' pairs whole, in padded batches of their own."""
         done, deadline = [], time.monotonic() + timeout
+        if self._longest_first:
+            self._queue.sort(key=lambda r: -len(r.pairs[0][0]) if r.pairs else 0)
         while self._queue and (not done or time.monotonic() < deadline):
-            request = self._queue.popleft()
+            request = self._queue[0]
             if (why := pair_problem(request.pairs, self.context_length)) is not None:
+                self._queue.pop(0)
                 done.append(Completion(request.request_id, finish_reason="error", error=why))
-                continue
-            if not self._shares_its_prompt(request):
-                done.append(self._completion(request, self._forward(self._whole, request.pairs)))
-                continue
-            batch, tokens = [request], self._tokens(request)
-            while self._queue and len(batch) < BATCH_ROWS and self._batches_with(self._queue[0], tokens):
-                tokens += self._tokens(self._queue[0])
-                batch.append(self._queue.popleft())
-            results = self._forward(self._shared_rows, [r.pairs for r in batch])
-            done += [self._completion(r, res) for r, res in zip(batch, results)]
+            elif self._shares_its_prompt(request):
+                batch = self._take(self._fits_shared)
+                results = self._forward(self._shared_rows, [r.pairs for r in batch])
+                done += [self._completion(r, res) for r, res in zip(batch, results)]
+            else:
+                batch = self._take(self._fits_whole)
+                results = self._forward(self._whole_requests, [r.pairs for r in batch])
+                done += [self._completion(r, res) for r, res in zip(batch, results)]
         return done
+
+    def _take(self, fits) -> list[Request]:
+        """The first queued request and the next ones of its kind that fit with it (the queue is sorted longest
+        first, so the first one's width is the batch's)."""
+        batch, rest = [self._queue[0]], []
+        for r in self._queue[1:]:
+            if len(batch) < self.batch_rows and fits(batch, r):
+                batch.append(r)
+            else:
+                rest.append(r)
+        self._queue = rest
+        return batch
+
+    def _fits_shared(self, batch: list[Request], request: Request) -> bool:
+        if pair_problem(request.pairs, self.context_length) is not None or not self._shares_its_prompt(request):
+            return False
+        width = len(batch[0].pairs[0][0])  # the longest prompt: the queue is sorted
+        kv = sum(len(r.pairs[0][0]) * len(r.pairs) for r in batch) + len(request.pairs[0][0]) * len(request.pairs)
+        return (len(batch) + 1) * width <= self.batch_tokens and kv <= self.batch_tokens * KV_PER_PROMPT_TOKEN
+
+    def _fits_whole(self, batch: list[Request], request: Request) -> bool:
+        if pair_problem(request.pairs, self.context_length) is not None or self._shares_its_prompt(request):
+            return False
+        return sum(len(c) + len(x) for r in (*batch, request) for c, x in r.pairs) <= self.batch_tokens // 2
 
     def _shares_its_prompt(self, request: Request) -> bool:
         """One context for every pair, and context + longest continuation within the model's context."""
         pairs = request.pairs
         return len({ctx for ctx, _ in pairs}) == 1 and \
             len(pairs[0][0]) + max(len(c) for _, c in pairs) <= self.context_length + 1
-
-    def _batches_with(self, request: Request, tokens: int) -> bool:
-        return (pair_problem(request.pairs, self.context_length) is None and self._shares_its_prompt(request)
-                and tokens + self._tokens(request) <= BATCH_TOKENS)
-
-    @staticmethod
-    def _tokens(request: Request) -> int:
-        return len(request.pairs[0][0]) + sum(len(c) for _, c in request.pairs)
 
     @staticmethod
     def _forward(fn, arg):
@@ -154,33 +196,49 @@ class HFScoreEngine(Engine):
             start += len(cs)
         return out
 
+    def _whole_requests(self, requests) -> list[tuple[list[float], list[bool], int]]:
+        """Several requests' pairs through the model whole together; each request's results back."""
+        flat = [p for pairs in requests for p in pairs]
+        lls, greedy, _ = self._whole(flat)
+        out, start = [], 0
+        for pairs in requests:
+            end = start + len(pairs)
+            out.append((lls[start:end], greedy[start:end], sum(len(model_input(p, self.context_length)[0])
+                                                               for p in pairs)))
+            start = end
+        return out
+
     def _whole(self, pairs) -> tuple[list[float], list[bool], int]:
-        """Each pair through the model whole, (context + continuation)[-(max_length + 1):][:-1], in padded batches."""
+        """Each pair through the model whole, (context + continuation)[-(max_length + 1):][:-1], in padded batches
+        of similar lengths (longest first); results in the pairs' order."""
         import torch
 
         inputs = [model_input(p, self.context_length) for p in pairs]
-        lls, greedy, dev, start = [], [], self.model.device, 0
-        while start < len(inputs):
+        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
+        sums_by, hits_by = [0.0] * len(inputs), [False] * len(inputs)
+        dev, start, budget = self.model.device, 0, self.batch_tokens // 2
+        while start < len(order):
             end, longest = start, 0
-            while end < len(inputs) and (end == start or max(longest, len(inputs[end][0])) * (end - start + 1)
-                                         <= BATCH_TOKENS):
-                longest = max(longest, len(inputs[end][0]))
+            while end < len(order) and (end == start or max(longest, len(inputs[order[end]][0])) * (end - start + 1)
+                                        <= budget):
+                longest = max(longest, len(inputs[order[end]][0]))
                 end += 1
-            chunk = inputs[start:end]
+            rows = order[start:end]
+            chunk = [inputs[i] for i in rows]
             ids = torch.tensor([t + [0] * (longest - len(t)) for t, _ in chunk], device=dev)
             mask = torch.tensor([[1] * len(t) + [0] * (longest - len(t)) for t, _ in chunk], device=dev)
             with torch.inference_mode():
                 logp = self.model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
                 sums, hits = [], []
-                for row, ((tokens, n), (_, cont)) in enumerate(zip(chunk, pairs[start:end])):
+                for row, ((tokens, n), i) in enumerate(zip(chunk, rows)):
                     picked = logp[row, len(tokens) - n: len(tokens)]
-                    target = torch.tensor(cont, device=dev)
+                    target = torch.tensor(pairs[i][1], device=dev)
                     sums.append(picked.gather(-1, target[:, None]).sum())
                     hits.append((picked.argmax(-1) == target).all())
-                lls += torch.stack(sums).tolist()  # one transfer per batch, not one per pair
-                greedy += torch.stack(hits).tolist()
+                for i, ll, hit in zip(rows, torch.stack(sums).tolist(), torch.stack(hits).tolist()):
+                    sums_by[i], hits_by[i] = ll, hit  # one transfer per batch, not one per pair
             start = end
-        return lls, greedy, sum(len(t) for t, _ in inputs)
+        return sums_by, hits_by, sum(len(t) for t, _ in inputs)
 
     def close(self) -> None:
         model, self.model = getattr(self, "model", None), None
