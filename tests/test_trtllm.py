@@ -267,6 +267,7 @@ def test_every_keyword_the_adapter_passes_is_recorded_upstream(tllm, demo_model,
     from tensorrt_llm import _args
 
     from batchrun.engines import trtllm
+    from batchrun.engines.trtllm.options import JobNeeds
     from batchrun.spec import ParseSpec
 
     seen: dict[str, set] = {}
@@ -287,8 +288,9 @@ def test_every_keyword_the_adapter_passes_is_recorded_upstream(tllm, demo_model,
                  {"backend": "tensorrt", "quantization": {"algo": "FP8", "kv_cache": "INT8", "calib_dataset": data},
                   "max_batch_size": 8, "max_num_tokens": 512, "max_seq_len": 128, "max_input_len": 100}):
         for logprobs in (False, True):
+            needs = JobNeeds(opts.get("backend", "pytorch"), False, 0, samples=logprobs, seeded=logprobs)
             cls, kw = trtllm.llm_class_and_kwargs(tllm, str(demo_model), 2, "auto", True,
-                                                  trtllm.TRTLLMOptions(**opts), logprobs)
+                                                  trtllm.TRTLLMOptions(**opts), logprobs, needs=needs)
             allowed = _args.TRT_LLM_ARGS if opts.get("backend") == "tensorrt" else _args.TORCH_LLM_ARGS
             assert set(kw) | {"tokenizer", "guided_decoding_backend"} <= allowed
     for s in (Sampling(max_tokens=3), Sampling(4, 0.7, 0.9, 5, 3, ("x",), 2, True, 3)):
