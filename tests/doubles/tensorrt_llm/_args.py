@@ -121,7 +121,7 @@ class BuildConfig:  # A8: builder.py (a dataclass: unknown keywords are a TypeEr
 
 
 # A1: the keyword arguments LLM(...) takes, per backend (BaseLlmArgs, TrtLlmArgs, TorchLlmArgs model_fields)
-BASE_LLM_ARGS = frozenset({
+_BASE_1X = frozenset({
     "model", "tokenizer", "tokenizer_mode", "custom_tokenizer", "skip_tokenizer_init", "trust_remote_code",
     "tensor_parallel_size", "dtype", "revision", "tokenizer_revision", "model_kwargs", "pipeline_parallel_size",
     "context_parallel_size", "gpus_per_node", "moe_cluster_parallel_size", "moe_tensor_parallel_size",
@@ -134,6 +134,19 @@ BASE_LLM_ARGS = frozenset({
     "postprocess_tokenizer_dir", "reasoning_parser", "decoding_config", "mpi_session", "otlp_traces_endpoint",
     "backend", "return_perf_metrics", "perf_metrics_max_requests", "orchestrator_type", "env_overrides",
 })
+# V1: BaseLlmArgs in 1.0 (llm_args id 1520735490, read 2026-12-07): the adapter's keywords are all in it
+_BASE_10 = frozenset({
+    "model", "tokenizer", "tokenizer_mode", "skip_tokenizer_init", "trust_remote_code", "tensor_parallel_size", "dtype",
+    "revision", "tokenizer_revision", "pipeline_parallel_size", "context_parallel_size", "gpus_per_node",
+    "moe_cluster_parallel_size", "moe_tensor_parallel_size", "moe_expert_parallel_size", "enable_attention_dp",
+    "cp_config", "load_format", "fail_fast_on_attention_window_too_large", "enable_lora", "lora_config",
+    "kv_cache_config", "enable_chunked_prefill", "guided_decoding_backend", "batched_logits_processor",
+    "iter_stats_max_iterations", "request_stats_max_iterations", "peft_cache_config", "scheduler_config",
+    "cache_transceiver_config", "speculative_config", "max_batch_size", "max_input_len", "max_seq_len",
+    "max_beam_width", "max_num_tokens", "gather_generation_logits", "num_postprocess_workers",
+    "postprocess_tokenizer_dir", "reasoning_parser", "decoding_config", "mpi_session", "backend",
+})
+BASE_LLM_ARGS = _BASE_10 if SAMPLER_FLAGS else _BASE_1X
 TRT_LLM_ARGS = BASE_LLM_ARGS | {
     "enable_tqdm", "workspace", "fail_fast_on_attention_window_too_large", "enable_build_cache",
     "extended_runtime_perf_knob_config", "calib_config", "quant_config", "embedding_parallel_mode", "fast_build",
@@ -161,7 +174,7 @@ _TORCH_10 = {
 TORCH_LLM_ARGS = BASE_LLM_ARGS | (_TORCH_10 if SAMPLER_FLAGS else _TORCH_1X | ({"sampler_type"} if SAMPLER_TYPE
                                                                               else set()))
 # A2: _TorchLLM refuses what only the TensorRT backend takes
-TRT_ONLY_ARGS = TRT_LLM_ARGS - BASE_LLM_ARGS - _TORCH_1X  # the 1.x reading (L3), stricter than 1.0's
+TRT_ONLY_ARGS = TRT_LLM_ARGS - _BASE_1X - _TORCH_1X  # the 1.x reading (L3), stricter than 1.0's
 # A4: the KV cache dtypes the PyTorch backend's model loader accepts (_torch/pyexecutor: the 1.0-era list;
 # later releases add "nvfp4")
 VALID_TORCH_KV_CACHE_DTYPES = ("fp8", "auto")
