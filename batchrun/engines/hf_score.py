@@ -198,19 +198,17 @@ class HFScoreEngine(Engine):
 
     def _whole_requests(self, requests) -> list[tuple[list[float], list[bool], int]]:
         """Several requests' pairs through the model whole together; each request's results back."""
-        flat = [p for pairs in requests for p in pairs]
-        lls, greedy, _ = self._whole(flat)
+        lls, greedy, tokens = self._whole_pairs([p for pairs in requests for p in pairs])
         out, start = [], 0
         for pairs in requests:
             end = start + len(pairs)
-            out.append((lls[start:end], greedy[start:end], sum(len(model_input(p, self.context_length)[0])
-                                                               for p in pairs)))
+            out.append((lls[start:end], greedy[start:end], sum(tokens[start:end])))
             start = end
         return out
 
-    def _whole(self, pairs) -> tuple[list[float], list[bool], int]:
+    def _whole_pairs(self, pairs) -> tuple[list[float], list[bool], list[int]]:
         """Each pair through the model whole, (context + continuation)[-(max_length + 1):][:-1], in padded batches
-        of similar lengths (longest first); results in the pairs' order."""
+        of similar lengths (longest first); results and each pair's input tokens in the pairs' order."""
         import torch
 
         inputs = [model_input(p, self.context_length) for p in pairs]
@@ -238,7 +236,7 @@ class HFScoreEngine(Engine):
                 for i, ll, hit in zip(rows, torch.stack(sums).tolist(), torch.stack(hits).tolist()):
                     sums_by[i], hits_by[i] = ll, hit  # one transfer per batch, not one per pair
             start = end
-        return sums_by, hits_by, sum(len(t) for t, _ in inputs)
+        return sums_by, hits_by, [len(t) for t, _ in inputs]
 
     def close(self) -> None:
         model, self.model = getattr(self, "model", None), None

@@ -101,9 +101,7 @@ class TRTScoreEngine(TRTLLMEngine):
                 pending = self.llm.generate_async(tokens, sampling_params=self._params)
             else:
                 pending = self.llm.generate_async(tokens, sampling_params=self._params, cache_salt=salt)
-        except (ValueError, TypeError) as e:  # L7-L9: argument checks refuse this request alone
-            raise _Refused() from e
-        except self.request_error as e:  # newest: a prompt past max_num_tokens (L9)
+        except (ValueError, TypeError, self.request_error) as e:  # L7-L9 (L16: RequestError on newest)
             raise _Refused() from e
         try:
             output = await pending.aresult()

@@ -399,8 +399,7 @@ class BaseLLM:
     def _step_submitted(self, rid: int) -> None:
         """The knob fail_step: [first, last]: the executor's step holding requests first..last raises; they are
         held together until the last is submitted (one batch), then each gets the exception's text."""
-        first, last = self.knobs.get("fail_step", (None, None))
-        if rid == last:
+        if rid == self.knobs.get("fail_step", (None, None))[1]:
             self.__dict__.setdefault("_step", asyncio.Event()).set()
 
     async def _in_failing_step(self, rid: int) -> str | None:
